@@ -1,0 +1,12 @@
+"""qwen35-mlx: Alibaba's Qwen3.5 small models on MLX.
+
+    from qwen35_mlx import load, generate
+    model, tokenizer = load("Qwen/Qwen3.5-0.8B")
+    print(generate(model, tokenizer, [{"role": "user", "content": "Hi"}]).text)
+"""
+
+from .generate import Completion, GenerationResponse, generate, generate_step, stream_generate
+from .loading import load
+
+__all__ = ["Completion", "GenerationResponse", "generate", "generate_step", "load",
+           "stream_generate"]
