@@ -29,11 +29,12 @@ def recurrent_scan(
     q: mx.array,  # [B, T, Hv, Dk]
     k: mx.array,  # [B, T, Hv, Dk]
     v: mx.array,  # [B, T, Hv, Dv]
-    decay: mx.array,  # [B, T, Hv]
+    g: mx.array,  # [B, T, Hv] log decay (<= 0)
     beta: mx.array,  # [B, T, Hv]
     state: mx.array,  # [B, Hv, Dv, Dk]
 ) -> tuple[mx.array, mx.array]:
     """Scans T tokens; returns (out [B, T, Hv, Dv] float32, final state)."""
+    decay = mx.exp(g)
     outs = []
     for t in range(q.shape[1]):
         out, state = recurrent_step(q[:, t], k[:, t], v[:, t], decay[:, t], beta[:, t], state)

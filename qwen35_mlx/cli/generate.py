@@ -1,0 +1,50 @@
+"""Generate a reply to one prompt, streaming it to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..generate import stream_generate
+from ..loading import load
+from .options import add_generation_args, add_model_args, generation_kwargs
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument("--prompt", required=True, help="the user message ('-' reads stdin)")
+    parser.add_argument("--system-prompt", help="a system message before the prompt")
+    parser.add_argument("--ignore-chat-template", action="store_true",
+                        help="feed the prompt text as is, without the chat template")
+    add_generation_args(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.ignore_chat_template:
+        prompt = text
+    else:
+        prompt = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        prompt.append({"role": "user", "content": text})
+    print_stream(stream_generate(model, tokenizer, prompt, **generation_kwargs(args)))
+    return 0
+
+
+def print_stream(responses) -> None:
+    """Print reasoning inside <think> tags, then the answer, then statistics on stderr."""
+    thinking = False
+    last = None
+    for last in responses:
+        if last.reasoning != thinking:
+            print("<think>\n" if last.reasoning else "\n</think>\n\n", end="")
+            thinking = last.reasoning
+        print(last.text, end="", flush=True)
+    if thinking:
+        print("\n</think>", end="")
+    print()
+    if last is not None:
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.2f} tokens/s | "
+              f"generation: {last.generation_tokens} tokens, {last.generation_tps:.2f} tokens/s | "
+              f"peak memory: {last.peak_memory:.2f} GB | finish: {last.finish_reason}",
+              file=sys.stderr)

@@ -1,0 +1,41 @@
+"""Flags shared by the commands that generate; each maps one to one onto an API keyword."""
+
+from __future__ import annotations
+
+import argparse
+
+# stream_generate keyword arguments, each set by the flag of the same name (--max-tokens, ...)
+GENERATION_KWARGS = ("enable_thinking", "max_tokens", "temp", "top_p", "top_k", "min_p",
+                     "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+                     "prefill_step_size")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory or Hugging Face repo id (load's path_or_repo)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype (default: the checkpoint's)")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                        help="think before answering (default: the chat template's: off for "
+                             "0.8B/2B, on for 4B/9B)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0: all)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min probability vs the top one")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="multiplicative penalty on generated tokens (1.0: off)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="subtracted once from tokens already generated (cards: 1.5)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="subtracted per earlier occurrence of a generated token")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--prefill-step-size", type=int, default=2048,
+                        help="prompt tokens per forward pass during prefill")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in GENERATION_KWARGS}

@@ -1,0 +1,272 @@
+"""Qwen3.5 tokenizer: byte-level BPE from a checkpoint's tokenizer.json plus its Jinja chat template.
+
+Encoding and decoding run on the `tokenizers` library (the Rust BPE that transformers wraps), reading
+the checkpoint's own pipeline (NFC, the Qwen3.5 pre-split regex, byte-level BPE). Chat templates are
+rendered in a jinja2 sandbox set up like transformers' (`utils/chat_template_utils.py`, 5.23), so a
+prompt equals `AutoTokenizer.apply_chat_template(..., tokenize=False)` without importing transformers or
+running any checkpoint code. See ARCHITECTURE.md §5 for the tokens and the template's logic.
+"""
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from functools import cache, cached_property
+from pathlib import Path
+
+import jinja2
+import tokenizers
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+# Turn end and document end: generation stops at either (generation_config's eos ids).
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# Names a message's reasoning arrives under; the first is the one chat templates read.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class StreamingDetokenizer:
+    """Turns generated ids into text as they arrive, without ever splitting a UTF-8 character.
+
+    Written here rather than reusing mlx-lm's: its BPE detokenizer needs a transformers tokenizer and
+    drops the first segment's leading space, and its naive one re-decodes the whole current line.
+
+    Each step decodes only the tokens not yet emitted. Byte-level BPE decodes a sequence to the text
+    of its parts joined, as long as the parts split at character boundaries, so no earlier tokens are
+    needed as context. While that text ends in U+FFFD (an incomplete character) the tokens are held;
+    only a run of invalid bytes (a broken model) can make the window long.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self._decode = decode
+        self.tokens: list[int] = []
+        self._read_offset = 0  # tokens before this one have been emitted
+        self._pieces: list[str] = []
+        self._unread: list[str] = []
+
+    def add_token(self, token: int) -> None:
+        """Append one generated id; its text becomes readable once its characters are complete."""
+        self.tokens.append(token)
+        self._emit(force=False)
+
+    def finalize(self) -> None:
+        """Emit everything held back (an unfinished character becomes U+FFFD, as in a full decode)."""
+        self._emit(force=True)
+
+    @property
+    def last_segment(self) -> str:
+        """Text emitted since the previous read of this property."""
+        segment = "".join(self._unread)
+        self._unread.clear()
+        return segment
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._pieces)
+
+    def _emit(self, force: bool) -> None:
+        held = self.tokens[self._read_offset :]
+        if not held:
+            return
+        piece = self._decode(held)
+        if piece.endswith("\ufffd") and not force:
+            return
+        self._pieces.append(piece)
+        self._unread.append(piece)
+        self._read_offset = len(self.tokens)
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer and chat template. Build it with `Tokenizer.from_pretrained(path)`."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        chat_template: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+    ):
+        """Args:
+        backend: the `tokenizers.Tokenizer` loaded from tokenizer.json.
+        chat_template: Jinja source of the chat template, if the checkpoint has one.
+        special_tokens: tokenizer_config's named tokens (eos_token, pad_token, ...); chat templates
+            see them as variables, as in transformers.
+        """
+        self._backend = backend
+        self._special_tokens = dict(special_tokens or {})
+        self._template = _jinja_environment().from_string(chat_template) if chat_template else None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+        """Load from a checkpoint folder holding tokenizer.json (required), tokenizer_config.json and
+        chat_template.jinja (optional; the .jinja file wins over the config's `chat_template` field).
+
+        Raises:
+            FileNotFoundError: the folder has no tokenizer.json.
+        """
+        path = Path(path)
+        tokenizer_file = path / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(
+                f"{tokenizer_file} not found: a checkpoint needs the tokenizer.json of its Hugging Face "
+                f"repository. Download it next to config.json (e.g. `hf download <repo> {TOKENIZER_FILE} "
+                f"--local-dir {path}`)."
+            )
+        config_file = path / CONFIG_FILE
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        return cls(
+            tokenizers.Tokenizer.from_file(str(tokenizer_file)),
+            chat_template=_read_chat_template(path, config),
+            special_tokens=_named_special_tokens(config),
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`. No BOS is added (Qwen has none); special tokens written in the text,
+        such as `<|im_start|>`, become their ids."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. With `skip_special_tokens`, tokens flagged special are dropped (Qwen3.5 flags
+        `<|im_end|>` and the vision tokens, but not `<think>` or `<tool_call>`)."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping],
+        *,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        tools: Sequence[Mapping] | None = None,
+        **template_kwargs,
+    ) -> str:
+        """Render a conversation into prompt text with the checkpoint's chat template.
+
+        Args:
+            messages: dicts with `role` and `content` (a string or a list of text/image/video items),
+                optionally `reasoning_content` and `tool_calls`. None-valued keys count as absent.
+            add_generation_prompt: end with the assistant turn's opening, ready for generation.
+            enable_thinking: True opens a `<think>` block, False closes an empty one; None leaves it to
+                the template's default (0.8B/2B: non-thinking, 4B/9B: thinking; see `thinking_by_default`).
+            tools: JSON-schema tool definitions, rendered into the system turn.
+            **template_kwargs: further template variables, e.g. `add_vision_id=True`.
+
+        Returns:
+            The prompt text; encode it with `encode`.
+        """
+        if self._template is None:
+            raise ValueError(
+                "This checkpoint has no chat template: add its chat_template.jinja to the folder, or "
+                "encode a prompt you format yourself."
+            )
+        if enable_thinking is not None:
+            template_kwargs["enable_thinking"] = enable_thinking
+        return self._template.render(
+            messages=[_template_message(message) for message in messages],
+            tools=tools,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **{**self._special_tokens, **template_kwargs},
+        )
+
+    @cached_property
+    def thinking_by_default(self) -> bool:
+        """Whether a generation prompt rendered without `enable_thinking` leaves a `<think>` block open."""
+        if self._template is None:
+            return False
+        prompt = self.apply_chat_template([{"role": "user", "content": "Hi"}])
+        return prompt.endswith(THINK_OPEN + "\n")
+
+    @cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Ids that end generation: `<|im_end|>`, `<|endoftext|>` and the config's eos_token."""
+        names = {*STOP_TOKENS, self._special_tokens.get("eos_token")}
+        ids = (self._backend.token_to_id(name) for name in names if name)
+        return frozenset(token_id for token_id in ids if token_id is not None)
+
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer (special tokens kept, so `<think>` shows in the text)."""
+        return StreamingDetokenizer(lambda ids: self._backend.decode(ids, skip_special_tokens=False))
+
+
+def split_reasoning(text: str, *, prompt_opened_think: bool) -> tuple[str, str]:
+    """Split generated text into (reasoning, answer).
+
+    Args:
+        text: the generated text, special tokens included.
+        prompt_opened_think: the prompt ended with an open `<think>` block (a thinking prompt, i.e.
+            `prompt.endswith("<think>\\n")`), so the text starts inside it.
+
+    Returns:
+        Reasoning up to `</think>` (stripped) and the answer after it (leading whitespace stripped).
+        Text that never closes its think block is all reasoning; text without one is all answer.
+    """
+    stripped = text.lstrip()
+    opened_here = stripped.startswith(THINK_OPEN)
+    if not (prompt_opened_think or opened_here):
+        return "", text
+    body = stripped.removeprefix(THINK_OPEN) if opened_here else text
+    reasoning, closed, answer = body.partition(THINK_CLOSE)
+    return reasoning.strip(), (answer.lstrip() if closed else "")
+
+
+@cache
+def _jinja_environment() -> ImmutableSandboxedEnvironment:
+    """The sandbox transformers renders chat templates in (minus its `{% generation %}` tag)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    return environment
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # transformers' filter: Jinja's own escapes HTML characters, which would change the prompt
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _template_message(message: Mapping) -> dict:
+    """The message as transformers hands it to templates: None-valued keys dropped, and reasoning
+    given as `thinking` or `reasoning` also exposed as `reasoning_content`."""
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _read_chat_template(path: Path, config: Mapping) -> str | None:
+    template_file = path / TEMPLATE_FILE
+    if template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(
+            f"{path / CONFIG_FILE}: `chat_template` holds named templates, which are not supported; "
+            f"save the one to use as {TEMPLATE_FILE}."
+        )
+    return template
+
+
+def _named_special_tokens(config: Mapping) -> dict[str, str]:
+    """tokenizer_config's `*_token` entries as strings (older configs store AddedToken dicts)."""
+    tokens = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            value = value.get("content")
+        if key.endswith("_token") and isinstance(value, str):
+            tokens[key] = value
+    return tokens
