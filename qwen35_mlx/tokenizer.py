@@ -1,10 +1,11 @@
-"""Qwen3.5 tokenizer: byte-level BPE from a checkpoint's tokenizer.json plus its Jinja chat template.
+"""Qwen3.5 tokenizer: byte-level BPE from a checkpoint's tokenizer.json, plus its chat template.
 
-Encoding and decoding run on the `tokenizers` library (the Rust BPE that transformers wraps), reading
-the checkpoint's own pipeline (NFC, the Qwen3.5 pre-split regex, byte-level BPE). Chat templates are
-rendered in a jinja2 sandbox set up like transformers' (`utils/chat_template_utils.py`, 5.23), so a
-prompt equals `AutoTokenizer.apply_chat_template(..., tokenize=False)` without importing transformers or
-running any checkpoint code. See ARCHITECTURE.md §5 for the tokens and the template's logic.
+Encoding and decoding run on the `tokenizers` library (the Rust BPE that transformers wraps),
+reading the checkpoint's own pipeline (NFC, the Qwen3.5 pre-split regex, byte-level BPE). Chat
+templates render in a jinja2 sandbox set up like transformers' (`utils/chat_template_utils.py`,
+5.23), so a prompt equals `AutoTokenizer.apply_chat_template(..., tokenize=False)` without
+importing transformers or running checkpoint code. ARCHITECTURE.md §5 lists the tokens and the
+template's logic.
 """
 
 import json
@@ -33,13 +34,14 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 class StreamingDetokenizer:
     """Turns generated ids into text as they arrive, without ever splitting a UTF-8 character.
 
-    Written here rather than reusing mlx-lm's: its BPE detokenizer needs a transformers tokenizer and
-    drops the first segment's leading space, and its naive one re-decodes the whole current line.
+    Written here rather than reusing mlx-lm's: its BPE detokenizer needs a transformers
+    tokenizer and drops the first segment's leading space, and its naive one re-decodes the
+    whole current line.
 
-    Each step decodes only the tokens not yet emitted. Byte-level BPE decodes a sequence to the text
-    of its parts joined, as long as the parts split at character boundaries, so no earlier tokens are
-    needed as context. While that text ends in U+FFFD (an incomplete character) the tokens are held;
-    only a run of invalid bytes (a broken model) can make the window long.
+    Each step decodes only the tokens not yet emitted. Byte-level BPE decodes a sequence to its
+    parts' texts joined, as long as the parts split at character boundaries, so earlier tokens
+    are not needed as context. While that text ends in U+FFFD (an incomplete character) the
+    tokens are held; only a run of invalid bytes (a broken model) can make the window long.
     """
 
     def __init__(self, decode: Callable[[list[int]], str]):
@@ -55,7 +57,8 @@ class StreamingDetokenizer:
         self._emit(force=False)
 
     def finalize(self) -> None:
-        """Emit everything held back (an unfinished character becomes U+FFFD, as in a full decode)."""
+        """Emit everything held back (an unfinished character becomes U+FFFD, as a full decode
+        has it)."""
         self._emit(force=True)
 
     @property
@@ -83,7 +86,7 @@ class StreamingDetokenizer:
 
 
 class Tokenizer:
-    """A checkpoint's tokenizer and chat template. Build it with `Tokenizer.from_pretrained(path)`."""
+    """A checkpoint's tokenizer and chat template; build it with `Tokenizer.from_pretrained`."""
 
     def __init__(
         self,
@@ -92,11 +95,12 @@ class Tokenizer:
         chat_template: str | None = None,
         special_tokens: Mapping[str, str] | None = None,
     ):
-        """Args:
-        backend: the `tokenizers.Tokenizer` loaded from tokenizer.json.
-        chat_template: Jinja source of the chat template, if the checkpoint has one.
-        special_tokens: tokenizer_config's named tokens (eos_token, pad_token, ...); chat templates
-            see them as variables, as in transformers.
+        """
+        Args:
+            backend: the `tokenizers.Tokenizer` loaded from tokenizer.json.
+            chat_template: Jinja source of the chat template, if the checkpoint has one.
+            special_tokens: tokenizer_config's named tokens (eos_token, pad_token, ...); chat
+                templates see them as variables, as in transformers.
         """
         self._backend = backend
         self._special_tokens = dict(special_tokens or {})
@@ -104,8 +108,8 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Tokenizer":
-        """Load from a checkpoint folder holding tokenizer.json (required), tokenizer_config.json and
-        chat_template.jinja (optional; the .jinja file wins over the config's `chat_template` field).
+        """Load from a checkpoint folder: tokenizer.json (required), tokenizer_config.json and
+        chat_template.jinja (optional; the .jinja file wins over the config's `chat_template`).
 
         Raises:
             FileNotFoundError: the folder has no tokenizer.json.
@@ -114,12 +118,14 @@ class Tokenizer:
         tokenizer_file = path / TOKENIZER_FILE
         if not tokenizer_file.is_file():
             raise FileNotFoundError(
-                f"{tokenizer_file} not found: a checkpoint needs the tokenizer.json of its Hugging Face "
-                f"repository. Download it next to config.json (e.g. `hf download <repo> {TOKENIZER_FILE} "
-                f"--local-dir {path}`)."
+                f"{tokenizer_file} not found: a checkpoint needs the tokenizer.json of its "
+                f"Hugging Face repository. Download it next to config.json, e.g. "
+                f"`hf download <repo> {TOKENIZER_FILE} --local-dir {path}`."
             )
         config_file = path / CONFIG_FILE
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config = (
+            json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        )
         return cls(
             tokenizers.Tokenizer.from_file(str(tokenizer_file)),
             chat_template=_read_chat_template(path, config),
@@ -127,13 +133,13 @@ class Tokenizer:
         )
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`. No BOS is added (Qwen has none); special tokens written in the text,
-        such as `<|im_start|>`, become their ids."""
+        """Token ids of `text`. No BOS is added (Qwen has none); special tokens written in the
+        text, such as `<|im_start|>`, become their ids."""
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`. With `skip_special_tokens`, tokens flagged special are dropped (Qwen3.5 flags
-        `<|im_end|>` and the vision tokens, but not `<think>` or `<tool_call>`)."""
+        """Text of `ids`. With `skip_special_tokens`, tokens flagged special are dropped
+        (Qwen3.5 flags `<|im_end|>` and the vision tokens, not `<think>` or `<tool_call>`)."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
@@ -148,11 +154,13 @@ class Tokenizer:
         """Render a conversation into prompt text with the checkpoint's chat template.
 
         Args:
-            messages: dicts with `role` and `content` (a string or a list of text/image/video items),
-                optionally `reasoning_content` and `tool_calls`. None-valued keys count as absent.
+            messages: dicts with `role` and `content` (a string, or a list of text/image/video
+                items), optionally `reasoning_content` and `tool_calls`. None-valued keys count
+                as absent.
             add_generation_prompt: end with the assistant turn's opening, ready for generation.
-            enable_thinking: True opens a `<think>` block, False closes an empty one; None leaves it to
-                the template's default (0.8B/2B: non-thinking, 4B/9B: thinking; see `thinking_by_default`).
+            enable_thinking: True opens a `<think>` block, False closes an empty one; None leaves
+                it to the template (0.8B/2B: non-thinking, 4B/9B: thinking; see
+                `thinking_by_default`).
             tools: JSON-schema tool definitions, rendered into the system turn.
             **template_kwargs: further template variables, e.g. `add_vision_id=True`.
 
@@ -161,8 +169,8 @@ class Tokenizer:
         """
         if self._template is None:
             raise ValueError(
-                "This checkpoint has no chat template: add its chat_template.jinja to the folder, or "
-                "encode a prompt you format yourself."
+                "This checkpoint has no chat template: add its chat_template.jinja to the "
+                "folder, or encode a prompt you format yourself."
             )
         if enable_thinking is not None:
             template_kwargs["enable_thinking"] = enable_thinking
@@ -176,7 +184,7 @@ class Tokenizer:
 
     @cached_property
     def thinking_by_default(self) -> bool:
-        """Whether a generation prompt rendered without `enable_thinking` leaves a `<think>` block open."""
+        """Whether a generation prompt rendered without `enable_thinking` leaves `<think>` open."""
         if self._template is None:
             return False
         prompt = self.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -191,7 +199,9 @@ class Tokenizer:
 
     def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer (special tokens kept, so `<think>` shows in the text)."""
-        return StreamingDetokenizer(lambda ids: self._backend.decode(ids, skip_special_tokens=False))
+        return StreamingDetokenizer(
+            lambda ids: self._backend.decode(ids, skip_special_tokens=False)
+        )
 
 
 def split_reasoning(text: str, *, prompt_opened_think: bool) -> tuple[str, str]:
@@ -218,7 +228,9 @@ def split_reasoning(text: str, *, prompt_opened_think: bool) -> tuple[str, str]:
 @cache
 def _jinja_environment() -> ImmutableSandboxedEnvironment:
     """The sandbox transformers renders chat templates in (minus its `{% generation %}` tag)."""
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
@@ -227,7 +239,9 @@ def _jinja_environment() -> ImmutableSandboxedEnvironment:
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # transformers' filter: Jinja's own escapes HTML characters, which would change the prompt
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_exception(message: str):
@@ -255,8 +269,8 @@ def _read_chat_template(path: Path, config: Mapping) -> str | None:
     template = config.get("chat_template")
     if template is not None and not isinstance(template, str):
         raise ValueError(
-            f"{path / CONFIG_FILE}: `chat_template` holds named templates, which are not supported; "
-            f"save the one to use as {TEMPLATE_FILE}."
+            f"{path / CONFIG_FILE}: `chat_template` holds named templates, which are not "
+            f"supported; save the one to use as {TEMPLATE_FILE}."
         )
     return template
 

@@ -37,10 +37,18 @@ class Spec:
     thinking_by_default: bool = False
     seed: int = 0
     max_shard_size: str | None = None  # e.g. "50KB" for a sharded checkpoint
+    rope_type: str = "default"  # or "yarn" (factor 4, as the model cards' long-context setting)
 
     @property
     def id(self) -> str:
-        return f"{self.layout}-hv{self.hv_per_hk}-{'tied' if self.tied else 'untied'}"
+        return (f"{self.layout}-hv{self.hv_per_hk}-{'tied' if self.tied else 'untied'}"
+                f"{'' if self.rope_type == 'default' else '-' + self.rope_type}")
+
+
+def rope_parameters(spec: Spec) -> dict:
+    if spec.rope_type == "yarn":
+        return {**ROPE, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    return ROPE
 
 
 def text_fields(spec: Spec) -> dict:
@@ -49,7 +57,8 @@ def text_fields(spec: Spec) -> dict:
                 head_dim=32, linear_num_key_heads=2, linear_num_value_heads=2 * spec.hv_per_hk,
                 linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                 full_attention_interval=4, rms_norm_eps=1e-6,
-                max_position_embeddings=spec.max_position_embeddings, rope_parameters=ROPE,
+                max_position_embeddings=spec.max_position_embeddings,
+                rope_parameters=rope_parameters(spec),
                 tie_word_embeddings=spec.tied, eos_token_id=500)
 
 

@@ -34,6 +34,13 @@ def test_logits_match_transformers(make_checkpoint, spec):
     assert relative_error(ours, reference_logits(reference, ids)) <= 1e-4
 
 
+def test_yarn_rope_matches_transformers(make_checkpoint):
+    directory, reference = make_checkpoint(Spec(rope_type="yarn"))
+    ids = prompt()
+    ours = np.array(load_model(directory)(mx.array(ids)))
+    assert relative_error(ours, reference_logits(reference, ids)) <= 1e-4
+
+
 def test_sharded_checkpoint_loads(make_checkpoint):
     directory, reference = make_checkpoint(Spec(max_shard_size="100KB"))
     assert (directory / "model.safetensors.index.json").is_file()
