@@ -60,8 +60,14 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
         raise CheckpointError(
             f"{name}: not a checkpoint directory and not a Hugging Face repo id (owner/name)")
     from huggingface_hub import snapshot_download  # only needed for hub ids
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        raise CheckpointError(
+            f"{name}: cannot download from the Hugging Face hub ({error}); check the repo id "
+            "and the network, or pass a local checkpoint directory") from None
 
 
 def read_config(directory: Path) -> ModelConfig:
@@ -81,7 +87,12 @@ def read_config(directory: Path) -> ModelConfig:
 def weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index (JSON with a 'weight_map'); "
+                "download it again") from None
         files = [directory / name for name in sorted(set(weight_map.values()))]
     elif (directory / "model.safetensors").is_file():
         files = [directory / "model.safetensors"]
@@ -151,8 +162,15 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
     model = Model(config)
     quantization = config.raw.get("quantization")
     if quantization:
+        def quantized(path: str, _) -> bool | dict:
+            if f"{path}.scales" not in weights:
+                return False
+            # mlx-lm's mixed-precision recipes write per-layer params under the module path
+            params = quantization.get(path)
+            return dict(params) if isinstance(params, dict) else True  # a copy: mlx edits it
+
         nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                    class_predicate=lambda path, _: f"{path}.scales" in weights)
+                    mode=quantization.get("mode", "affine"), class_predicate=quantized)
     _check_weights(model, weights, origin, directory)
     model.load_weights(list(_cast(weights, _dtype(dtype, config)).items()), strict=True)
     model.pending_weights = MappingProxyType(pending)

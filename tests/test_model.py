@@ -10,6 +10,7 @@ import torch
 from checkpoints import Spec
 from metrics import relative_error
 from qwen35_mlx.loading import load_model
+from qwen35_mlx.metal import SCAN_PATHS, gated_delta
 
 SPECS = [Spec(layout=layout, hv_per_hk=ratio, tied=tied)
          for layout, ratio, tied in itertools.product(("causal", "conditional"), (1, 2), (False, True))]
@@ -31,6 +32,15 @@ def test_logits_match_transformers(make_checkpoint, spec):
     model = load_model(directory)
     ids = prompt(batch=2)
     ours = np.array(model(mx.array(ids)))
+    assert relative_error(ours, reference_logits(reference, ids)) <= 1e-4
+
+
+@pytest.mark.parametrize("path", sorted(SCAN_PATHS))
+def test_each_scan_path_matches_transformers(make_checkpoint, monkeypatch, path):
+    directory, reference = make_checkpoint(Spec(hv_per_hk=2))
+    monkeypatch.setattr(gated_delta, "pick_path", lambda num_tokens: path)
+    ids = prompt(length=130)
+    ours = np.array(load_model(directory)(mx.array(ids)))
     assert relative_error(ours, reference_logits(reference, ids)) <= 1e-4
 
 

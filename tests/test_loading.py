@@ -1,0 +1,365 @@
+"""Loading checkpoints: errors that name the file and the fix, converted mlx-lm checkpoints,
+tensors of later stages kept, hub repo ids resolved offline, and dtypes."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import huggingface_hub.constants
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+
+from checkpoints import Spec
+from metrics import relative_error
+from qwen35_mlx import load
+from qwen35_mlx.loading import CheckpointError, load_model, resolve
+
+CAUSAL = Spec()
+CONDITIONAL = Spec(layout="conditional")
+SHARDED = Spec(max_shard_size="100KB")  # the same spec as test_model's sharded test
+
+
+def prompt(length=100, seed=0):
+    return np.random.default_rng(seed).integers(0, 496, size=(1, length))
+
+
+def reference_logits(torch_model, ids):
+    with torch.no_grad():
+        return torch_model(torch.tensor(ids)).logits.float().numpy()
+
+
+def copy_checkpoint(make_checkpoint, tmp_path, spec=CAUSAL) -> Path:
+    """A private copy of a session fixture, safe to corrupt."""
+    source, _ = make_checkpoint(spec)
+    return Path(shutil.copytree(source, tmp_path / "checkpoint"))
+
+
+def contents(directory: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `directory`."""
+    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def rewrite_weights(file: Path, edit) -> None:
+    """Rewrites a safetensors file with `edit(tensors)` applied, keeping its metadata."""
+    tensors, metadata = mx.load(str(file), return_metadata=True)
+    mx.eval(tensors)  # read everything before the file is overwritten
+    edit(tensors)
+    mx.save_safetensors(str(file), tensors, metadata=metadata)
+
+
+def assert_rejected(directory: Path, *fragments: str, call=load_model,
+                    error=CheckpointError) -> None:
+    """`call(directory)` raises `error` whose message holds every fragment; no file changes."""
+    before = contents(directory)
+    with pytest.raises(error) as raised:
+        call(directory)
+    message = str(raised.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in: {message}"
+    assert contents(directory) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Bad input: a clear error naming the file and the fix; nothing touched.
+
+
+def test_missing_config(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    (directory / "config.json").unlink()
+    assert_rejected(directory, f"{directory / 'config.json'} not found",
+                    "Point to a folder with config.json")
+
+
+def test_config_not_json(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    (directory / "config.json").write_text('{"model_type": "qwen3_5_text",')
+    assert_rejected(directory, f"{directory / 'config.json'} is not valid JSON", "re-download it")
+
+
+def edit_config(directory: Path, edit) -> None:
+    file = directory / "config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+
+
+def test_unknown_model_type(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    edit_config(directory, lambda c: c.update(model_type="llama"))
+    assert_rejected(directory, "config.json", "model_type 'llama' is not a Qwen3.5 model",
+                    "Qwen3.5 checkpoints only")
+
+
+@pytest.mark.parametrize("spec, where", [(CAUSAL, None), (CONDITIONAL, None),
+                                         (CONDITIONAL, "text_config")],
+                         ids=["causal", "conditional-top", "conditional-text_config"])
+def test_unknown_config_field(make_checkpoint, tmp_path, spec, where):
+    directory = copy_checkpoint(make_checkpoint, tmp_path, spec)
+    edit_config(directory, lambda c: (c[where] if where else c).update(sliding_window=128))
+    assert_rejected(directory, "config.json", "unknown field(s) ['sliding_window']",
+                    "remove them from config.json")
+
+
+def test_missing_tensor(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    rewrite_weights(directory / "model.safetensors",
+                    lambda t: t.pop("model.layers.1.linear_attn.A_log"))
+    assert_rejected(directory, str(directory), "1 tensor(s) missing",
+                    "language_model.model.layers.1.linear_attn.A_log", "download is incomplete")
+
+
+def test_misshapen_tensor(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"  # [I, H] = [128, 64]
+    rewrite_weights(directory / "model.safetensors",
+                    lambda t: t.update({name: t[name][:127]}))
+    assert_rejected(directory, f"{directory / 'model.safetensors'}: tensor "
+                    "'language_model.model.layers.0.mlp.up_proj.weight' has shape (127, 64) "
+                    "but config.json implies (128, 64)", "do not belong together")
+
+
+def test_unexpected_tensor(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    rewrite_weights(directory / "model.safetensors",
+                    lambda t: t.update({"model.layers.0.mlp.extra.weight": mx.zeros((4,))}))
+    assert_rejected(directory, "language_model.model.layers.0.mlp.extra.weight",
+                    "config.json does not match the weights")
+
+
+def test_weights_of_another_layout(make_checkpoint, tmp_path):
+    # a conditional config.json over text-only (`model.*`) weights
+    directory = copy_checkpoint(make_checkpoint, tmp_path, CAUSAL)
+    conditional, _ = make_checkpoint(CONDITIONAL)
+    shutil.copy(conditional / "config.json", directory / "config.json")
+    assert_rejected(directory, "model.language_model.",
+                    "config.json and the weights do not belong together")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_unreadable_safetensors(make_checkpoint, tmp_path, damage):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    file = directory / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[:len(data) // 2],
+                      "garbage": np.random.default_rng(0).bytes(len(data)),
+                      "empty": b""}[damage])
+    assert_rejected(directory, f"{file}: cannot be read as safetensors",
+                    "truncated or corrupt, download it again")
+
+
+def test_sharded_checkpoint_missing_shard(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path, SHARDED)
+    shards = sorted(directory.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    shards[1].unlink()
+    assert_rejected(directory, f"[{shards[1].name!r}]", "model.safetensors.index.json",
+                    "download them again")
+
+
+def test_corrupt_shard_index(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path, SHARDED)
+    (directory / "model.safetensors.index.json").write_text("{not json")
+    assert_rejected(directory, "model.safetensors.index.json is not a valid safetensors index",
+                    "download it again")
+
+
+def test_no_weights(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    (directory / "model.safetensors").unlink()
+    assert_rejected(directory, "no model.safetensors or model.safetensors.index.json",
+                    "the weights are missing")
+
+
+def test_missing_tokenizer(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    (directory / "tokenizer.json").unlink()
+    assert_rejected(directory, f"{directory / 'tokenizer.json'} not found", "hf download",
+                    call=load, error=FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Checkpoints converted by mlx-lm: read as they are, never transformed a second time.
+# mlx-lm 0.32 converts only the conditional layout (it has no `qwen3_5_text` model type).
+
+
+def mlx_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    assert files
+    return files
+
+
+def test_mlx_lm_converted_checkpoint(make_checkpoint, tmp_path):
+    source, reference = make_checkpoint(CONDITIONAL)
+    converted = tmp_path / "mlx"
+    mlx_lm.convert(str(source), str(converted), dtype="float32")
+    for file in mlx_files(converted):
+        assert mx.load(str(file), return_metadata=True)[1].get("format") == "mlx"
+
+    model = load_model(converted)
+    ids = prompt()
+    assert relative_error(np.array(model(mx.array(ids))), reference_logits(reference, ids)) <= 1e-4
+    # the same run-time weights as loading the Hugging Face files: no second norm shift or
+    # conv transpose
+    ours = dict(tree_flatten(load_model(source).parameters()))
+    theirs = dict(tree_flatten(model.parameters()))
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert theirs[name].dtype == value.dtype and mx.array_equal(theirs[name], value).item(), name
+
+
+# mlx-lm recipes: uniform 4 bits; mixed 3/6 bits (per-layer params in config.json); mxfp4 (no
+# biases, bfloat16 output); and a predicate that leaves one projection unquantized.
+QUANTIZE = {"4bit": dict(q_bits=4), "mixed_3_6": dict(quant_predicate="mixed_3_6"),
+            "mxfp4": dict(q_mode="mxfp4"),
+            "partial": dict(quant_predicate=lambda path, _: not path.endswith("in_proj_b"))}
+
+
+@pytest.mark.parametrize("recipe", QUANTIZE)
+def test_mlx_lm_quantized_checkpoint(make_checkpoint, tmp_path, recipe):
+    source, reference = make_checkpoint(CONDITIONAL)
+    converted = tmp_path / "mlx-quantized"
+    mlx_lm.convert(str(source), str(converted), quantize=True, dtype="float32", **QUANTIZE[recipe])
+    quantization = json.loads((converted / "config.json").read_text())["quantization"]
+    on_disk = {}
+    for file in mlx_files(converted):
+        on_disk.update(mx.load(str(file)))
+
+    model = load_model(converted)
+    for path, module in model.named_modules():
+        is_quantized = isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        assert is_quantized == (f"{path}.scales" in on_disk), path
+        if is_quantized:  # the layer's own params where mlx-lm wrote them, else the global ones
+            params = quantization.get(path, quantization)
+            assert (module.bits, module.mode) == (params["bits"], params.get("mode", "affine")), path
+    assert isinstance(model.layers[3].self_attn.q_proj, nn.QuantizedLinear)
+    assert model.language_model.model.norm.weight.dtype == mx.float32
+    ids = prompt()
+    logits = np.array(model(mx.array(ids)).astype(mx.float32))
+    assert np.isfinite(logits).all()
+    assert relative_error(logits, reference_logits(reference, ids)) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Vision and MTP tensors are kept for later stages, not lost.
+
+
+def test_vision_tensors_kept(make_checkpoint):
+    directory, _ = make_checkpoint(CONDITIONAL)
+    model = load_model(directory)
+    on_disk = {}
+    for file in directory.glob("*.safetensors"):
+        on_disk.update(mx.load(str(file)))
+    visual = {k: v for k, v in on_disk.items() if k.startswith("model.visual.")}
+    assert visual and set(model.pending_weights) == set(visual)
+    for name, value in visual.items():
+        assert mx.array_equal(model.pending_weights[name], value).item(), name
+
+
+def test_mtp_tensors_kept(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    rng = np.random.default_rng(0)
+    mtp = {"mtp.fc.weight": mx.array(rng.standard_normal((64, 128)).astype(np.float32)),
+           "mtp.norm.weight": mx.array(rng.standard_normal(64).astype(np.float32)),
+           "mtp.layers.0.mlp.up_proj.weight":
+               mx.array(rng.standard_normal((128, 64)).astype(np.float32))}
+    rewrite_weights(directory / "model.safetensors", lambda t: t.update(mtp))
+    model = load_model(directory)
+    assert set(model.pending_weights) == set(mtp)
+    for name, value in mtp.items():
+        assert mx.array_equal(model.pending_weights[name], value).item(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Hugging Face repo ids, through a hub cache and offline.
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def offline_hub(make_checkpoint, tmp_path, monkeypatch):
+    """A hub cache holding CAUSAL as "owner/name"; returns (snapshot folder, torch model)."""
+    source, reference = make_checkpoint(CAUSAL)
+    cache = tmp_path / "hub"
+    repo = cache / "models--owner--name"
+    snapshot = Path(shutil.copytree(source, repo / "snapshots" / COMMIT))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads these variables once, at import: patch what it read.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return snapshot, reference
+
+
+@pytest.mark.parametrize("revision", [None, COMMIT], ids=["refs-main", "commit"])
+def test_repo_id_resolves_offline(offline_hub, revision):
+    snapshot, reference = offline_hub
+    assert resolve("owner/name", revision) == snapshot
+    model, tokenizer = load("owner/name", revision=revision)
+    ids = prompt()
+    assert relative_error(np.array(model(mx.array(ids))), reference_logits(reference, ids)) <= 1e-4
+    assert tokenizer.encode("<|im_start|>") == [501]  # tests/tokenizer_files.py
+
+
+def test_repo_missing_offline_is_a_clear_error(offline_hub):
+    with pytest.raises(CheckpointError, match="owner/other: cannot download.*local checkpoint"):
+        resolve("owner/other")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    def snapshot_download(*args, **kwargs):
+        raise AssertionError(f"hub called for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+@pytest.mark.parametrize("name", ["./nope", "nope", "/no/such/dir", "a/b/c", "~/nope"])
+def test_missing_local_path_is_not_a_hub_call(tmp_path, monkeypatch, no_hub, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory and not a Hugging "
+                                              r"Face repo id \(owner/name\)"):
+        load(name)
+
+
+def test_file_instead_of_directory(make_checkpoint, no_hub):
+    directory, _ = make_checkpoint(CAUSAL)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load(directory / "config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. dtype: matrices follow it, norms and A_log stay float32 and unrounded.
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_casts_matrices_only(make_checkpoint, dtype):
+    directory, _ = make_checkpoint(CAUSAL)
+    full = dict(tree_flatten(load_model(directory, dtype="float32").parameters()))
+    half = dict(tree_flatten(load_model(directory, dtype=dtype).parameters()))
+    kept = [n for n in half if n.endswith(("norm.weight", "A_log"))]
+    assert any(n.endswith("A_log") for n in kept) and any("linear_attn.norm" in n for n in kept)
+    for name, value in half.items():
+        if name in kept:
+            assert value.dtype == mx.float32 and mx.array_equal(value, full[name]).item(), name
+        else:
+            assert value.dtype == getattr(mx, dtype), name
+            assert mx.array_equal(value, full[name].astype(value.dtype)).item(), name
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "float64", "bf16"])
+def test_invalid_dtype(make_checkpoint, dtype):
+    directory, _ = make_checkpoint(CAUSAL)
+    with pytest.raises(CheckpointError, match=f"dtype '{dtype}' is not supported; use one of "
+                                              r"\['bfloat16', 'float16', 'float32'\]"):
+        load_model(directory, dtype=dtype)
