@@ -62,10 +62,14 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
-    while prompt.size > prefill_step_size:  # all but the last chunk: fill the cache only
-        model(prompt[:prefill_step_size][None], cache=cache)
+    # Fill the cache with all but the last prompt token. Only the cache is evaluated, so the
+    # lazy graph never computes these tokens' logits (the vocab-sized head is the costliest
+    # matrix); the last token then goes through the model alone.
+    while prompt.size > 1:
+        chunk = min(prefill_step_size, prompt.size - 1)
+        model(prompt[:chunk][None], cache=cache)
         mx.eval([c.state for c in cache])
-        prompt = prompt[prefill_step_size:]
+        prompt = prompt[chunk:]
 
     token, logprobs = step(prompt)
     mx.async_eval(token, logprobs)

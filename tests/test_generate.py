@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from checkpoints import Spec
 from qwen35_mlx import generate, generate_step, load, stream_generate
 from qwen35_mlx.chat import ChatSession
-from qwen35_mlx.generate import ContextLengthError
+from qwen35_mlx.generate import ContextLengthError, prompt_tokens
 from qwen35_mlx.sampling import Penalties
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -113,20 +113,20 @@ def test_prompt_longer_than_context_is_an_error(make_checkpoint):
 
 
 class ScriptedModel:
-    """Emits a fixed token sequence whatever the input: drives the text side of generation."""
+    """Predicts `script` after a prompt of `prompt_length` tokens, whatever the tokens are:
+    drives the text side of generation. The position, read off the cache, picks the token."""
 
-    def __init__(self, script, vocab, config):
-        self.script, self.vocab, self.config, self.step = script, vocab, config, 0
+    def __init__(self, script, prompt_length, vocab, config):
+        self.script, self.prompt_length, self.vocab, self.config = script, prompt_length, vocab, config
 
     def make_cache(self):
         return [KVCache()]
 
     def __call__(self, tokens, cache=None):
         cache[0].update_and_fetch(*(mx.zeros((1, 1, tokens.shape[1], 2)),) * 2)
+        index = min(cache[0].offset - self.prompt_length, len(self.script) - 1)
         logits = mx.zeros((1, tokens.shape[1], self.vocab))
-        token = self.script[min(self.step, len(self.script) - 1)]
-        self.step += 1
-        return logits.at[:, -1, token].add(10.0)
+        return logits.at[:, -1, self.script[max(index, 0)]].add(10.0)
 
 
 @pytest.mark.parametrize("enable_thinking", [True, None], ids=["explicit", "template-default"])
@@ -134,7 +134,8 @@ def test_reasoning_is_returned_apart_from_the_answer(make_checkpoint, enable_thi
     directory, _ = make_checkpoint(Spec(thinking_by_default=True))
     model, tokenizer = load(directory)
     script = tokenizer.encode("Let me think.</think>\n\nThe answer.<|im_end|>")
-    scripted = ScriptedModel(script, 512, model.config)
+    length = len(prompt_tokens(tokenizer, MESSAGES, enable_thinking))
+    scripted = ScriptedModel(script, length, 512, model.config)
     result = generate(scripted, tokenizer, MESSAGES, enable_thinking=enable_thinking,
                       max_tokens=100)
     assert (result.reasoning, result.text) == ("Let me think.", "The answer.")
@@ -144,7 +145,8 @@ def test_reasoning_is_returned_apart_from_the_answer(make_checkpoint, enable_thi
 def test_non_thinking_prompt_is_all_answer(tiny):
     *_, model, tokenizer = tiny  # 0.8B/2B-style template: no thinking by default
     script = tokenizer.encode("Hello there!<|endoftext|>")
-    result = generate(ScriptedModel(script, 512, model.config), tokenizer, MESSAGES)
+    scripted = ScriptedModel(script, len(prompt_tokens(tokenizer, MESSAGES)), 512, model.config)
+    result = generate(scripted, tokenizer, MESSAGES)
     assert (result.reasoning, result.text, result.finish_reason) == ("", "Hello there!", "stop")
 
 
