@@ -23,11 +23,13 @@ from .tokenizer import Tokenizer
 
 MLX_FORMAT = {"format": "mlx"}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]
-# Tensors of later stages: kept, not loaded into the text decoder.
-PENDING_PREFIXES = ("model.visual.", "mtp.", "vision_tower.")
-# (1+w) RMSNorm weights (transformers stores w); the gated norm `linear_attn.norm` is plain w.
+# Tensors of later stages (run-time names, mlx-vlm's layout): kept, not loaded into the decoder.
+PENDING_PREFIXES = ("vision_tower.", "mtp.")
+# (1+w) RMSNorm weights (transformers stores w), the MTP head's included; the gated norm
+# `linear_attn.norm` (plain w) and the vision tower's LayerNorms are not among them.
 SHIFTED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight",
-                 "k_norm.weight", "model.norm.weight")
+                 "k_norm.weight", "model.norm.weight", "mtp.norm.weight",
+                 "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -127,9 +129,14 @@ def read_weights(directory: Path) -> tuple[dict[str, mx.array], dict[str, str], 
 
 
 def hf_name(name: str, config: ModelConfig) -> str | None:
-    """The run-time name of a Hugging Face text tensor (None: drop the tied duplicate head)."""
+    """The run-time name of a Hugging Face tensor; None drops it (the tied duplicate head,
+    the vision tower's position_ids buffer)."""
     if name == "lm_head.weight":
         return None if config.tie_word_embeddings else "language_model.lm_head.weight"
+    if name.startswith("mtp."):
+        return name
+    if name.startswith("model.visual."):
+        return None if "position_ids" in name else "vision_tower." + name[len("model.visual."):]
     prefix = "model.language_model." if config.model_type == "qwen3_5" else "model."
     if not name.startswith(prefix):
         raise CheckpointError(
@@ -139,9 +146,12 @@ def hf_name(name: str, config: ModelConfig) -> str | None:
 
 
 def hf_to_mlx(name: str, value: mx.array) -> mx.array:
-    """Hugging Face layout -> run-time layout of one tensor, given its run-time name."""
+    """Hugging Face layout -> run-time layout of one tensor, given its run-time name. The only
+    place weights change form; converted checkpoints store the result."""
     if name.endswith("conv1d.weight"):
         return value.swapaxes(1, 2)  # [C, 1, K] -> [C, K, 1]
+    if name.endswith("patch_embed.proj.weight"):
+        return value.transpose(0, 2, 3, 4, 1)  # Conv3d [O, C, T, P, P] -> [O, T, P, P, C]
     if name.endswith(SHIFTED_NORMS):
         return value.astype(mx.float32) + 1.0  # shifted in float32, never rounded to bf16
     return value
@@ -151,13 +161,12 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
     """Build the model from a checkpoint directory with strict weight loading."""
     directory = Path(directory)
     config = read_config(directory)
-    tensors, origin, is_mlx = read_weights(directory)
-    pending = {k: v for k, v in tensors.items() if k.startswith(PENDING_PREFIXES)}
-    weights = {k: v for k, v in tensors.items() if k not in pending}
+    weights, origin, is_mlx = read_weights(directory)
     if not is_mlx:
         renamed = {k: hf_name(k, config) for k in weights}
         weights = {new: hf_to_mlx(new, weights[old]) for old, new in renamed.items() if new}
         origin = {new: origin[old] for old, new in renamed.items() if new}
+    pending = {k: weights.pop(k) for k in list(weights) if k.startswith(PENDING_PREFIXES)}
 
     model = Model(config)
     quantization = config.raw.get("quantization")
@@ -173,7 +182,7 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
                     mode=quantization.get("mode", "affine"), class_predicate=quantized)
     _check_weights(model, weights, origin, directory)
     model.load_weights(list(_cast(weights, _dtype(dtype, config)).items()), strict=True)
-    model.pending_weights = MappingProxyType(pending)
+    model.pending_weights = MappingProxyType(_cast(pending, _dtype(dtype, config)))
     mx.eval(model.parameters())
     return model
 

@@ -252,29 +252,32 @@ def test_mlx_lm_quantized_checkpoint(make_checkpoint, tmp_path, recipe):
 
 
 def test_vision_tensors_kept(make_checkpoint):
-    directory, _ = make_checkpoint(CONDITIONAL)
+    # kept in mlx-vlm's layout: vision_tower.*, the Conv3d patch embedding channels-last
+    directory, reference = make_checkpoint(CONDITIONAL)
     model = load_model(directory)
-    on_disk = {}
-    for file in directory.glob("*.safetensors"):
-        on_disk.update(mx.load(str(file)))
-    visual = {k: v for k, v in on_disk.items() if k.startswith("model.visual.")}
+    visual = {"vision_tower." + k: v.detach().numpy()
+              for k, v in reference.model.visual.state_dict().items()}
+    visual["vision_tower.patch_embed.proj.weight"] = (
+        visual["vision_tower.patch_embed.proj.weight"].transpose(0, 2, 3, 4, 1))
     assert visual and set(model.pending_weights) == set(visual)
     for name, value in visual.items():
-        assert mx.array_equal(model.pending_weights[name], value).item(), name
+        assert np.array_equal(np.array(model.pending_weights[name]), value), name
 
 
 def test_mtp_tensors_kept(make_checkpoint, tmp_path):
     directory = copy_checkpoint(make_checkpoint, tmp_path)
     rng = np.random.default_rng(0)
-    mtp = {"mtp.fc.weight": mx.array(rng.standard_normal((64, 128)).astype(np.float32)),
-           "mtp.norm.weight": mx.array(rng.standard_normal(64).astype(np.float32)),
-           "mtp.layers.0.mlp.up_proj.weight":
-               mx.array(rng.standard_normal((128, 64)).astype(np.float32))}
-    rewrite_weights(directory / "model.safetensors", lambda t: t.update(mtp))
+    mtp = {"mtp.fc.weight": rng.standard_normal((64, 128)).astype(np.float32),
+           "mtp.norm.weight": rng.standard_normal(64).astype(np.float32),
+           "mtp.pre_fc_norm_hidden.weight": rng.standard_normal(64).astype(np.float32),
+           "mtp.layers.0.mlp.up_proj.weight": rng.standard_normal((128, 64)).astype(np.float32)}
+    rewrite_weights(directory / "model.safetensors",
+                    lambda t: t.update({k: mx.array(v) for k, v in mtp.items()}))
     model = load_model(directory)
     assert set(model.pending_weights) == set(mtp)
     for name, value in mtp.items():
-        assert mx.array_equal(model.pending_weights[name], value).item(), name
+        expected = value + 1.0 if "norm" in name else value  # all MTP norms are (1+w)
+        assert np.array_equal(np.array(model.pending_weights[name]), expected), name
 
 
 # ---------------------------------------------------------------------------------------------
