@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import MappingProxyType
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -110,6 +109,18 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
+def is_converted(directory: Path) -> bool:
+    """Whether the checkpoint carries the MLX format marker; reads one safetensors header."""
+    file = weight_files(directory)[0]
+    try:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError):
+        raise CheckpointError(f"{file}: cannot read its safetensors header; the file is "
+                              "truncated or corrupt, download it again") from None
+    return (header.get("__metadata__") or {}).get("format") == MLX_FORMAT["format"]
+
+
 def read_weights(directory: Path) -> tuple[dict[str, mx.array], dict[str, str], bool]:
     """Returns (tensors, tensor name -> file name, whether the checkpoint is converted MLX)."""
     tensors, origin, formats = {}, {}, set()
@@ -182,7 +193,7 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
                     mode=quantization.get("mode", "affine"), class_predicate=quantized)
     _check_weights(model, weights, origin, directory)
     model.load_weights(list(_cast(weights, _dtype(dtype, config)).items()), strict=True)
-    model.pending_weights = MappingProxyType(_cast(pending, _dtype(dtype, config)))
+    model.set_pending_weights(_cast(pending, _dtype(dtype, config)))
     mx.eval(model.parameters())
     return model
 

@@ -1,0 +1,196 @@
+"""`convert`: load a Hugging Face checkpoint, optionally quantize it, write an MLX checkpoint.
+
+The weight transforms are those of `qwen35_mlx.loading` (done once, at load); this module only
+decides what to quantize, writes the result safely (`writer.py`) and checks it (`verify.py`).
+The output keeps the whole model, vision tower and MTP head included, in the layout mlx-lm and
+mlx-vlm read.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import dequantize_model
+
+from qwen35_mlx.loading import is_converted, load_model, read_config, resolve
+from qwen35_mlx.models.model import QUANT_RECIPES, Model
+from qwen35_mlx.tokenizer import Tokenizer
+
+from .card import model_card
+from .verify import print_report, quantization_errors, verify
+from .writer import check_target, write_checkpoint
+
+BITS = (4, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done as asked, with what to do instead."""
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str = "mlx_model",
+    *,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    recipe: str = "hybrid",
+    dtype: str | None = None,
+    quantize_vision: bool = False,
+    quantize_mtp: bool = False,
+    dequantize: bool = False,
+    force: bool = False,
+    verify_output: bool = True,
+    report: bool = False,
+    upload_repo: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Convert a checkpoint; returns the output directory.
+
+    Args:
+        hf_path: Hugging Face repo id or local checkpoint directory.
+        mlx_path: output directory (must not exist unless `force`).
+        quantize, q_bits, q_group_size: affine quantization at 4, 6 or 8 bits, groups of 32,
+            64 or 128.
+        recipe: "hybrid" (architecture-aware, default) or "uniform" (every matrix at q_bits);
+            see `Model.quant_predicate`.
+        dtype: float dtype of what is not quantized ("float32", "bfloat16", "float16");
+            default: the source's. Norms and A_log stay float32.
+        quantize_vision, quantize_mtp: also quantize the vision tower / MTP head matrices
+            (kept float by default).
+        dequantize: turn a quantized MLX checkpoint back into float weights.
+        force: replace an existing output directory.
+        verify_output: load the result and compare its logits with the source's.
+        report: print the per-tensor quantization error table.
+        upload_repo: upload the result to this Hugging Face repo.
+    """
+    _check_options(quantize, q_bits, q_group_size, recipe, dequantize)
+    target = Path(mlx_path)
+    check_target(target, force)
+    source = resolve(hf_path, revision)
+    config = read_config(source)
+    quantized_source = bool(config.raw.get("quantization"))
+    if is_converted(source) and not dequantize:
+        raise ConvertError(
+            f"{source} is already a converted MLX checkpoint; converting it again would "
+            "transform its weights twice. Load it directly, or pass --dequantize for float weights")
+    if dequantize and not quantized_source:
+        raise ConvertError(f"{source} is not quantized; there is nothing to dequantize")
+
+    start = time.perf_counter()
+    model = load_model(source, dtype=dtype)
+    quant_config, float_weights = None, {}
+    if dequantize:
+        dequantize_model(model)
+        model.set_pending_weights(_dequantize_pending(model.pending_weights,
+                                                      config.raw["quantization"]))
+    elif quantize:
+        float_weights = _matrices(model) if report else {}
+        quant_config = _quantize(model, recipe, q_bits, q_group_size, quantize_vision,
+                                 quantize_mtp)
+    weights = {**dict(tree_flatten(model.parameters())), **model.pending_weights}
+    mx.eval(weights)
+    write_checkpoint(target, weights, _output_config(config.raw, quant_config), source,
+                     model_card(hf_path, config.raw, quant_config, recipe, quantize_vision,
+                                quantize_mtp, dtype), force)
+    print(f"[convert] wrote {target} ({_size(target) / 1e9:.3f} GB) in "
+          f"{time.perf_counter() - start:.1f} s")
+    if report and float_weights:
+        print_report(quantization_errors(float_weights, model))
+    del model, weights, float_weights
+    if verify_output:
+        verify(source, target, Tokenizer.from_pretrained(source))
+    if upload_repo:
+        from .upload import upload
+
+        upload(target, upload_repo)
+    return target
+
+
+def _check_options(quantize, bits, group_size, recipe, dequantize) -> None:
+    if quantize and dequantize:
+        raise ConvertError("--quantize and --dequantize exclude each other; choose one")
+    if bits not in BITS:
+        raise ConvertError(f"--q-bits {bits} is not supported; use one of {BITS}")
+    if group_size not in GROUP_SIZES:
+        raise ConvertError(f"--q-group-size {group_size} is not supported; use one of {GROUP_SIZES}")
+    if recipe not in QUANT_RECIPES:
+        raise ConvertError(f"--recipe {recipe!r} is not known; use one of {QUANT_RECIPES}")
+
+
+def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: bool,
+              mtp: bool) -> dict:
+    """Quantizes in place; returns the config's `quantization` block (per-layer overrides
+    for every layer whose settings differ from the top level, which mlx-vlm needs)."""
+    decide = Model.quant_predicate(recipe, bits, group_size)
+    overrides = {}
+
+    def predicate(path: str, module) -> bool | dict:
+        decision = decide(path, module)
+        if isinstance(decision, dict):
+            overrides[path] = dict(decision)
+            return dict(decision)  # a copy: nn.quantize consumes it
+        return decision
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    prefixes = tuple(p for p, chosen in (("vision_tower.", vision), ("mtp.", mtp)) if chosen)
+    model.set_pending_weights(_quantize_pending(model.pending_weights, prefixes, bits,
+                                                group_size))
+    return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+
+
+def _pending_matrix(name: str, value: mx.array, group_size: int) -> bool:
+    # projection matrices only: not the vision position table (read as a grid), not norms
+    return (name.endswith(".weight") and value.ndim == 2 and "pos_embed" not in name
+            and value.shape[-1] % group_size == 0)
+
+
+def _quantize_pending(pending, prefixes: tuple[str, ...], bits: int, group_size: int) -> dict:
+    out = {}
+    for name, value in pending.items():
+        if prefixes and name.startswith(prefixes) and _pending_matrix(name, value, group_size):
+            base = name[:-len(".weight")]
+            weight, scales, biases = mx.quantize(value, group_size=group_size, bits=bits)
+            out.update({f"{base}.weight": weight, f"{base}.scales": scales,
+                        f"{base}.biases": biases})
+        else:
+            out[name] = value
+    return out
+
+
+def _dequantize_pending(pending, quantization: dict) -> dict:
+    """Float weights back for quantized vision/MTP matrices, with the config's settings."""
+    out = {k: v for k, v in pending.items() if not k.endswith((".scales", ".biases"))}
+    for name in [k for k in out if f"{k[:-len('.weight')]}.scales" in pending]:
+        base = name[:-len(".weight")]
+        params = quantization.get(base) or quantization
+        out[name] = mx.dequantize(out[name], pending[f"{base}.scales"],
+                                  pending[f"{base}.biases"], group_size=params["group_size"],
+                                  bits=params["bits"])
+    return out
+
+
+def _matrices(model: Model) -> dict[str, mx.array]:
+    return {name: module.weight for name, module in model.named_modules()
+            if hasattr(module, "to_quantized")}
+
+
+def _output_config(raw: dict, quantization: dict | None) -> dict:
+    config = copy.deepcopy(raw)
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    if quantization:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization  # the key transformers-style readers use
+    return json.loads(json.dumps(config))
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())

@@ -1,0 +1,99 @@
+"""Writing a checkpoint so that no interruption leaves a folder that looks complete.
+
+Everything goes into `.NAME.incomplete` beside the target, config.json last (a folder without
+it is not a checkpoint), and the folder is renamed into place only once whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.utils import make_shards
+
+MLX_METADATA = {"format": "mlx"}
+SHARD_GB = 5
+# Files a checkpoint carries besides config and weights, copied when the source has them.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+              "generation_config.json", "preprocessor_config.json",
+              "video_preprocessor_config.json", "special_tokens_map.json", "vocab.json",
+              "merges.txt", "LICENSE")
+HEADROOM = 1.05  # safetensors headers, JSON files, model card
+
+
+class WriteError(OSError):
+    """The checkpoint could not be written; nothing was left at the target."""
+
+
+def staging_dir(target: Path) -> Path:
+    return target.parent / f".{target.name}.incomplete"
+
+
+def check_target(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise FileExistsError(
+            f"{target} already exists; choose another --mlx-path or pass --force to replace it")
+
+
+def check_free_space(target: Path, nbytes: int) -> None:
+    parent = target.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < nbytes * HEADROOM:
+        raise WriteError(
+            errno.ENOSPC, f"writing the checkpoint needs {nbytes * HEADROOM / 1e9:.2f} GB but "
+            f"{parent} has {free / 1e9:.2f} GB free; free some space or choose another --mlx-path")
+
+
+def write_checkpoint(target: Path, weights: dict[str, mx.array], config: dict, source: Path,
+                     model_card: str, force: bool = False) -> None:
+    """Writes weights (sharded safetensors + index), config, side files and card to `target`."""
+    check_target(target, force)
+    check_free_space(target, sum(v.nbytes for v in weights.values()))
+    staging = staging_dir(target)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
+    staging.mkdir(parents=True)
+    try:
+        _write_weights(staging, weights)
+        for name in SIDE_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        (staging / "README.md").write_text(model_card)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _move_into_place(staging, target)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise WriteError(errno.ENOSPC, f"the disk filled up while writing {target}; "
+                             "nothing was left there. Free some space and run again") from None
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_weights(directory: Path, weights: dict[str, mx.array]) -> None:
+    shards = make_shards(weights, SHARD_GB)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(directory / name), shard, metadata=MLX_METADATA)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = target.parent / f".{target.name}.replaced"
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(target, retired)  # --force: the old folder goes only once the new one is whole
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
