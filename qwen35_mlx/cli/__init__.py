@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, generate
+from . import bench, chat, convert, generate, upload
 
-COMMANDS = {"generate": generate, "chat": chat}
+COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "upload": upload,
+            "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].main(args) or 0
-    except (ValueError, FileNotFoundError) as error:  # bad input: say what and how to fix it
+    except (ValueError, OSError) as error:  # bad input: say what and how to fix it
         print(f"qwen35-mlx {args.command}: error: {error}", file=sys.stderr)
         return 2
 

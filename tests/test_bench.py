@@ -1,0 +1,112 @@
+"""Random-weight checkpoints are real Hugging Face Qwen3.5 checkpoints, and the bench runs.
+
+transformers loading the folder with no missing or unexpected keys proves the layout; its
+logits agreeing with ours proves the config fields mean what they say.
+"""
+
+import json
+import math
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen3_5ForConditionalGeneration
+
+from metrics import relative_error
+from qwen35_mlx import cli, load
+from qwen35_mlx.bench.random_checkpoint import config_json, tensor_specs, write_random_checkpoint
+
+TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+                 linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=4096,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10_000_000,
+                                  "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                  "mrope_interleaved": True})
+TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                   num_position_embeddings=16)
+# (size whose other fields are kept, DeltaNet value heads): tied head with Hv = Hk like the
+# 0.8B, untied lm_head with Hv = 2 Hk like the 9B
+VARIANTS = {"0.8B-tied": ("0.8B", 2), "9B-untied": ("9B", 4)}
+
+
+def tiny(variant: str) -> dict:
+    size, value_heads = VARIANTS[variant]
+    return dict(size=size, num_layers=4, overrides={
+        "text_config": {**TINY_TEXT, "linear_num_value_heads": value_heads},
+        "vision_config": TINY_VISION})
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("bench") / "ckpt", **tiny("0.8B-tied"))
+
+
+def header(file) -> dict:
+    with open(file, "rb") as f:
+        return json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+
+
+# Exact counts of the released checkpoints, without the MTP head (ARCHITECTURE.md §1.4).
+RELEASED = {"0.8B": (498_113_344, 254_279_680, 100_592_896),
+            "2B": (1_373_265_728, 508_559_360, 331_416_576),
+            "4B": (3_570_052_096, 635_699_200, 333_514_240),
+            "9B": (6_919_565_824, 2 * 1_017_118_720, 456_010_480)}
+
+
+@pytest.mark.parametrize("size", RELEASED)
+def test_shapes_add_up_to_the_released_parameter_counts(size):
+    decoder = embeddings = vision = 0
+    for name, shape, _ in tensor_specs(config_json(size)):
+        if name.startswith("model.visual."):
+            vision += math.prod(shape)
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            embeddings += math.prod(shape)
+        else:
+            decoder += math.prod(shape)
+    assert (decoder, embeddings, vision) == RELEASED[size]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transformers_loads_it_and_agrees_with_us(tmp_path, variant):
+    directory = write_random_checkpoint(tmp_path / "ckpt", dtype="float32", **tiny(variant))
+    reference, info = Qwen3_5ForConditionalGeneration.from_pretrained(
+        directory, dtype=torch.float32, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (
+        set(), set(), set())
+    model, _ = load(directory)
+    ids = np.random.default_rng(0).integers(0, 512, size=(1, 70))  # crosses a 64-token chunk
+    with torch.no_grad():
+        expected = reference.eval()(torch.tensor(ids)).logits.numpy()
+    assert relative_error(np.array(model(mx.array(ids))), expected) <= 1e-4
+
+
+def test_disk_dtypes_and_layout_are_the_release_ones(bf16_checkpoint):
+    directory = bf16_checkpoint
+    dtypes = {name: spec["dtype"] for name, spec in header(directory / "model.safetensors").items()
+              if name != "__metadata__"}
+    f32 = {name for name, dtype in dtypes.items() if dtype == "F32"}
+    assert f32 == {f"model.language_model.layers.{i}.linear_attn.{t}"
+                   for i in range(3) for t in ("A_log", "norm.weight")}
+    assert set(dtypes.values()) == {"F32", "BF16"}
+    assert "lm_head.weight" not in dtypes  # tied, as the 0.8B release
+    config = json.loads((directory / "config.json").read_text())
+    assert config["text_config"]["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
+
+
+def test_same_seed_same_bytes_and_a_full_folder_is_refused(tmp_path, bf16_checkpoint):
+    again = write_random_checkpoint(tmp_path / "again", **tiny("0.8B-tied"))
+    assert ((again / "model.safetensors").read_bytes()
+            == (bf16_checkpoint / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="not an empty folder"):
+        write_random_checkpoint(bf16_checkpoint, **tiny("0.8B-tied"))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        write_random_checkpoint(tmp_path / "c", num_layers=6)
+
+
+def test_bench_runs_end_to_end(bf16_checkpoint, capsys):
+    assert cli.main(["bench", "generate", "--model", str(bf16_checkpoint), "--prompt-tokens", "16",
+                     "--generation-tokens", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "4 of 4" in table and "ours/mlx-lm" in table
