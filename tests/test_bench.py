@@ -16,6 +16,7 @@ from transformers import Qwen3_5ForConditionalGeneration
 
 from metrics import relative_error
 from qwen35_mlx import cli, load
+from qwen35_mlx.bench import random_checkpoint
 from qwen35_mlx.bench.random_checkpoint import config_json, tensor_specs, write_random_checkpoint
 
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -103,6 +104,17 @@ def test_same_seed_same_bytes_and_a_full_folder_is_refused(tmp_path, bf16_checkp
         write_random_checkpoint(bf16_checkpoint, **tiny("0.8B-tied"))
     with pytest.raises(ValueError, match="multiple of 4"):
         write_random_checkpoint(tmp_path / "c", num_layers=6)
+
+
+def test_large_checkpoints_are_sharded_with_an_index(tmp_path, monkeypatch, bf16_checkpoint):
+    monkeypatch.setattr(random_checkpoint, "SHARD_BYTES", 100_000)
+    directory = write_random_checkpoint(tmp_path / "ckpt", **tiny("0.8B-tied"))
+    weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 1 and not (directory / "model.safetensors").exists()
+    ids = mx.array(np.random.default_rng(0).integers(0, 512, size=(1, 8)))
+    sharded, _ = load(directory)
+    single, _ = load(bf16_checkpoint)  # same seed, one file: the same model
+    assert mx.array_equal(sharded(ids), single(ids))
 
 
 def test_bench_runs_end_to_end(bf16_checkpoint, capsys):

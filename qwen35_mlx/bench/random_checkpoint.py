@@ -23,7 +23,8 @@ from typing import Iterator
 
 import numpy as np
 from safetensors import TensorSpec, serialize_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers,
+                        processors)
 from tokenizers.models import BPE
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -202,7 +203,8 @@ def _write_weights(config: dict, directory: Path, seed: int) -> None:
     shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
     size = 0
     for spec in tensor_specs(config):  # assign tensors to ~2 GB shards in order
-        nbytes = math.prod(spec[1]) * (4 if _disk_dtype(spec[0], spec[2], dtype) == "float32" else 2)
+        name, shape, kind = spec
+        nbytes = math.prod(shape) * (4 if _disk_dtype(name, kind, dtype) == "float32" else 2)
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0

@@ -1,4 +1,4 @@
-"""Benchmark against mlx-lm (`bench generate`) or write a random-weight checkpoint (`bench make-checkpoint`)."""
+"""Benchmarks: speed and memory against mlx-lm, and random-weight checkpoints to run them on."""
 
 from __future__ import annotations
 

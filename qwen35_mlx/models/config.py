@@ -21,6 +21,9 @@ _TEXT_UNUSED = frozenset({
     "eos_token_id", "full_attention_interval", "attn_output_gate", "mtp_num_hidden_layers",
     "mtp_use_dedicated_embeddings", "mamba_ssm_dtype", "mlp_only_layers", "output_router_logits",
     "router_aux_loss_coef", "layer_scan", "_name_or_path", "tie_word_embeddings",
+    "output_gate_type",  # the DeltaNet output gate: checked to be silu/swish in _text_config
+    # written by converters at the top level of a text-only config; read by loading.py
+    "quantization", "quantization_config",
     # legacy rope fields, folded into `rope_parameters` by `_rope_parameters`
     "rope_theta", "partial_rotary_factor", "rope_scaling",
 })
@@ -29,7 +32,7 @@ _TOP_UNUSED = frozenset({
     "tie_word_embeddings", "text_config", "vision_config", "image_token_id", "video_token_id",
     "vision_start_token_id", "vision_end_token_id", "quantization", "quantization_config",
     "_name_or_path", "use_cache", "bos_token_id", "pad_token_id", "eos_token_id",
-    "initializer_range",
+    "initializer_range", "language_model_only",
 })
 _ROPE_TYPES = ("default", "yarn")
 _ROPE_KEYS = frozenset({
@@ -178,6 +181,9 @@ def _text_config(fields: dict[str, Any]) -> TextConfig:
     required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "linear_num_key_heads",
                 "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"]
+    gate = fields.get("output_gate_type", "silu")
+    if gate not in ("silu", "swish"):  # swish == silu; transformers hard-wires it
+        raise ConfigError(f"config.json: output_gate_type {gate!r} is not supported (silu/swish)")
     missing = [k for k in required if k not in fields]
     if missing:
         raise ConfigError(f"config.json: missing required text field(s) {missing}")

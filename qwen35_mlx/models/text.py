@@ -108,7 +108,8 @@ class GatedDeltaNet(nn.Module):
         state = None if cache is None else cache[1]
         out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state)
         if cache is not None:
-            cache[0] = padded[:, -(self.kernel - 1):]
+            # a copy: a view would keep the whole [B, K-1+T, C] prefill buffer alive
+            cache[0] = mx.contiguous(padded[:, -(self.kernel - 1):])
             cache[1] = state
         out = self.norm(out, z)  # [B, T, Hv, Dv]
         return self.out_proj(out.reshape(B, T, -1))
