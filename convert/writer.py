@@ -41,12 +41,13 @@ def check_target(target: Path, force: bool) -> None:
 
 def check_free_space(target: Path, nbytes: int) -> None:
     parent = target.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
+    # ask the nearest existing folder: creating `parent` here would leave it behind on failure
+    existing = next(folder for folder in (parent, *parent.parents) if folder.exists())
+    free = shutil.disk_usage(existing).free
     if free < nbytes * HEADROOM:
         raise WriteError(
-            errno.ENOSPC, f"writing the checkpoint needs {nbytes * HEADROOM / 1e9:.2f} GB but "
-            f"{parent} has {free / 1e9:.2f} GB free; free some space or choose another --mlx-path")
+            errno.ENOSPC, f"writing the checkpoint needs {nbytes * HEADROOM / 1e6:,.1f} MB but "
+            f"{parent} has {free / 1e6:,.1f} MB free; free some space or choose another --mlx-path")
 
 
 def write_checkpoint(target: Path, weights: dict[str, mx.array], config: dict, source: Path,

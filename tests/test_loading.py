@@ -1,7 +1,6 @@
 """Loading checkpoints: errors that name the file and the fix, converted mlx-lm checkpoints,
 tensors of later stages kept, hub repo ids resolved offline, and dtypes."""
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from mlx.utils import tree_flatten
 
 from checkpoints import Spec
+from helpers import contents, copy_checkpoint, rewrite_weights
 from metrics import relative_error
 from qwen35_mlx import load
 from qwen35_mlx.loading import CheckpointError, load_model, resolve
@@ -33,26 +33,6 @@ def prompt(length=100, seed=0):
 def reference_logits(torch_model, ids):
     with torch.no_grad():
         return torch_model(torch.tensor(ids)).logits.float().numpy()
-
-
-def copy_checkpoint(make_checkpoint, tmp_path, spec=CAUSAL) -> Path:
-    """A private copy of a session fixture, safe to corrupt."""
-    source, _ = make_checkpoint(spec)
-    return Path(shutil.copytree(source, tmp_path / "checkpoint"))
-
-
-def contents(directory: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under `directory`."""
-    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(directory.rglob("*")) if f.is_file()}
-
-
-def rewrite_weights(file: Path, edit) -> None:
-    """Rewrites a safetensors file with `edit(tensors)` applied, keeping its metadata."""
-    tensors, metadata = mx.load(str(file), return_metadata=True)
-    mx.eval(tensors)  # read everything before the file is overwritten
-    edit(tensors)
-    mx.save_safetensors(str(file), tensors, metadata=metadata)
 
 
 def assert_rejected(directory: Path, *fragments: str, call=load_model,
