@@ -23,7 +23,7 @@ def recipe_lines(quantization: dict | None, recipe: str, vision: bool, mtp: bool
     return lines
 
 
-def model_card(source: str, config: dict, quantization: dict | None, recipe: str,
+def model_card(source: str, quantization: dict | None, recipe: str,
                vision: bool, mtp: bool, dtype: str | None) -> str:
     name = Path(str(source).rstrip("/")).name
     on_hub = not Path(str(source)).exists()  # a repo id, not a local directory

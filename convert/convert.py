@@ -23,6 +23,7 @@ from qwen35_mlx.models.model import QUANT_RECIPES, Model
 from qwen35_mlx.tokenizer import Tokenizer
 
 from .card import model_card
+from .upload import upload
 from .verify import print_report, quantization_errors, verify
 from .writer import check_target, write_checkpoint
 
@@ -98,8 +99,8 @@ def convert(
     weights = {**dict(tree_flatten(model.parameters())), **model.pending_weights}
     mx.eval(weights)
     write_checkpoint(target, weights, _output_config(config.raw, quant_config), source,
-                     model_card(hf_path, config.raw, quant_config, recipe, quantize_vision,
-                                quantize_mtp, dtype), force)
+                     model_card(hf_path, quant_config, recipe, quantize_vision, quantize_mtp,
+                                dtype), force)
     print(f"[convert] wrote {target} ({_size(target) / 1e9:.3f} GB) in "
           f"{time.perf_counter() - start:.1f} s")
     if report and float_weights:
@@ -108,8 +109,6 @@ def convert(
     if verify_output:
         verify(source, target, Tokenizer.from_pretrained(source))
     if upload_repo:
-        from .upload import upload
-
         upload(target, upload_repo)
     return target
 
