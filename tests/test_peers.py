@@ -197,3 +197,19 @@ def test_mtp_drafter_from_conversion(converted, recipe):
         assert len(quantized) == 8 and set(quantized.values()) == {(4, 32, "affine")}
     else:
         assert not quantized
+
+
+def test_mlx_vlm_conversion_loads_in_ours(source, tmp_path):
+    # the other direction: mlx-vlm's own converter output (an mlx-community layout) in our loader
+    from mlx_vlm.convert import convert as mlx_vlm_convert
+
+    directory, reference, _ = source("untied")
+    out = tmp_path / "mlx-vlm"
+    mlx_vlm_convert(str(directory), str(out), dtype="float32")
+    ours = load_model(out)
+    with torch.no_grad():
+        expected = reference(torch.tensor(IDS)).logits.numpy()
+    assert relative_error(np.array(ours(mx.array(IDS))), expected) <= 1e-4
+    vision = {k: v for k, v in ours.pending_weights.items() if k.startswith("vision_tower.")}
+    assert vision["vision_tower.patch_embed.proj.weight"].shape[-1] == 3  # channels-last, once
+    assert len(vision) == len(reference.model.visual.state_dict())

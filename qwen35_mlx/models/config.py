@@ -33,6 +33,7 @@ _TOP_UNUSED = frozenset({
     "vision_start_token_id", "vision_end_token_id", "quantization", "quantization_config",
     "_name_or_path", "use_cache", "bos_token_id", "pad_token_id", "eos_token_id",
     "initializer_range", "language_model_only",
+    "generation_config",  # mlx-vlm's converter copies generation_config.json in here
 })
 _ROPE_TYPES = ("default", "yarn")
 _ROPE_KEYS = frozenset({
@@ -154,7 +155,7 @@ class ModelConfig:
         else:
             text_fields = config
             tie = bool(config.get("tie_word_embeddings", False))
-        text = _text_config(text_fields)
+        text = _text_config(text_fields, " text_config" if text_fields is not config else "")
         eos = text_fields.get("eos_token_id", config.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         token_ids = {k: config[k] for k in ("image_token_id", "video_token_id",
@@ -174,10 +175,10 @@ def _reject_unknown(fields: dict[str, Any], known: frozenset[str], where: str) -
             "this checkpoint is not a plain Qwen3.5 model")
 
 
-def _text_config(fields: dict[str, Any]) -> TextConfig:
+def _text_config(fields: dict[str, Any], where: str) -> TextConfig:
     names = {f.name for f in dataclasses.fields(TextConfig)} - {"rope", "layer_types"}
     _reject_unknown(fields, frozenset(names) | _TEXT_UNUSED | {"layer_types", "rope_parameters"},
-                    "" if fields.get("model_type") == "qwen3_5_text" else " text_config")
+                    where)
     required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "linear_num_key_heads",
                 "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"]
