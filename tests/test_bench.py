@@ -49,24 +49,32 @@ def header(file) -> dict:
         return json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
 
 
-# Exact counts of the released checkpoints, without the MTP head (ARCHITECTURE.md §1.4).
-RELEASED = {"0.8B": (498_113_344, 254_279_680, 100_592_896),
-            "2B": (1_373_265_728, 508_559_360, 331_416_576),
-            "4B": (3_570_052_096, 635_699_200, 333_514_240),
-            "9B": (6_919_565_824, 2 * 1_017_118_720, 456_010_480)}
+# Exact counts of the released checkpoints (ARCHITECTURE.md §1.4): (decoder, embeddings,
+# vision tower, MTP head), and the total = Hugging Face's safetensors.total.
+RELEASED = {"0.8B": ((498_113_344, 254_279_680, 100_592_896, 20_452_864), 873_438_784),
+            "2B": ((1_373_265_728, 508_559_360, 331_416_576, 60_828_160), 2_274_069_824),
+            "4B": ((3_570_052_096, 635_699_200, 333_514_240, 120_599_552), 4_659_865_088),
+            "9B": ((6_919_565_824, 2 * 1_017_118_720, 456_010_480, 243_290_624),
+                   9_653_104_368)}
 
 
 @pytest.mark.parametrize("size", RELEASED)
 def test_shapes_add_up_to_the_released_parameter_counts(size):
-    decoder = embeddings = vision = 0
+    parts = {"decoder": 0, "embeddings": 0, "vision": 0, "mtp": 0}
     for name, shape, _ in tensor_specs(config_json(size)):
         if name.startswith("model.visual."):
-            vision += math.prod(shape)
+            parts["vision"] += math.prod(shape)
+        elif name.startswith("mtp."):
+            parts["mtp"] += math.prod(shape)
         elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            embeddings += math.prod(shape)
+            parts["embeddings"] += math.prod(shape)
         else:
-            decoder += math.prod(shape)
-    assert (decoder, embeddings, vision) == RELEASED[size]
+            parts["decoder"] += math.prod(shape)
+    counts, total = RELEASED[size]
+    assert tuple(parts.values()) == counts
+    assert sum(parts.values()) == total
+    no_extras = tensor_specs(config_json(size, vision=False, mtp=False))
+    assert sum(math.prod(shape) for _, shape, _ in no_extras) == total - counts[2] - counts[3]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -122,3 +130,20 @@ def test_bench_runs_end_to_end(bf16_checkpoint, capsys):
                      "--generation-tokens", "4"]) == 0
     table = capsys.readouterr().out
     assert "4 of 4" in table and "ours/mlx-lm" in table
+
+
+def test_bench_convert_runs_end_to_end(bf16_checkpoint, tmp_path, capsys):
+    assert cli.main(["bench", "convert", "--hf-path", str(bf16_checkpoint), "--bits", "8",
+                     "--out-dir", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in lines
+            if line.startswith(("qwen35_mlx ", "mlx-lm "))}
+    assert set(rows) == {("qwen35_mlx", "-", "bfloat16"), ("mlx-lm", "-", "bfloat16"),
+                         ("qwen35_mlx", "hybrid", "8"), ("qwen35_mlx", "uniform", "8"),
+                         ("mlx-lm", "default", "8")}
+    for (tool, _, _), cells in rows.items():  # vision, mtp: ours keeps both, mlx-lm drops them
+        assert cells[2:4] == (["yes", "yes"] if tool == "qwen35_mlx" else ["no", "no"])
+    # our float output computes exactly what the source does
+    assert float(rows[("qwen35_mlx", "-", "bfloat16")][-2]) == 0.0
+    assert sum(line.startswith("ours ") for line in lines) == 3  # float, hybrid, uniform
+    assert len(list((tmp_path / "out").iterdir())) == 5

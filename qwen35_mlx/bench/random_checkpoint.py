@@ -3,9 +3,10 @@
 `write_random_checkpoint` writes what a `Qwen3_5ForConditionalGeneration` release holds for the
 text path (ARCHITECTURE.md §1.2, §2.1): config.json with the real field values of a size,
 `model.language_model.*` tensors (A_log and the gated norm in float32 as the release stores
-them, the rest in the checkpoint dtype), the vision tower of §4 unless `vision=False` (no MTP
-head), and a byte-level BPE tokenizer whose vocabulary covers every id the model can emit, so
-that `qwen35_mlx.load`, `mlx_lm.load` and transformers all accept the folder.
+them, the rest in the checkpoint dtype), the vision tower of §4 unless `vision=False`, the MTP
+head of §6 unless `mtp=False` (with both, the parameter count is the release's, §1.4), and a
+byte-level BPE tokenizer whose vocabulary covers every id the model can emit, so that
+`qwen35_mlx.load`, `mlx_lm.load` and transformers (which ignore `mtp.*`) all accept the folder.
 
 Only numpy and safetensors are used (no torch): `safetensors.numpy.save_file` cannot name
 bfloat16 without the ml_dtypes package, so the tensors go through the serializer it wraps,
@@ -73,9 +74,10 @@ MATRIX, SHIFTED_NORM, PLAIN_NORM, A_LOG, DT_BIAS, BIAS = (
 
 
 def config_json(size: str = "0.8B", num_layers: int | None = None, dtype: str = "bfloat16",
-                overrides: dict | None = None, vision: bool = True) -> dict:
+                overrides: dict | None = None, vision: bool = True, mtp: bool = True) -> dict:
     """The config.json of a random checkpoint: the real fields of `size`, then `overrides`
-    (top-level keys; "text_config"/"vision_config" dicts are merged into those sections)."""
+    (top-level keys; "text_config"/"vision_config" dicts are merged into those sections).
+    Without `mtp`, text_config says `mtp_num_hidden_layers: 0` (the release says 1)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     if dtype not in DTYPES:
@@ -84,6 +86,8 @@ def config_json(size: str = "0.8B", num_layers: int | None = None, dtype: str = 
     text = {**TEXT_COMMON, **SIZES[size], **overrides.pop("text_config", {}), "dtype": dtype}
     if num_layers is not None:
         text["num_hidden_layers"] = num_layers
+    if not mtp:
+        text["mtp_num_hidden_layers"] = 0
     layers = text["num_hidden_layers"]
     if layers < 4 or layers % 4:
         raise ValueError(f"num_layers must be a positive multiple of 4 (the layer pattern is "
@@ -101,10 +105,10 @@ def config_json(size: str = "0.8B", num_layers: int | None = None, dtype: str = 
 
 
 def tensor_specs(config: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, kind) of every tensor the checkpoint holds (ARCHITECTURE.md §2.1, §4)."""
+    """(name, shape, kind) of every tensor the checkpoint holds (ARCHITECTURE.md §2.1, §4, §6)."""
     t = config["text_config"]
-    H, I, V, hd = t["hidden_size"], t["intermediate_size"], t["vocab_size"], t["head_dim"]
-    nh, nkv, Hv = t["num_attention_heads"], t["num_key_value_heads"], t["linear_num_value_heads"]
+    H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+    Hv = t["linear_num_value_heads"]
     key_dim = t["linear_num_key_heads"] * t["linear_key_head_dim"]
     value_dim = Hv * t["linear_value_head_dim"]
     conv_dim = 2 * key_dim + value_dim
@@ -129,18 +133,44 @@ def tensor_specs(config: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
             yield mixer + "norm.weight", (t["linear_value_head_dim"],), PLAIN_NORM
             yield mixer + "out_proj.weight", (H, value_dim), MATRIX
         else:
-            attn = layer + "self_attn."
-            yield attn + "q_proj.weight", (2 * nh * hd, H), MATRIX
-            yield attn + "k_proj.weight", (nkv * hd, H), MATRIX
-            yield attn + "v_proj.weight", (nkv * hd, H), MATRIX
-            yield attn + "o_proj.weight", (H, nh * hd), MATRIX
-            yield attn + "q_norm.weight", (hd,), SHIFTED_NORM
-            yield attn + "k_norm.weight", (hd,), SHIFTED_NORM
+            yield from _attention_specs(layer + "self_attn.", t)
     yield p + "norm.weight", (H,), SHIFTED_NORM
     if not config["tie_word_embeddings"]:
         yield "lm_head.weight", (V, H), MATRIX
     if "vision_config" in config:
         yield from _vision_specs(config["vision_config"])
+    yield from _mtp_specs(t)
+
+
+def _attention_specs(attn: str, t: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    H, hd, nh, nkv = (t["hidden_size"], t["head_dim"], t["num_attention_heads"],
+                      t["num_key_value_heads"])
+    yield attn + "q_proj.weight", (2 * nh * hd, H), MATRIX  # query and gate, per head
+    yield attn + "k_proj.weight", (nkv * hd, H), MATRIX
+    yield attn + "v_proj.weight", (nkv * hd, H), MATRIX
+    yield attn + "o_proj.weight", (H, nh * hd), MATRIX
+    yield attn + "q_norm.weight", (hd,), SHIFTED_NORM
+    yield attn + "k_norm.weight", (hd,), SHIFTED_NORM
+
+
+def _mtp_specs(t: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """The MTP head (ARCHITECTURE.md §6): fc over [embedding ‖ hidden], full-attention decoder
+    layers, (1+w) norms; it shares the embedding and lm_head, so it has none of its own."""
+    H, I = t["hidden_size"], t["intermediate_size"]
+    layers = t.get("mtp_num_hidden_layers", 0)
+    if not layers:
+        return
+    yield "mtp.fc.weight", (H, 2 * H), MATRIX
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        yield f"mtp.{norm}.weight", (H,), SHIFTED_NORM
+    for i in range(layers):
+        layer = f"mtp.layers.{i}."
+        yield layer + "input_layernorm.weight", (H,), SHIFTED_NORM
+        yield layer + "post_attention_layernorm.weight", (H,), SHIFTED_NORM
+        yield from _attention_specs(layer + "self_attn.", t)
+        yield layer + "mlp.gate_proj.weight", (I, H), MATRIX
+        yield layer + "mlp.up_proj.weight", (I, H), MATRIX
+        yield layer + "mlp.down_proj.weight", (H, I), MATRIX
 
 
 def _vision_specs(v: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
@@ -231,7 +261,7 @@ def _write_weights(config: dict, directory: Path, seed: int) -> None:
 def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
                             num_layers: int | None = None, dtype: str = "bfloat16",
                             seed: int = 0, overrides: dict | None = None,
-                            vision: bool = True) -> Path:
+                            vision: bool = True, mtp: bool = True) -> Path:
     """Write a random-weight checkpoint of a Qwen3.5 size in the released layout.
 
     Args:
@@ -244,6 +274,7 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
         overrides: config.json overrides, e.g. {"text_config": {"hidden_size": 64, ...}}
             for tiny test models.
         vision: also write the vision tower and its vision_config (the text bench ignores it).
+        mtp: also write the MTP head (`mtp.*`, ARCHITECTURE.md §6), as every release has.
 
     Returns:
         The checkpoint directory.
@@ -252,7 +283,7 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ValueError(f"{directory} exists and is not an empty folder; choose a new "
                          "--out folder or delete it first")
-    config = config_json(size, num_layers, dtype, overrides, vision)
+    config = config_json(size, num_layers, dtype, overrides, vision, mtp)
     directory.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:

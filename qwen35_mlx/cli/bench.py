@@ -1,4 +1,5 @@
-"""Benchmarks: speed and memory against mlx-lm, and random-weight checkpoints to run them on."""
+"""Benchmarks against mlx-lm (generation speed and memory, conversion), and random-weight
+checkpoints to run them on."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable, Iterable
 import mlx.core as mx
 import numpy as np
 
+from ..bench import convert as convert_bench
 from ..bench.random_checkpoint import DTYPES, SIZES, SPECIAL_TOKENS, write_random_checkpoint
 from ..generate import stream_generate
 from ..loading import load
@@ -45,16 +47,37 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     make.add_argument("--no-vision", dest="vision", action="store_false",
                       help="leave out the vision tower")
+    make.add_argument("--no-mtp", dest="mtp", action="store_false",
+                      help="leave out the MTP head (mtp.*)")
+    conv = commands.add_parser(
+        "convert", help="conversion time, memory, size and logit error, qwen35_mlx vs mlx-lm",
+        description="Converts one checkpoint with qwen35_mlx.convert (hybrid and uniform "
+                    "recipes) and mlx_lm.convert at each bit width, plus a bfloat16 float "
+                    "conversion by each, every conversion in its own process; then compares "
+                    "each output's logits with the source's.")
+    conv.add_argument("--hf-path", required=True, help="local Hugging Face checkpoint folder")
+    conv.add_argument("--bits", type=int, nargs="+", choices=(4, 6, 8), default=[4, 6, 8],
+                      help="bit widths to quantize at")
+    conv.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64,
+                      help="quantization group size")
+    conv.add_argument("--out-dir", help="keep the outputs in this new folder (default: a "
+                                        "temporary folder, deleted at the end)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.bench_command == "make-checkpoint":
         start = time.perf_counter()
         out = write_random_checkpoint(args.out, size=args.size, num_layers=args.num_layers,
-                                      dtype=args.dtype, seed=args.seed, vision=args.vision)
+                                      dtype=args.dtype, seed=args.seed, vision=args.vision,
+                                      mtp=args.mtp)
         size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
         print(f"wrote {out} ({size:.2f} GB) in {time.perf_counter() - start:.1f} s")
         return 0
+    if args.bench_command == "convert":
+        outcomes, baseline = convert_bench.bench_convert(args.hf_path, args.bits,
+                                                         args.group_size, args.out_dir)
+        convert_bench.print_table(outcomes, baseline, args.hf_path, args.group_size)
+        return convert_bench.failed(outcomes)
     return bench_generate(args)
 
 
