@@ -192,8 +192,9 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
         nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
                     mode=quantization.get("mode", "affine"), class_predicate=quantized)
     _check_weights(model, weights, origin, directory)
-    model.load_weights(list(_cast(weights, _dtype(dtype, config)).items()), strict=True)
-    model.set_pending_weights(_cast(pending, _dtype(dtype, config)))
+    target_dtype = _dtype(dtype, config)
+    model.load_weights(list(_cast(weights, target_dtype).items()), strict=True)
+    model.set_pending_weights(_cast(pending, target_dtype))
     mx.eval(model.parameters())
     return model
 

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..bench import convert as convert_bench
+from ..bench.convert import progress
 from ..bench.random_checkpoint import DTYPES, SIZES, SPECIAL_TOKENS, write_random_checkpoint
 from ..generate import stream_generate
 from ..loading import load
@@ -169,10 +170,6 @@ def measure(name: str, path: str, warmup: list[int], prompts: list[list[int]],
     gc.collect()
     mx.clear_cache()
     return Result(name, load_s, weights_gb, runs)
-
-
-def progress(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def bench_generate(args: argparse.Namespace) -> int:

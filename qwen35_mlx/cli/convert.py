@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..convert import convert
+from ..loading import DTYPES
 from ..models.model import QUANT_RECIPES
 
 
@@ -16,7 +17,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--q-group-size", type=int, default=64, help="group size: 32, 64 or 128")
     parser.add_argument("--recipe", choices=QUANT_RECIPES, default="hybrid",
                         help="hybrid: architecture-aware (default); uniform: every matrix alike")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="dtype of the float weights (default: the source's)")
     parser.add_argument("--quantize-vision", action="store_true",
                         help="also quantize the vision tower (kept float by default)")

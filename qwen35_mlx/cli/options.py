@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..loading import DTYPES
+
 # stream_generate keyword arguments, each set by the flag of the same name (--max-tokens, ...)
 GENERATION_KWARGS = ("enable_thinking", "max_tokens", "temp", "top_p", "top_k", "min_p",
                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
@@ -13,7 +15,7 @@ GENERATION_KWARGS = ("enable_thinking", "max_tokens", "temp", "top_p", "top_k", 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="checkpoint directory or Hugging Face repo id (load's path_or_repo)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="weight dtype (default: the checkpoint's)")
 
 
