@@ -14,6 +14,7 @@ import torch
 from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration,
                           Qwen3_5TextConfig)
 
+from processor_files import write_processor_files
 from tokenizer_files import write_tokenizer_files
 
 ROPE = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
@@ -85,4 +86,6 @@ def write_checkpoint(spec: Spec, directory: Path) -> torch.nn.Module:
     kwargs = {"max_shard_size": spec.max_shard_size} if spec.max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     write_tokenizer_files(directory, thinking_by_default=spec.thinking_by_default)
+    if spec.layout == "conditional":
+        write_processor_files(directory)
     return model

@@ -4,7 +4,8 @@
 text path (ARCHITECTURE.md §1.2, §2.1): config.json with the real field values of a size,
 `model.language_model.*` tensors (A_log and the gated norm in float32 as the release stores
 them, the rest in the checkpoint dtype), the vision tower of §4 unless `vision=False`, the MTP
-head of §6 unless `mtp=False` (with both, the parameter count is the release's, §1.4), and a
+head of §6 unless `mtp=False` (with both, the parameter count is the release's, §1.4), the
+released preprocessor_config.json and video_preprocessor_config.json with the tower, and a
 byte-level BPE tokenizer whose vocabulary covers every id the model can emit, so that
 `qwen35_mlx.load`, `mlx_lm.load` and transformers (which ignore `mtp.*`) all accept the folder.
 
@@ -27,6 +28,8 @@ from safetensors import TensorSpec, serialize_file
 from tokenizers import (AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers,
                         processors)
 from tokenizers.models import BPE
+
+from ..processor import PROCESSOR_FILES
 
 LINEAR, FULL = "linear_attention", "full_attention"
 ROPE = {"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
@@ -290,6 +293,9 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_weights(config, partial, seed)
         write_tokenizer(partial)
+        if vision:
+            for name, content in PROCESSOR_FILES.items():
+                (partial / name).write_text(json.dumps(content, indent=2) + "\n")
         for file in partial.iterdir():  # mkdtemp and the serializer create owner-only modes
             file.chmod(0o644)
         partial.chmod(0o755)

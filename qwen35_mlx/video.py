@@ -1,0 +1,163 @@
+"""Video frame sources: video files (PyAV), animated images (GIF, WebP, APNG) and frame folders.
+
+Each source says how many frames it has, when each starts and how large they are, and decodes
+only the frames the processor samples (`Processor.video` in processor.py does the sampling).
+Video files are decoded with PyAV, the FFmpeg binding transformers also reads them with; it is
+the optional `video` extra, imported only when a video file is opened.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .processor import VisionInputError, existing_file, open_file, open_image
+
+VIDEO_EXTRA = 'pip install "qwen35-mlx[video]"'
+# Browsers play GIF frame delays of 0 or 10 ms at 100 ms; players treat them the same way.
+MIN_FRAME_MS, DEFAULT_FRAME_MS = 20, 100
+
+
+@dataclass(frozen=True)
+class Frames:
+    """A video's frames, not yet decoded."""
+
+    times: list[float]  # start of each frame, seconds
+    fps: float  # source frames per second (for a variable-rate GIF: frames / duration)
+    height: int
+    width: int
+    read: Callable[[Sequence[int]], Iterator[Image.Image]]  # decode frames at sorted indices
+
+
+def open_frames(source, *, source_fps: float | None, default_fps: float) -> Frames:
+    """The frames of a video file, an animated image or a directory of frame images.
+
+    Args:
+        source: a path.
+        source_fps: the source's frame rate, overriding a file's own (and a GIF's delays).
+        default_fps: the rate of a frames directory when `source_fps` is not given.
+
+    Raises:
+        VisionInputError: a missing path, an empty folder, a file without decodable frames, a
+            still image, or a video file without PyAV installed.
+    """
+    if source_fps is not None and not source_fps > 0:
+        raise VisionInputError(f"source_fps must be positive, got {source_fps}")
+    if not isinstance(source, (str, Path)):
+        raise VisionInputError(
+            f"cannot read a video from a {type(source).__name__}; pass the path of a video "
+            "file, an animated GIF or a directory of frame images")
+    path = existing_file(source)
+    if path.is_dir():
+        return _directory_frames(path, source_fps or default_fps)
+    image = open_file(path, path)
+    if image is None or image.format == "MPEG":  # PIL identifies MPEG-1 but cannot decode it
+        return _video_file_frames(path, source_fps)
+    if getattr(image, "n_frames", 1) < 2:
+        raise VisionInputError(f"{path} is a still image, not a video; pass it as an image")
+    return _animated_frames(path, image, source_fps)
+
+
+def _uniform(count: int, fps: float, height: int, width: int, read) -> Frames:
+    return Frames([index / fps for index in range(count)], fps, height, width, read)
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _directory_frames(directory: Path, fps: float) -> Frames:
+    """Image files of a folder in name order, numbers compared by value (frame2 < frame10)."""
+    extensions = Image.registered_extensions()
+    files = sorted((file for file in directory.iterdir() if file.is_file()
+                    and not file.name.startswith(".") and file.suffix.lower() in extensions),
+                   key=_natural_key)
+    if not files:
+        raise VisionInputError(
+            f"{directory} holds no image files (.png, .jpg, ...); put the video's frames "
+            "there, or pass a video file")
+    first = open_image(files[0])
+    size = first.size
+
+    def read(indices: Sequence[int]) -> Iterator[Image.Image]:
+        for index in indices:
+            frame = first if index == 0 else open_image(files[index])
+            if frame.size != size:
+                raise VisionInputError(
+                    f"{files[index]} is {frame.width}×{frame.height} but {files[0].name} is "
+                    f"{size[0]}×{size[1]}; the frames of a video must share one size")
+            yield frame
+
+    return _uniform(len(files), fps, first.height, first.width, read)
+
+
+def _animated_frames(path: Path, image: Image.Image, source_fps: float | None) -> Frames:
+    """Frames of a GIF, animated WebP or APNG; their delays are the clock."""
+    try:
+        delays = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            delay = image.info.get("duration") or 0
+            delays.append(delay if delay >= MIN_FRAME_MS else DEFAULT_FRAME_MS)
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise VisionInputError(f"{path} cannot be decoded ({error}); the file is truncated or "
+                               "corrupt, get a complete copy") from None
+
+    def read(indices: Sequence[int]) -> Iterator[Image.Image]:
+        for index in indices:
+            image.seek(index)
+            yield image.copy()
+
+    if source_fps is not None:
+        return _uniform(len(delays), source_fps, image.height, image.width, read)
+    times = [sum(delays[:index]) / 1000 for index in range(len(delays))]
+    return Frames(times, len(delays) / (sum(delays) / 1000), image.height, image.width, read)
+
+
+def _video_file_frames(path: Path, source_fps: float | None) -> Frames:
+    try:
+        import av
+    except ImportError:
+        raise VisionInputError(
+            f"{path}: reading video files needs PyAV; install it with {VIDEO_EXTRA}, or pass "
+            "a directory of frames or an animated GIF") from None
+    undecodable = (f"{path} has no decodable video frames: it is not a video file or it is "
+                   "empty or corrupt; check that a player opens it, or re-encode it")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VisionInputError(f"{path} has no video stream; pass a video file")
+            stream = container.streams.video[0]
+            rate = source_fps or stream.average_rate or stream.guessed_rate
+            # the header's count, as transformers uses; counted by decoding where it is absent
+            count = stream.frames or sum(1 for _ in container.decode(stream))
+            height, width = stream.codec_context.height, stream.codec_context.width
+    except av.FFmpegError:
+        raise VisionInputError(undecodable) from None
+    if not count:
+        raise VisionInputError(undecodable)
+    if not rate:
+        raise VisionInputError(f"{path} does not state its frame rate; pass source_fps")
+
+    def read(indices: Sequence[int]) -> Iterator[Image.Image]:
+        wanted = iter(indices)
+        target = next(wanted, None)
+        try:
+            with av.open(str(path)) as container:
+                for index, frame in enumerate(container.decode(video=0)):
+                    while index == target:  # an index may repeat when frames are few
+                        yield frame.to_image()
+                        target = next(wanted, None)
+                    if target is None:
+                        return
+        except av.FFmpegError as error:
+            raise VisionInputError(f"{path} stops decoding ({error}); re-encode it") from None
+        raise VisionInputError(
+            f"{path} says it has {count} frames but fewer decode; re-encode it (e.g. "
+            f"`ffmpeg -i {path.name} fixed.mp4`) or pass source frames as a directory")
+
+    return _uniform(count, float(rate), height, width, read)
