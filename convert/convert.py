@@ -128,7 +128,7 @@ def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: boo
               mtp: bool) -> dict:
     """Quantizes in place; returns the config's `quantization` block (per-layer overrides
     for every layer whose settings differ from the top level, which mlx-vlm needs)."""
-    decide = Model.quant_predicate(recipe, bits, group_size)
+    decide = Model.quant_predicate(recipe, bits, group_size, vision=vision)
     overrides = {}
 
     def predicate(path: str, module) -> bool | dict:
@@ -139,16 +139,15 @@ def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: boo
         return decision
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    prefixes = tuple(p for p, chosen in (("vision_tower.", vision), ("mtp.", mtp)) if chosen)
+    prefixes = ("mtp.",) if mtp else ()
     model.set_pending_weights(_quantize_pending(model.pending_weights, prefixes, bits,
                                                 group_size))
     return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
 
 
 def _pending_matrix(name: str, value: mx.array, group_size: int) -> bool:
-    # projection matrices only: not the vision position table (read as a grid), not norms
-    return (name.endswith(".weight") and value.ndim == 2 and "pos_embed" not in name
-            and value.shape[-1] % group_size == 0)
+    # projection matrices only, not norms
+    return name.endswith(".weight") and value.ndim == 2 and value.shape[-1] % group_size == 0
 
 
 def _quantize_pending(pending, prefixes: tuple[str, ...], bits: int, group_size: int) -> dict:
@@ -165,7 +164,7 @@ def _quantize_pending(pending, prefixes: tuple[str, ...], bits: int, group_size:
 
 
 def _dequantize_pending(pending, quantization: dict) -> dict:
-    """Float weights back for quantized vision/MTP matrices, with the config's settings."""
+    """Float weights back for quantized MTP matrices, with the config's settings."""
     out = {k: v for k, v in pending.items() if not k.endswith((".scales", ".biases"))}
     for name in [k for k in out if f"{k[:-len('.weight')]}.scales" in pending]:
         base = name[:-len(".weight")]

@@ -9,8 +9,10 @@ turned into run-time form once, in `hf_to_mlx`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,12 +20,14 @@ from mlx.utils import tree_flatten
 
 from .models.config import ConfigError, ModelConfig
 from .models.model import Model
+from .processor import Processor
 from .tokenizer import Tokenizer
 
 MLX_FORMAT = {"format": "mlx"}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]
-# Tensors of later stages (run-time names, mlx-vlm's layout): kept, not loaded into the decoder.
-PENDING_PREFIXES = ("vision_tower.", "mtp.")
+# Tensors of a later stage (the MTP head): kept, not loaded into the model.
+PENDING_PREFIXES = ("mtp.",)
+VISION_PREFIX = "vision_tower."
 # (1+w) RMSNorm weights (transformers stores w), the MTP head's included; the gated norm
 # `linear_attn.norm` (plain w) and the vision tower's LayerNorms are not among them.
 SHIFTED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight",
@@ -36,7 +40,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, with the file at fault and what to do."""
 
 
-def load(path_or_repo: str | Path, *, dtype: str | None = None, revision: str | None = None):
+def load(path_or_repo: str | Path, *, dtype: str | None = None, revision: str | None = None,
+         processor_options: Mapping | None = None):
     """Load a Qwen3.5 model and its tokenizer.
 
     Args:
@@ -44,12 +49,19 @@ def load(path_or_repo: str | Path, *, dtype: str | None = None, revision: str | 
             Hugging Face repo id such as "Qwen/Qwen3.5-0.8B".
         dtype: "float32", "bfloat16" or "float16" for the weights; default: the checkpoint's.
         revision: hub revision when a repo id is given.
+        processor_options: settings of the image/video processor over the checkpoint's, e.g.
+            {"max_pixels": 1024 * 1024} (at most 1024 tokens per image) or {"fps": 1}; see
+            `qwen35_mlx.processor.Processor`.
 
     Returns:
-        (model, tokenizer)
+        (model, tokenizer). For a checkpoint with a vision tower, `tokenizer.processor` is its
+        image and video processor (as a Hugging Face processor wraps the tokenizer).
     """
     directory = resolve(path_or_repo, revision)
-    return load_model(directory, dtype=dtype), Tokenizer.from_pretrained(directory)
+    model, tokenizer = load_model(directory, dtype=dtype), Tokenizer.from_pretrained(directory)
+    if model.vision_tower is not None:
+        tokenizer.processor = Processor.from_pretrained(directory, **(processor_options or {}))
+    return model, tokenizer
 
 
 def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
@@ -178,6 +190,10 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
         weights = {new: hf_to_mlx(new, weights[old]) for old, new in renamed.items() if new}
         origin = {new: origin[old] for old, new in renamed.items() if new}
     pending = {k: weights.pop(k) for k in list(weights) if k.startswith(PENDING_PREFIXES)}
+    if config.vision is not None and not any(k.startswith(VISION_PREFIX) for k in weights):
+        # a text-only conversion of a multimodal checkpoint (mlx-lm drops the vision weights
+        # and keeps vision_config): load the text model
+        config = dataclasses.replace(config, vision=None)
 
     model = Model(config)
     quantization = config.raw.get("quantization")

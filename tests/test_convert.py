@@ -77,7 +77,8 @@ def tree(root: Path) -> tuple[dict[str, str], list[str]]:
 
 def matrices(directory: Path) -> list[str]:
     """Paths of the text model's Linear and Embedding modules, read from a float checkpoint."""
-    return [path for path, module in load_model(directory).named_modules()
+    return ["language_model." + path
+            for path, module in load_model(directory).language_model.named_modules()
             if isinstance(module, (nn.Linear, nn.Embedding))]
 
 
@@ -196,7 +197,8 @@ def test_norms_a_log_and_conv_never_quantized(converted, recipe):
     for name in kept:
         base = name[:-len(".weight")] if name.endswith(".weight") else name
         assert f"{base}.scales" not in weights, name
-        float32 = name.endswith(("norm.weight", "A_log"))  # Model.cast_predicate
+        # Model.cast_predicate: the vision tower's LayerNorms follow the dtype
+        float32 = name.endswith(("norm.weight", "A_log")) and not name.startswith("vision_tower.")
         assert weights[name].dtype == (mx.float32 if float32 else mx.bfloat16), name
 
 
@@ -319,7 +321,10 @@ def mtp_source(make_checkpoint, tmp_path_factory):
                                          (True, True)],
                          ids=["default", "vision", "mtp", "vision+mtp"])
 def test_vision_and_mtp_quantized_only_when_asked(converted, mtp_source, vision, mtp):
-    expected = load_model(mtp_source).pending_weights  # run-time layout, float
+    model = load_model(mtp_source)
+    expected = {k: v for k, v in {**dict(tree_flatten(model.parameters())),
+                                  **model.pending_weights}.items()
+                if k.startswith(("vision_tower.", "mtp."))}  # run-time layout, float
     assert {n for n in expected if n.startswith("mtp.")} == set(MTP_SHAPES)
     weights = tensors(converted(mtp_source, **quantized(8, quantize_vision=vision,
                                                         quantize_mtp=mtp)))

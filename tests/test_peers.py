@@ -1,7 +1,7 @@
 """Converted checkpoints in the peer runtimes: mlx-vlm (its qwen3_5 model: text, vision tower,
 and the MTP drafter it builds from the same folder) and mlx-lm (the text part) load what
-`qwen35_mlx.convert` writes, float or quantized, with the same tensors and the same logits as
-`qwen35_mlx.loading.load_model`.
+`qwen35_mlx.convert` writes, float or quantized, with the same tensors, the same logits and
+the same vision features as `qwen35_mlx.loading.load_model`.
 
 mlx-vlm is driven through `mlx_vlm.utils.load_model`, not `mlx_vlm.load`: the latter also builds
 a streaming detokenizer that needs contiguous vocabulary ids, which the tiny test tokenizer
@@ -110,7 +110,7 @@ def assert_same_tensors(theirs: dict, ours: dict) -> None:
 
 def assert_same_quantization(peer: nn.Module, ours: nn.Module, recipe: str) -> None:
     """The peer quantized exactly our layers, the per-layer 8-bit overrides included."""
-    mine = quantized_layers(ours)
+    mine = quantized_layers(ours, "language_model.")
     assert quantized_layers(peer, "language_model.") == mine
     if recipe == "float":
         assert not mine
@@ -127,9 +127,8 @@ def test_mlx_vlm_loads_conversion(source, converted, name, recipe):
     out, ours = converted(name, recipe)
     peer = mlx_vlm.utils.load_model(out)
     # every tensor as we hold it: no second norm shift or conv transpose, vision included
-    expected = {**dict(tree_flatten(ours.parameters())),
-                **{k: v for k, v in ours.pending_weights.items() if k.startswith("vision_tower.")}}
-    assert_same_tensors(dict(tree_flatten(peer.parameters())), expected)
+    assert_same_tensors(dict(tree_flatten(peer.parameters())),
+                        dict(tree_flatten(ours.parameters())))
     assert_same_quantization(peer, ours, recipe)
     if recipe.endswith("vision-mtp"):
         assert set(quantized_layers(peer, "vision_tower.").values()) == {(4, 32, "affine")}
@@ -147,24 +146,30 @@ def test_mlx_vlm_loads_conversion(source, converted, name, recipe):
 def test_mlx_lm_loads_conversion(converted, name, recipe):
     out, ours = converted(name, recipe)
     peer, _ = mlx_lm.load(str(out))
+    text = dict(tree_flatten(ours.parameters()))
     assert_same_tensors(dict(tree_flatten(peer.parameters())),
-                        dict(tree_flatten(ours.parameters())))
+                        {k: v for k, v in text.items() if k.startswith("language_model.")})
     assert_same_quantization(peer, ours, recipe)
     logits = np.array(peer(mx.array(IDS)))
     assert relative_error(logits, np.array(ours(mx.array(IDS)))) <= 1e-5
 
 
-def test_mlx_vlm_vision_tower_matches_transformers(source, converted):
-    out, _ = converted("untied", "float")
+@pytest.mark.parametrize("recipe", ["float", "q4-vision-mtp"])
+def test_vision_tower_matches_mlx_vlm_and_transformers(source, converted, recipe):
+    out, ours = converted("untied", recipe)
     _, reference, _ = source("untied")
     peer = mlx_vlm.utils.load_model(out)
     # [patches, C * T * P * P] as the Qwen image processor flattens them
     pixels = np.random.default_rng(1).standard_normal((16, 3 * 2 * 16 * 16)).astype(np.float32)
     features, _ = peer.vision_tower(mx.array(pixels), mx.array(GRID))
-    with torch.no_grad():
-        expected = reference.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(GRID))
-    assert features.shape == (4, 64)
-    assert relative_error(np.array(features), expected.pooler_output.numpy()) <= 1e-4
+    our_features = ours.encode_vision(mx.array(pixels), GRID)
+    assert features.shape == our_features.shape == (4, 64)
+    assert relative_error(np.array(our_features), np.array(features)) <= 1e-5
+    if recipe == "float":
+        with torch.no_grad():
+            expected = reference.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(GRID))
+        assert relative_error(np.array(features), expected.pooler_output.numpy()) <= 1e-4
+        assert relative_error(np.array(our_features), expected.pooler_output.numpy()) <= 1e-4
 
 
 def drafter_tensors(directory: Path) -> tuple[dict, nn.Module]:
@@ -210,6 +215,6 @@ def test_mlx_vlm_conversion_loads_in_ours(source, tmp_path):
     with torch.no_grad():
         expected = reference(torch.tensor(IDS)).logits.numpy()
     assert relative_error(np.array(ours(mx.array(IDS))), expected) <= 1e-4
-    vision = {k: v for k, v in ours.pending_weights.items() if k.startswith("vision_tower.")}
-    assert vision["vision_tower.patch_embed.proj.weight"].shape[-1] == 3  # channels-last, once
+    vision = dict(tree_flatten(ours.vision_tower.parameters()))
+    assert vision["patch_embed.proj.weight"].shape[-1] == 3  # channels-last, once
     assert len(vision) == len(reference.model.visual.state_dict())

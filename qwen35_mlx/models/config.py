@@ -9,6 +9,7 @@ Unknown keys are an error that names them: a field we do not read may change the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,12 @@ _TOP_UNUSED = frozenset({
     "initializer_range", "language_model_only",
     "generation_config",  # mlx-vlm's converter copies generation_config.json in here
 })
+_VISION_UNUSED = frozenset({
+    "model_type", "initializer_range", "transformers_version", "dtype", "torch_dtype",
+    "_name_or_path", "architectures",
+    "deepstack_visual_indexes",  # checked to be empty in _vision_config: Qwen3.5 has no DeepStack
+})
+_VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 _ROPE_TYPES = ("default", "yarn")
 _ROPE_KEYS = frozenset({
     "rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section",
@@ -126,14 +133,65 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower (ARCHITECTURE.md §1.3, §4)."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    num_position_embeddings: int = 2304
+    hidden_act: str = "gelu_pytorch_tanh"  # the blocks' MLP; the merger's GELU is always exact
+    rope_theta: float = 10_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch (C, Tp, P, P) as the processor writes it."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def grid_side(self) -> int:
+        """Side of the square learned position grid."""
+        return math.isqrt(self.num_position_embeddings)
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"config.json vision_config: {message}")
+
+        for name in ("patch_size", "temporal_patch_size", "spatial_merge_size"):
+            check(isinstance(getattr(self, name), int),
+                  f"{name} must be a single integer, got {getattr(self, name)!r}")
+        check(self.hidden_size % self.num_heads == 0,
+              "hidden_size must be a multiple of num_heads")
+        check(self.head_dim % 4 == 0, f"head dim {self.head_dim} must be a multiple of 4 "
+              "(the 2-D rotary splits it into row and column halves of rotate-half pairs)")
+        check(self.grid_side**2 == self.num_position_embeddings,
+              f"num_position_embeddings {self.num_position_embeddings} must be a square "
+              "(the learned positions form a square grid)")
+        check(self.hidden_act in _VISION_ACTIVATIONS,
+              f"hidden_act {self.hidden_act!r} is not supported; use one of "
+              f"{_VISION_ACTIVATIONS}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The whole checkpoint config: the text decoder plus what later stages read raw."""
+    """The whole checkpoint config: the text decoder, the vision tower, the token ids."""
 
     model_type: str
     text: TextConfig
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...] = ()
-    vision: dict[str, Any] | None = None  # kept verbatim for the vision tower
+    vision: VisionConfig | None = None  # None: a text-only checkpoint
     token_ids: dict[str, int] = dataclasses.field(default_factory=dict)
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -161,8 +219,13 @@ class ModelConfig:
         token_ids = {k: config[k] for k in ("image_token_id", "video_token_id",
                                             "vision_start_token_id", "vision_end_token_id")
                      if k in config}
+        vision = _vision_config(config.get("vision_config"))
+        if vision is not None and vision.out_hidden_size != text.hidden_size:
+            raise ConfigError(
+                f"config.json: vision_config.out_hidden_size {vision.out_hidden_size} must equal "
+                f"the text hidden_size {text.hidden_size} (features replace token embeddings)")
         return cls(model_type=model_type, text=text, tie_word_embeddings=tie,
-                   eos_token_ids=eos_ids, vision=config.get("vision_config"),
+                   eos_token_ids=eos_ids, vision=vision,
                    token_ids=token_ids, raw=config)
 
 
@@ -197,6 +260,33 @@ def _text_config(fields: dict[str, Any], where: str) -> TextConfig:
         layer_types = [FULL if (i + 1) % interval == 0 else LINEAR
                        for i in range(fields["num_hidden_layers"])]
     config = TextConfig(layer_types=tuple(layer_types), rope=_rope_parameters(fields), **values)
+    config.validate()
+    return config
+
+
+def _vision_config(fields: dict[str, Any] | None) -> VisionConfig | None:
+    if fields is None:
+        return None
+    if not isinstance(fields, dict):
+        raise ConfigError("config.json: vision_config must be an object")
+    names = {f.name for f in dataclasses.fields(VisionConfig)} - {"rope_theta"}
+    _reject_unknown(fields, frozenset(names) | _VISION_UNUSED | {"rope_parameters"},
+                    " vision_config")
+    if fields.get("deepstack_visual_indexes"):
+        raise ConfigError("config.json vision_config: deepstack_visual_indexes "
+                          f"{fields['deepstack_visual_indexes']} is not supported (Qwen3.5 has "
+                          "no DeepStack); this checkpoint is not a Qwen3.5 model")
+    required = ["depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size"]
+    missing = [k for k in required if k not in fields]
+    if missing:
+        raise ConfigError(f"config.json: missing required vision_config field(s) {missing}")
+    rope = dict(fields.get("rope_parameters") or {})
+    unknown = sorted(set(rope) - {"rope_type", "rope_theta"})
+    if unknown or rope.get("rope_type", "axial") != "axial":
+        raise ConfigError(f"config.json vision_config: rope_parameters {rope} not supported; "
+                          "Qwen3.5's vision tower uses {rope_type: axial, rope_theta}")
+    values = {k: fields[k] for k in names if k in fields}
+    config = VisionConfig(rope_theta=float(rope.get("rope_theta", 10_000.0)), **values)
     config.validate()
     return config
 

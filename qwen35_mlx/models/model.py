@@ -1,5 +1,10 @@
-"""The whole Qwen3.5 model as users load it: today the text decoder; the vision tower and the
-MTP head join it in later stages, their tensors held meanwhile in `pending_weights`."""
+"""The whole Qwen3.5 model as users load it: the text decoder and, for multimodal checkpoints,
+the vision tower. MTP tensors are held in `pending_weights` until the MTP head joins.
+
+A prompt with images or videos runs as: `encode_vision` (pixels -> features), `embed_inputs`
+(features scattered at the placeholder tokens), `position_ids` (M-RoPE), then `__call__`
+with `input_embeddings` and `position_ids`; decoding continues with `rope_delta`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ from typing import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .config import ModelConfig
+from .positions import rope_index
 from .text import LanguageModel
+from .vision import VisionModel
 
 
 QUANT_RECIPES = ("hybrid", "uniform")
@@ -21,14 +29,73 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.language_model = LanguageModel(config.text, config.tie_word_embeddings)
+        self.vision_tower = None if config.vision is None else VisionModel(config.vision)
         self.set_pending_weights({})
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        """inputs [B, T] token ids -> logits [B, T, vocab]."""
-        return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
+                 rope_delta: int | mx.array = 0) -> mx.array:
+        """Logits [B, T, vocab].
+
+        Args:
+            inputs: [B, T] token ids (ignored where `input_embeddings` [B, T, H] is given).
+            cache: from `make_cache()`, updated in place.
+            position_ids: [3, B, T] M-RoPE positions (from `position_ids()`, sliced along T
+                for a prefill chunk). None: cache offset + rope_delta + t on all three rows,
+                as for text and for decoding after a multimodal prompt.
+            rope_delta: int or [B], from `position_ids()`; 0 for text-only prompts.
+        """
+        return self.language_model(inputs, cache, input_embeddings, position_ids, rope_delta)
+
+    def encode_vision(self, pixel_values: mx.array, grid_thw) -> mx.array:
+        """Vision features [N_features, H] for the patches of images or videos.
+
+        Args:
+            pixel_values: [N_patches, C*Tp*P*P] from the image or video processor.
+            grid_thw: [n, 3] (t, h, w) in patches per image / video.
+        """
+        if self.vision_tower is None:
+            raise ValueError("this checkpoint has no vision tower (a text-only model); load a "
+                             "Qwen3.5 checkpoint with its vision weights to pass images or videos")
+        return self.vision_tower(pixel_values, grid_thw)
+
+    def embed_inputs(self, input_ids: mx.array, image_features: mx.array | None = None,
+                     video_features: mx.array | None = None) -> mx.array:
+        """Token embeddings [B, T, H] with vision features at the placeholder tokens, in order
+        (row by row over the batch)."""
+        embeddings = self.language_model.model.embed_tokens(input_ids)
+        B, T, H = embeddings.shape
+        flat = embeddings.reshape(B * T, H)
+        ids = np.asarray(input_ids).reshape(-1)
+        for kind, features in (("image", image_features), ("video", video_features)):
+            token = self.config.token_ids.get(f"{kind}_token_id")
+            places = np.flatnonzero(ids == token) if token is not None else np.zeros(0, int)
+            count = 0 if features is None else features.shape[0]
+            if len(places) != count:
+                raise ValueError(
+                    f"input_ids has {len(places)} {kind} placeholder tokens but {count} {kind} "
+                    "features were given; each image/video needs exactly as many placeholders as "
+                    "its features (grid t*h*w / merge**2): build the prompt with the processor")
+            if count:
+                flat[mx.array(places)] = features.astype(flat.dtype)
+        return flat.reshape(B, T, H)
+
+    def position_ids(self, input_ids: mx.array, image_grid_thw=None,
+                     video_grid_thw=None) -> tuple[mx.array, mx.array | int]:
+        """(position_ids [3, B, T], rope_delta [B]) of a prompt; rope_delta is 0 and the
+        positions plain 0..T-1 when there are no grids."""
+        if image_grid_thw is None and video_grid_thw is None:
+            B, T = input_ids.shape
+            return mx.broadcast_to(mx.arange(T, dtype=mx.int32), (3, B, T)), 0
+        if self.config.vision is None:
+            raise ValueError("image/video grids given to a text-only model (no vision tower)")
+        ids = self.config.token_ids
+        return rope_index(input_ids, image_grid_thw, video_grid_thw,
+                          image_token_id=ids["image_token_id"],
+                          video_token_id=ids["video_token_id"],
+                          spatial_merge_size=self.config.vision.spatial_merge_size)
 
     def set_pending_weights(self, weights: Mapping[str, mx.array]) -> None:
-        """Vision and MTP tensors, unused by the text path but kept (not silently dropped) so
+        """MTP tensors, unused until the MTP head joins but kept (not silently dropped) so
         that conversion writes them out. Held read-only: nn.Module would take a dict for
         parameters."""
         self.pending_weights: Mapping[str, mx.array] = MappingProxyType(dict(weights))
@@ -41,7 +108,8 @@ class Model(nn.Module):
         return self.language_model.make_cache()
 
     @staticmethod
-    def quant_predicate(recipe: str, bits: int, group_size: int) -> Callable:
+    def quant_predicate(recipe: str, bits: int, group_size: int, *,
+                        vision: bool = False) -> Callable:
         """Decides per module, for `nn.quantize`: False keeps it float, True quantizes it at
         `bits`, a dict overrides the bits (written per layer into the config).
 
@@ -49,7 +117,9 @@ class Model(nn.Module):
         projections `in_proj_a`/`in_proj_b` stay float ([Hv, H]: tiny, and they set decay and
         update rates), `linear_attn.out_proj` (the most quantization-sensitive tensor in
         published per-tensor studies of the 9B) gets 8 bits, the rest `bits`. Norms, A_log,
-        dt_bias and conv1d are not matrices and are never quantized.
+        dt_bias and conv1d are not matrices and are never quantized. The vision tower's
+        matrices stay float unless `vision`, then at `bits`; its learned position table
+        (read as a grid and resampled) and its patch embedding (Conv3d) never.
         """
         if recipe not in QUANT_RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; choose one of {QUANT_RECIPES}")
@@ -57,6 +127,8 @@ class Model(nn.Module):
         def predicate(path: str, module) -> bool | dict:
             if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
                 return False  # input dims must split into whole groups
+            if path.startswith("vision_tower."):
+                return vision and not path.endswith("pos_embed")
             if recipe == "uniform":
                 return True
             if path.endswith(("linear_attn.in_proj_a", "linear_attn.in_proj_b")):
@@ -69,5 +141,8 @@ class Model(nn.Module):
 
     @staticmethod
     def cast_predicate(name: str) -> bool:
-        """Whether a weight follows the model dtype; norms and A_log stay float32."""
+        """Whether a weight follows the model dtype; the decoder's norms and A_log stay
+        float32 (the vision tower's LayerNorms hold plain weights and follow the dtype)."""
+        if name.startswith("vision_tower."):
+            return True
         return not (name.endswith("norm.weight") or name.endswith("A_log"))

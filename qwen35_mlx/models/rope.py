@@ -1,7 +1,9 @@
-"""Partial rotary embedding of the full-attention layers (default and YaRN).
+"""Partial rotary embedding of the full-attention layers (default and YaRN), interleaved M-RoPE.
 
-For text-only positions (T = H = W) Qwen3.5's interleaved M-RoPE is exactly 1-D RoPE on the
-first `rotary_dim` dims with rotate-half pairs (i, i + rotary_dim/2); ARCHITECTURE.md §3.
+Positions have three rows (T, H, W); rotary frequency i takes its position from H when
+i % 3 == 1 and i < 3 * mrope_section[1], from W when i % 3 == 2 and i < 3 * mrope_section[2],
+else from T (ARCHITECTURE.md §3). For text positions (T = H = W) this is exactly 1-D RoPE on
+the first `rotary_dim` dims with rotate-half pairs (i, i + rotary_dim/2): the fast path.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from .config import TextConfig
 
@@ -45,19 +48,52 @@ def _yarn(inv_freq: mx.array, dim: int, config: TextConfig) -> tuple[mx.array, f
     return blended, float(scale)
 
 
+def rotate_half(x: mx.array) -> mx.array:
+    """[a, b] -> [-b, a] over the last axis: pairs (i, i + d/2) rotate together."""
+    first, second = mx.split(x, 2, axis=-1)
+    return mx.concatenate([-second, first], axis=-1)
+
+
+def mrope_axes(mrope_section: tuple[int, ...], frequencies: int) -> np.ndarray:
+    """Which position row (0 T, 1 H, 2 W) drives each rotary frequency: THWTHW...TT."""
+    i = np.arange(frequencies)
+    axes = np.zeros(frequencies, dtype=np.int32)
+    axes[(i % 3 == 1) & (i < 3 * mrope_section[1])] = 1
+    axes[(i % 3 == 2) & (i < 3 * mrope_section[2])] = 2
+    return axes
+
+
 class Rotary:
-    """Applies the rotary embedding to [B, heads, T, head_dim] at a position offset."""
+    """Applies the rotary embedding to [B, heads, T, head_dim]: at a position offset (text), or
+    at M-RoPE position ids [3, B, T] (prompts with images or videos)."""
 
     def __init__(self, config: TextConfig):
         inv_freq, self.scale = inverse_frequencies(config)
         self.dims = config.rotary_dim
+        self._inv_freq = inv_freq
         self._periods = 1.0 / inv_freq  # mx.fast.rope takes periods, not inverse frequencies
+        self._axes = mx.array(mrope_axes(config.rope.mrope_section, self.dims // 2))
         tail = config.head_dim - self.dims
         self._dim_scale = (None if self.scale == 1.0 else
                            mx.concatenate([mx.full((self.dims,), self.scale), mx.ones((tail,))]))
 
-    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array = 0,
+                 position_ids: mx.array | None = None) -> mx.array:
+        """offset: int or [B] (position of x's first token); position_ids [3, B, T] instead."""
+        if position_ids is not None:
+            return self._mrope(x, position_ids)
         if self._dim_scale is not None:
             x = x * self._dim_scale.astype(x.dtype)
         return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0,
                             offset=offset, freqs=self._periods)
+
+    def _mrope(self, x: mx.array, position_ids: mx.array) -> mx.array:
+        positions = position_ids[self._axes].astype(mx.float32)  # [rd/2, B, T], row per freq
+        angles = positions.transpose(1, 2, 0) * self._inv_freq  # [B, T, rd/2]
+        angles = mx.concatenate([angles, angles], axis=-1)[:, None]  # [B, 1, T, rd]
+        # the YaRN attention scale multiplies cos/sin, as transformers does
+        cos, sin = mx.cos(angles) * self.scale, mx.sin(angles) * self.scale
+        rotated, rest = x[..., :self.dims], x[..., self.dims:]
+        rotated = rotated.astype(mx.float32)
+        rotated = (rotated * cos + rotate_half(rotated) * sin).astype(x.dtype)
+        return mx.concatenate([rotated, rest], axis=-1)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from ..metal import gated_delta_update
+from ..metal import gated_delta_decode, gated_delta_update, use_fused_decode
 from .cache import make_cache
 from .config import FULL, LINEAR, TextConfig
 from .rope import Rotary
@@ -88,12 +88,15 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = mx.ones((self.Hv,))
         self.norm = GatedRMSNorm(self.Dv, config.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, H, bias=False)
+        self.decode_path = None  # "fused" / "plain" forces; None: fused for one token on Metal
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, T, _ = x.shape
         qkv = self.in_proj_qkv(x)  # [B, T, conv_dim]
         z = self.in_proj_z(x).reshape(B, T, self.Hv, self.Dv)
         b, a = self.in_proj_b(x), self.in_proj_a(x)  # [B, T, Hv]
+        if use_fused_decode(T, self.decode_path):
+            return self.out_proj(self.fused_decode(qkv, z, a, b, cache))
 
         conv_state = None if cache is None else cache[0]
         if conv_state is None:
@@ -114,6 +117,16 @@ class GatedDeltaNet(nn.Module):
         out = self.norm(out, z)  # [B, T, Hv, Dv]
         return self.out_proj(out.reshape(B, T, -1))
 
+    def fused_decode(self, qkv, z, a, b, cache) -> mx.array:
+        """The Metal decode step, conv to gated norm in one dispatch -> [B, 1, value_dim]."""
+        conv_state, state = (None, None) if cache is None else (cache[0], cache[1])
+        out, state, conv_state = gated_delta_decode(
+            qkv, z, a, b, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
+            self.norm.eps, conv_state, state, self.Hk)
+        if cache is not None:
+            cache[0], cache[1] = conv_state, state
+        return out
+
 
 class Attention(nn.Module):
     """Gated full attention: per-head interleaved [query | gate] rows in q_proj."""
@@ -131,7 +144,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.rope = Rotary(config)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask=None, cache=None, position_ids=None,
+                 rope_delta=0) -> mx.array:
+        """position_ids [3, B, T] (M-RoPE) or None: positions cache offset + rope_delta + t."""
         B, T, _ = x.shape
         q_gate = self.q_proj(x).reshape(B, T, self.n_heads, 2 * self.head_dim)
         q, gate = mx.split(q_gate, 2, axis=-1)  # each [B, T, nh, hd]
@@ -139,8 +154,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
 
-        offset = 0 if cache is None else cache.offset
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        offset = (0 if cache is None else cache.offset) + rope_delta
+        q, k = self.rope(q, offset, position_ids), self.rope(k, offset, position_ids)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(
@@ -161,12 +176,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask=None, cache=None, position_ids=None,
+                 rope_delta=0) -> mx.array:
         normed = self.input_layernorm(x)
         if self.is_linear:
             h = x + self.linear_attn(normed, cache)
         else:
-            h = x + self.self_attn(normed, mask, cache)
+            h = x + self.self_attn(normed, mask, cache, position_ids, rope_delta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -178,14 +194,15 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.first_full = config.layer_types.index(FULL) if FULL in config.layer_types else None
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
+                 rope_delta=0) -> mx.array:
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         cache = cache or [None] * len(self.layers)
         mask = None
         if self.first_full is not None:
             mask = create_attention_mask(h, cache[self.first_full])
         for layer, layer_cache in zip(self.layers, cache):
-            h = layer(h, mask, layer_cache)
+            h = layer(h, mask, layer_cache, position_ids, rope_delta)
         return self.norm(h)
 
 
@@ -200,8 +217,9 @@ class LanguageModel(nn.Module):
         if not tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        h = self.model(inputs, cache, input_embeddings)
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
+                 rope_delta=0) -> mx.array:
+        h = self.model(inputs, cache, input_embeddings, position_ids, rope_delta)
         if self.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
