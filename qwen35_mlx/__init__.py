@@ -3,10 +3,12 @@
     from qwen35_mlx import load, generate
     model, tokenizer = load("Qwen/Qwen3.5-0.8B")
     print(generate(model, tokenizer, [{"role": "user", "content": "Hi"}]).text)
+    print(generate(model, tokenizer, "What is in this picture?", images=["photo.jpg"]).text)
 """
 
 from .generate import Completion, GenerationResponse, generate, generate_step, stream_generate
 from .loading import load
+from .media import VisionCache
 
-__all__ = ["Completion", "GenerationResponse", "generate", "generate_step", "load",
-           "stream_generate"]
+__all__ = ["Completion", "GenerationResponse", "VisionCache", "generate", "generate_step",
+           "load", "stream_generate"]

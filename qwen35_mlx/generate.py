@@ -2,8 +2,8 @@
 
 `generate_step` turns a prompt into tokens (chunked prefill, then one token per step, with the
 next step queued before the current token is read, as mlx-lm does). `stream_generate` adds the
-tokenizer: chat templating, streaming text, reasoning vs answer, stop tokens, statistics.
-`generate` collects a whole completion.
+tokenizer: chat templating, images and videos (`media.py`), streaming text, reasoning vs answer,
+stop tokens, statistics. `generate` collects a whole completion.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from .media import (PromptInputs, VisionCache, as_list, attach_media, encode_prompt,
+                    media_sources)
 from .sampling import Penalties
 
-Prompt = str | Sequence[int] | Sequence[dict]
+Prompt = str | Sequence[int] | Sequence[dict] | PromptInputs
 LogitsProcessor = Callable[[list[int], mx.array], mx.array]
 THINK_END = "</think>"
 
@@ -35,6 +37,9 @@ def generate_step(
     sampler: Callable[[mx.array], mx.array] | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     prefill_step_size: int = 2048,
+    input_embeddings: mx.array | None = None,
+    position_ids: mx.array | None = None,
+    rope_delta: int = 0,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yields (token, log-probabilities [vocab]) for up to `max_tokens` new tokens.
 
@@ -44,6 +49,11 @@ def generate_step(
         sampler: log-probabilities [1, vocab] -> token [1]; greedy when None.
         logits_processors: f(generated tokens, logits [1, vocab]) -> logits.
         prefill_step_size: prompt tokens per forward pass during prefill (bounds memory).
+        input_embeddings: [1, T, H] the prompt's embeddings, vision features in place (instead
+            of looking up `prompt`'s).
+        position_ids: [3, 1, T] the prompt's M-RoPE positions, continuing the cache's.
+        rope_delta: decode positions are cache length + rope_delta (the sum of the multimodal
+            prompts' deltas in the cache; 0 for text).
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty; give at least one token")
@@ -54,9 +64,19 @@ def generate_step(
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     generated: list[int] = []
+    # vision keywords only when used: text generation calls the model as mlx-lm models are called
+    shift = {"rope_delta": rope_delta} if rope_delta else {}
 
-    def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
-        logits = model(tokens[None], cache=cache)[:, -1, :]
+    def prompt_slice(start: int, end: int) -> dict:
+        inputs = dict(shift)
+        if input_embeddings is not None:
+            inputs["input_embeddings"] = input_embeddings[:, start:end]
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[..., start:end]
+        return inputs
+
+    def step(tokens: mx.array, inputs: dict) -> tuple[mx.array, mx.array]:
+        logits = model(tokens[None], cache=cache, **inputs)[:, -1, :]
         for process in logits_processors:
             logits = process(generated, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -65,18 +85,19 @@ def generate_step(
     # Fill the cache with all but the last prompt token. Only the cache is evaluated, so the
     # lazy graph never computes these tokens' logits (the vocab-sized head is the costliest
     # matrix); the last token then goes through the model alone.
-    while prompt.size > 1:
-        chunk = min(prefill_step_size, prompt.size - 1)
-        model(prompt[:chunk][None], cache=cache)
+    start = 0
+    while prompt.size - start > 1:
+        end = min(start + prefill_step_size, prompt.size - 1)
+        model(prompt[start:end][None], cache=cache, **prompt_slice(start, end))
         mx.eval([c.state for c in cache])
-        prompt = prompt[chunk:]
+        start = end
 
-    token, logprobs = step(prompt)
+    token, logprobs = step(prompt[start:], prompt_slice(start, prompt.size))
     mx.async_eval(token, logprobs)
     for n in range(max_tokens):
         if n + 1 < max_tokens:  # queue the next step before reading this token
             generated.append(int(token.item()))
-            next_token, next_logprobs = step(token)
+            next_token, next_logprobs = step(token, shift)
             mx.async_eval(next_token, next_logprobs)
             yield generated[-1], logprobs
             token, logprobs = next_token, next_logprobs
@@ -120,11 +141,37 @@ def prompt_tokens(tokenizer, prompt: Prompt, enable_thinking: bool | None = None
     template (with a generation prompt), and ids pass through."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    if prompt and isinstance(prompt[0], dict):
-        text = tokenizer.apply_chat_template(
-            list(prompt), add_generation_prompt=True, enable_thinking=enable_thinking)
-        return tokenizer.encode(text)
+    if is_messages(prompt):
+        return tokenizer.encode(chat_text(tokenizer, prompt, enable_thinking))
     return [int(t) for t in prompt]
+
+
+def prepare_prompt(model, tokenizer, prompt: Prompt, *, images=None, videos=None,
+                   enable_thinking: bool | None = None,
+                   vision_cache: VisionCache | None = None) -> PromptInputs:
+    """Any prompt as model inputs; the images and videos of messages (and of `images=`,
+    `videos=`) go through the processor and the vision tower. See `stream_generate`."""
+    images, videos = as_list(images), as_list(videos)
+    if isinstance(prompt, PromptInputs):
+        if images or videos:
+            raise ValueError("the prompt is already prepared; put its images in it")
+        return prompt
+    if images or videos:
+        prompt = attach_media(prompt, images, videos)
+    if not is_messages(prompt):
+        return PromptInputs(prompt_tokens(tokenizer, prompt))
+    images, videos = media_sources(prompt)
+    return encode_prompt(model, tokenizer, chat_text(tokenizer, prompt, enable_thinking),
+                         images, videos, vision_cache=vision_cache)
+
+
+def is_messages(prompt: Prompt) -> bool:
+    return not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def chat_text(tokenizer, messages: Sequence[dict], enable_thinking: bool | None) -> str:
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
 
 
 def stream_generate(
@@ -132,6 +179,8 @@ def stream_generate(
     tokenizer,
     prompt: Prompt,
     *,
+    images=None,
+    videos=None,
     enable_thinking: bool | None = None,
     max_tokens: int = 256,
     temp: float = 0.0,
@@ -144,13 +193,20 @@ def stream_generate(
     seed: int | None = None,
     prefill_step_size: int = 2048,
     cache: list | None = None,
+    rope_delta: int = 0,
+    vision_cache: VisionCache | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion.
 
     Args:
         model, tokenizer: from `qwen35_mlx.load`.
         prompt: chat messages (OpenAI style, chat template applied), text (used as is) or
-            token ids.
+            token ids. Message content may be a list of items: {"type": "text", "text": ...},
+            {"type": "image", "image": path, PIL image or bytes}, {"type": "image_url",
+            "image_url": {"url": path or data: URL}}, {"type": "video", "video": path (a video
+            file, a directory of frames or an animated GIF)}.
+        images, videos: the simple form: put before the text of the (last) user message; a
+            text prompt then becomes a user message and goes through the chat template.
         enable_thinking: think before answering; None follows the chat template's default
             (off for 0.8B/2B, on for 4B/9B). Only used when `prompt` is messages.
         max_tokens: most tokens to generate.
@@ -160,13 +216,20 @@ def stream_generate(
         seed: seed MLX's random generator for reproducible sampling.
         prefill_step_size: prompt tokens per forward pass.
         cache: a cache to continue from (`model.make_cache()`); the prompt is what follows it.
+        rope_delta: when `cache` holds images or videos, the sum of their prompts'
+            `PromptInputs.rope_delta` (the M-RoPE position shift); `ChatSession` keeps it.
+        vision_cache: a `VisionCache` that keeps encoded images and videos between calls.
 
     Yields:
         GenerationResponse per token; the last one has `finish_reason` "stop" or "length".
     """
     if seed is not None:
         mx.random.seed(seed)
-    ids = prompt_tokens(tokenizer, prompt, enable_thinking)
+    mx.reset_peak_memory()
+    start = time.perf_counter()  # prompt time includes the vision tower
+    inputs = prepare_prompt(model, tokenizer, prompt, images=images, videos=videos,
+                            enable_thinking=enable_thinking, vision_cache=vision_cache)
+    ids = inputs.ids
     cache = model.make_cache() if cache is None else cache
     context = model.config.text.max_position_embeddings
     used = cache_offset(cache)
@@ -186,11 +249,13 @@ def stream_generate(
     penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty)
     processors = [penalties] if penalties.active else []
 
-    mx.reset_peak_memory()
-    start = time.perf_counter()
+    positions = inputs.position_ids
     steps = generate_step(mx.array(ids), model, cache=cache, max_tokens=max_tokens,
                           sampler=sampler, logits_processors=processors,
-                          prefill_step_size=prefill_step_size)
+                          prefill_step_size=prefill_step_size,
+                          input_embeddings=inputs.input_embeddings,
+                          position_ids=None if positions is None else positions + used + rope_delta,
+                          rope_delta=rope_delta + inputs.rope_delta)
     prompt_tps, n = 0.0, 0
     for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:

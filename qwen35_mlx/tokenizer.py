@@ -105,6 +105,9 @@ class Tokenizer:
         self._backend = backend
         self._special_tokens = dict(special_tokens or {})
         self._template = _jinja_environment().from_string(chat_template) if chat_template else None
+        # A multimodal checkpoint's image and video processor (`qwen35_mlx.processor`), attached
+        # by `qwen35_mlx.load` as a Hugging Face processor wraps its tokenizer; None for text.
+        self.processor = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Tokenizer":

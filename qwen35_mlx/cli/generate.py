@@ -7,7 +7,8 @@ import sys
 
 from ..generate import stream_generate
 from ..loading import load
-from .options import add_generation_args, add_model_args, generation_kwargs
+from .options import (add_generation_args, add_media_args, add_model_args, generation_kwargs,
+                      load_kwargs, media_kwargs)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -16,18 +17,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", help="a system message before the prompt")
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="feed the prompt text as is, without the chat template")
+    add_media_args(parser)
     add_generation_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    media = media_kwargs(args)
+    if args.ignore_chat_template and any(media.values()):
+        raise ValueError("--image and --video are placed by the chat template; drop "
+                         "--ignore-chat-template")
+    model, tokenizer = load(args.model, **load_kwargs(args))
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.ignore_chat_template:
         prompt = text
     else:
         prompt = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
         prompt.append({"role": "user", "content": text})
-    print_stream(stream_generate(model, tokenizer, prompt, **generation_kwargs(args)))
+    print_stream(stream_generate(model, tokenizer, prompt, **media, **generation_kwargs(args)))
     return 0
 
 

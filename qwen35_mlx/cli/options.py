@@ -10,6 +10,8 @@ from ..loading import DTYPES
 GENERATION_KWARGS = ("enable_thinking", "max_tokens", "temp", "top_p", "top_k", "min_p",
                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
                      "prefill_step_size")
+# the images and videos shown with the prompt: --image and --video, repeatable
+MEDIA_KWARGS = ("images", "videos")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -39,5 +41,27 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens per forward pass during prefill")
 
 
+def add_media_args(parser: argparse.ArgumentParser, chat: bool = False) -> None:
+    when = " with the first message (later ones: /image, /video in the chat)" if chat else ""
+    parser.add_argument("--image", dest="images", action="extend", nargs="+", metavar="PATH",
+                        help=f"an image to show the model{when}; repeatable")
+    parser.add_argument("--video", dest="videos", action="extend", nargs="+", metavar="PATH",
+                        help=f"a video file (PyAV), a directory of frames or an animated "
+                             f"GIF{when}; repeatable")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="most pixels of an image after resizing, about 1024 per token "
+                             "(default: the checkpoint's, 16M); load's "
+                             "processor_options={'max_pixels': N}")
+
+
+def load_kwargs(args: argparse.Namespace) -> dict:
+    options = {"max_pixels": args.max_pixels} if args.max_pixels else None
+    return {"dtype": args.dtype, "processor_options": options}
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in GENERATION_KWARGS}
+
+
+def media_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in MEDIA_KWARGS}

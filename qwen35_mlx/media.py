@@ -1,0 +1,205 @@
+"""Images and videos in prompts: from chat messages to the model's inputs.
+
+Messages carry images and videos as OpenAI-style content items. The chat template renders each
+as a `<|vision_start|>…<|vision_end|>` placeholder, the processor expands the placeholders (one
+token per merged 2×2 patch block, timestamps per video frame group), and the vision tower's
+features replace those tokens' embeddings; M-RoPE positions follow ARCHITECTURE.md §3.
+Features are kept in a small LRU (`VisionCache`) keyed by the pixels, so showing the same image
+again does not run the tower again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.parse
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+CONTENT_TYPES = ("text", "image", "image_url", "video")
+
+
+@dataclass
+class PromptInputs:
+    """A prompt ready for the model (what `stream_generate` makes of any prompt).
+
+    ids: token ids, vision placeholders expanded.
+    input_embeddings: [1, T, H] embeddings with vision features in place; None for text.
+    position_ids: [3, 1, T] M-RoPE positions counted from 0; None for text (positions = arange).
+    rope_delta: max position + 1 - T (<= 0); decode steps after this prompt add it to theirs.
+    """
+
+    ids: list[int]
+    input_embeddings: mx.array | None = None
+    position_ids: mx.array | None = None
+    rope_delta: int = 0
+
+
+class VisionCache:
+    """The vision tower's features of recent images and videos, least recently used dropped
+    first, keyed by a hash of the processed pixels and grid. Use one cache per model.
+
+    Args:
+        max_entries: most images/videos kept (a 1024×1024 image is 1024 features of the
+            model's hidden size).
+    """
+
+    def __init__(self, max_entries: int = 16):
+        self.max_entries = max_entries
+        self._features: OrderedDict[str, mx.array] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def clear(self) -> None:
+        self._features.clear()
+
+    def encode(self, model, pixel_values: np.ndarray, grid_thw: np.ndarray) -> mx.array:
+        """Features [N, H] of one image or video (pixel_values [P, 1536], grid_thw [1, 3])."""
+        key = hashlib.sha256(np.ascontiguousarray(grid_thw, dtype=np.int64).tobytes()
+                             + np.ascontiguousarray(pixel_values).tobytes()).hexdigest()
+        if key in self._features:
+            self._features.move_to_end(key)
+            return self._features[key]
+        features = model.encode_vision(mx.array(pixel_values), mx.array(grid_thw))
+        mx.eval(features)  # cache values, not graphs holding the pixels
+        self._features[key] = features
+        if len(self._features) > self.max_entries:
+            self._features.popitem(last=False)
+        return features
+
+
+def as_list(sources) -> list:
+    """`images=`/`videos=` as a list: None is none, a single path or image is one."""
+    if sources is None:
+        return []
+    return list(sources) if isinstance(sources, (list, tuple)) else [sources]
+
+
+def with_media(content: str | Sequence[Mapping], images=None, videos=None) -> str | list:
+    """A user message's content with `images` then `videos` put before it (the simple form)."""
+    items = ([{"type": "image", "image": image} for image in as_list(images)]
+             + [{"type": "video", "video": video} for video in as_list(videos)])
+    if not items:
+        return content
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    return items + text
+
+
+def attach_media(prompt: str | Sequence[Mapping], images=None, videos=None) -> list[dict]:
+    """The simple form as messages: a text prompt becomes a user message; with a list of
+    messages, the images and videos go before the last user message's content."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": with_media(prompt, images, videos)}]
+    if not prompt or not isinstance(prompt[0], Mapping):
+        raise ValueError("images and videos need a text or chat-messages prompt: token ids "
+                         "cannot say where they go")
+    messages = [dict(message) for message in prompt]  # the caller's messages stay as they were
+    users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
+    if not users:
+        raise ValueError("images and videos are attached to the last user message, and the "
+                         "prompt has none; add one")
+    last = messages[users[-1]]
+    last["content"] = with_media(last.get("content") or [], images, videos)
+    return messages
+
+
+def media_sources(messages: Sequence[Mapping]) -> tuple[list, list]:
+    """The images and videos of chat messages, each list in prompt order (the order in which
+    the chat template renders their placeholders)."""
+    images, videos = [], []
+    for message in messages:
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        for item in content:
+            kind = item_type(item)
+            if kind == "image":
+                images.append(local_source(item["image"]))
+            elif kind == "image_url":
+                url = item["image_url"]
+                images.append(local_source(url.get("url") if isinstance(url, Mapping) else url))
+            elif kind == "video":
+                videos.append(local_source(item["video"]))
+    return images, videos
+
+
+def item_type(item: Any) -> str:
+    """A content item's kind, decided as the chat template decides it (by key, then type)."""
+    if not isinstance(item, Mapping):
+        raise ValueError(f"content item {item!r} is not a dict; write "
+                         "{'type': 'text', 'text': ...} or {'type': 'image', 'image': PATH}")
+    for kind in ("image", "image_url", "video", "text"):
+        if kind in item:
+            return kind
+    raise ValueError(f"content item {dict(item)!r} has none of the keys {CONTENT_TYPES}; write "
+                     "e.g. {'type': 'image', 'image': 'photo.png'}")
+
+
+def local_source(source: Any) -> Any:
+    """What the processor reads (a path, PIL image, bytes or base64 data: URL): file:// URLs
+    become paths; web URLs are refused, as nothing is downloaded."""
+    if source is None:
+        raise ValueError("an image or video item has no source; give a path, a PIL image, "
+                         "bytes or a data: URL")
+    if not isinstance(source, str):
+        return source
+    if source.startswith("file://"):
+        return urllib.parse.unquote(source[len("file://"):])
+    if source.startswith(("http://", "https://")):
+        raise ValueError(f"{source[:80]}: web URLs are not fetched; download the file first "
+                         "and pass its path (or a data: URL)")
+    return source
+
+
+def encode_prompt(model, tokenizer, text: str, images: Sequence = (), videos: Sequence = (), *,
+                  prefix: Sequence[int] = (), vision_cache: VisionCache | None = None
+                  ) -> PromptInputs:
+    """Prompt text whose `<|image_pad|>` / `<|video_pad|>` placeholders stand for `images` and
+    `videos` (in order) -> model inputs. `prefix` ids go before the text as they are."""
+    if not images and not videos:
+        return PromptInputs([*prefix, *tokenizer.encode(text)])
+    processor = vision_processor(model, tokenizer)
+    vision_cache = VisionCache() if vision_cache is None else vision_cache
+    image_inputs = processor.images(list(images)) if images else None
+    video_inputs = [processor.video(video) for video in videos]
+    image_grid = None if image_inputs is None else image_inputs.grid_thw
+    video_grid = np.concatenate([v.grid_thw for v in video_inputs]) if video_inputs else None
+    expanded = processor.expand(text, image_grid_thw=image_grid, videos=video_inputs)
+    ids = [*prefix, *tokenizer.encode(expanded)]
+
+    image_features = [vision_cache.encode(model, pixels, grid)
+                      for pixels, grid in split_images(image_inputs)]
+    video_features = [vision_cache.encode(model, v.pixel_values, v.grid_thw)
+                      for v in video_inputs]
+    tokens = mx.array(ids)[None]  # [1, T]
+    embeddings = model.embed_inputs(
+        tokens, image_features=mx.concatenate(image_features) if image_features else None,
+        video_features=mx.concatenate(video_features) if video_features else None)
+    positions, rope_delta = model.position_ids(tokens, image_grid_thw=image_grid,
+                                               video_grid_thw=video_grid)
+    return PromptInputs(ids, embeddings, positions, int(np.asarray(rope_delta).reshape(-1)[0]))
+
+
+def split_images(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(pixel_values [P_i, 1536], grid_thw [1, 3]) per image of the processor's ImageInputs."""
+    if inputs is None:
+        return []
+    ends = np.cumsum(np.prod(inputs.grid_thw, axis=1))[:-1]
+    return list(zip(np.split(inputs.pixel_values, ends), inputs.grid_thw[:, None]))
+
+
+def vision_processor(model, tokenizer):
+    if model.vision_tower is None:
+        raise ValueError(
+            "this checkpoint is text-only (no vision tower), so it cannot read images or "
+            "videos; load a multimodal Qwen3.5 checkpoint (Qwen3_5ForConditionalGeneration, "
+            "e.g. Qwen/Qwen3.5-0.8B)")
+    if tokenizer.processor is None:
+        raise ValueError(
+            "the tokenizer carries no image processor; load model and tokenizer with "
+            "qwen35_mlx.load, which reads the checkpoint's preprocessor_config.json")
+    return tokenizer.processor
