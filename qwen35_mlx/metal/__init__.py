@@ -1,5 +1,7 @@
-"""Gated DeltaNet scan kernels behind one dispatcher (`gated_delta_update`)."""
+"""Gated DeltaNet scan paths behind one dispatcher: `gated_delta_update`, `gated_delta_decode`."""
 
-from .gated_delta import SCAN_PATHS, gated_delta_update, pick_path
+from .gated_delta import (DECODE_PATHS, SCAN_PATHS, gated_delta_decode, gated_delta_update,
+                          pick_path, use_fused_decode)
 
-__all__ = ["SCAN_PATHS", "gated_delta_update", "pick_path"]
+__all__ = ["DECODE_PATHS", "SCAN_PATHS", "gated_delta_decode", "gated_delta_update", "pick_path",
+           "use_fused_decode"]

@@ -2,9 +2,15 @@
 
 `gated_delta_update` turns the layer's raw projections into the scan inputs (ARCHITECTURE.md
 §2.4 steps 5-6, in float32 as transformers does) and hands them to a scan path chosen by
-`pick_path`: the per-token recurrence for decode, the chunked form for prefill. Both are plain
-MLX and run on every backend; custom kernels register in `SCAN_PATHS` beside them, each
-tested against the float64 definition in tests/.
+`pick_path`: on Metal the chunked kernel (chunked_scan.metal); elsewhere the plain-MLX per-token
+recurrence for short inputs and the chunked form for prefill. On Metal a DeltaNet layer decodes
+one token with `gated_delta_decode` instead (decode_step.metal: conv to gated norm in one
+dispatch). Every path is tested against the float64 definition in tests/, the Metal kernels
+under the MSL-on-CPU emulator there.
+
+`SCAN_PATHS` holds the paths that run on this machine. Any path, Metal ones included, can be
+forced by name (`path=`, `decode_path=`): off Metal a forced kernel cannot run, but it traces
+under `mx.export_function`, which is how its primitives are counted (count.py).
 """
 
 from __future__ import annotations
@@ -14,26 +20,48 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import chunked_kernel
 from .chunked import chunked_scan
+from .decode_step import fused_decode_step
 from .recurrent import recurrent_scan
 
 ScanFn = Callable[..., tuple[mx.array, mx.array]]
 
-SCAN_PATHS: dict[str, ScanFn] = {"recurrent": recurrent_scan, "chunked": chunked_scan}
+PLAIN_PATHS: dict[str, ScanFn] = {"recurrent": recurrent_scan, "chunked": chunked_scan}
+METAL_PATHS: dict[str, ScanFn] = {"metal_chunked": chunked_kernel.metal_chunked_scan}
+SCAN_PATHS = {**PLAIN_PATHS, **(METAL_PATHS if mx.metal.is_available() else {})}
+DECODE_PATHS = ("fused", "plain")  # the fused Metal step, or the layer's own ops
 
 L2_EPS = 1e-6  # added to sum(x^2), as transformers' / fla's l2norm
 
 
-# Measured on the MLX CPU backend, one layer with the 0.8B heads (16 x 128 x 128 state), best
-# of 3 in one run: per-token loop / chunked = 0.021 / 0.109 s at T = 16, 0.076 / 0.107 s at 64,
-# 0.137 / 0.104 s at 128, 0.478 / 0.368 s at 512. The loop also keeps every step's 1 MiB state
-# alive until evaluation (peak 79 MB at T = 64, 558 MB at 512; chunked 13 and 65 MB).
-CHUNKED_MIN_TOKENS = 128
+# Measured on the MLX CPU backend, one layer from bf16 projections, B = 1, best of 7 CPU
+# seconds in one run: per-token loop / chunked = 4.2 / 4.7 ms at T = 4, 8.8 / 8.0 ms at 8,
+# 16.1 / 11.3 ms at 16, 69 / 37 ms at 64 with the 0.8B heads (16 x 128 x 128 state); 9.7 / 8.3,
+# 18.0 / 14.7 ms at T = 4, 8 with the 9B heads (32 value heads). The loop also keeps every
+# step's state alive until evaluation.
+CHUNKED_MIN_TOKENS = 8
+
+
+def metal_ready() -> bool:
+    """Whether Metal kernels run here: the default device is a GPU of the Metal back end."""
+    return mx.default_device() == mx.gpu and mx.metal.is_available()
 
 
 def pick_path(num_tokens: int) -> str:
     """The scan path for this call on the default device."""
+    if metal_ready():
+        return "metal_chunked"  # one dispatch for any T
     return "chunked" if num_tokens >= CHUNKED_MIN_TOKENS else "recurrent"
+
+
+def use_fused_decode(num_tokens: int, decode_path: str | None = None) -> bool:
+    """Whether a DeltaNet layer calls `gated_delta_decode`: as forced, else one token on Metal."""
+    if decode_path is None:
+        return num_tokens == 1 and metal_ready()
+    if decode_path not in DECODE_PATHS:
+        raise ValueError(f"unknown decode path {decode_path!r}; choose one of {DECODE_PATHS}")
+    return decode_path == "fused"
 
 
 def l2_normalize(x: mx.array, scale: float = 1.0) -> mx.array:
@@ -69,9 +97,42 @@ def gated_delta_update(
     B, T, Hv, Dv = v.shape
     if state is None:
         state = mx.zeros((B, Hv, Dv, q.shape[-1]), dtype=mx.float32)
-    path = path or pick_path(T)
-    if path not in SCAN_PATHS:
-        raise ValueError(f"unknown gated delta path {path!r}; choose one of {sorted(SCAN_PATHS)}")
+    if path is None:
+        path = pick_path(T)
+        if path in METAL_PATHS and not chunked_kernel.supports(q.shape[-1], Dv):
+            path = "chunked"
+    paths = {**PLAIN_PATHS, **METAL_PATHS}
+    if path not in paths:
+        raise ValueError(f"unknown gated delta path {path!r}; choose one of {sorted(paths)}")
     q, k, g, beta = scan_inputs(q, k, a, b, A_log, dt_bias, Hv)
-    out, state = SCAN_PATHS[path](q, k, v.astype(mx.float32), g, beta, state)
+    out, state = paths[path](q, k, v.astype(mx.float32), g, beta, state)
     return out.astype(v.dtype), state
+
+
+def gated_delta_decode(
+    qkv: mx.array,  # [B, 1, C] the token's raw projection, C = 2 * Hk * Dk + Hv * Dv
+    z: mx.array,  # [B, 1, Hv, Dv]
+    a: mx.array,  # [B, 1, Hv]
+    b: mx.array,  # [B, 1, Hv]
+    conv_weight: mx.array,  # [C, K, 1]
+    A_log: mx.array,  # [Hv]
+    dt_bias: mx.array,  # [Hv]
+    norm_weight: mx.array,  # [Dv]
+    norm_eps: float,
+    conv_state: mx.array | None,  # [B, K-1, C]
+    state: mx.array | None,  # [B, Hv, Dv, Dk] float32
+    key_heads: int,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One DeltaNet token from projections to gated norm in one Metal dispatch.
+
+    Returns (y [B, 1, Hv * Dv] in qkv's dtype, ready for out_proj; state; conv_state).
+    """
+    B, _, Hv, Dv = z.shape
+    channels, K = conv_weight.shape[:2]
+    if conv_state is None:
+        conv_state = mx.zeros((B, K - 1, channels), dtype=qkv.dtype)
+    if state is None:
+        Dk = (channels - Hv * Dv) // (2 * key_heads)
+        state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
+    return fused_decode_step(qkv, z, a, b, conv_weight, A_log, dt_bias, norm_weight, norm_eps,
+                             conv_state, state, key_heads)
