@@ -1,0 +1,534 @@
+// Scheduler of the MSL-on-CPU emulator: one fiber per GPU thread, SIMD groups of 32 lanes whose
+// collectives complete only when every lane of the group reaches the same call site, threadgroup
+// barriers, shared poisoned threadgroup memory, several thread orders per launch, and all of it in
+// a forked child so that a crashing kernel cannot take the test process down.
+//
+// Included at the end of each generated translation unit, after the kernel and its `run_thread`.
+#undef device
+#undef constant
+#undef thread
+#undef threadgroup
+#include <algorithm>
+#include <csignal>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <dlfcn.h>
+#include <execinfo.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <vector>
+// Fibers switch stacks with a few instructions on x86-64, with ucontext elsewhere (or when
+// MSL_EMULATOR_UCONTEXT is defined, to test that path).
+#if defined(__x86_64__) && !defined(MSL_EMULATOR_UCONTEXT)
+#define MSL_FAST_SWITCH 1
+#else
+#include <ucontext.h>
+#endif
+
+namespace msl {
+
+// ---------------------------------------------------------------- interface with Python
+// Mirrored by ctypes in launch.py.
+struct Launch {
+  const char* kernel;
+  int buffers;
+  const char* const* names;
+  const char* const* spaces;  // "device" / "constant" per buffer
+  const int64_t* bytes;
+  void* const* data;          // [orders][buffers]
+  uint8_t* const* shadow;     // [orders][buffers], nullptr for inputs
+  int orders;
+  uint32_t grid[3], group[3];
+  int timeout_s;
+  char* error;  // [orders][error_size], shared with the parent
+  int error_size;
+};
+
+// ---------------------------------------------------------------- fibers
+constexpr size_t kStack = 256 * 1024;
+constexpr size_t kThreadgroupMemory = 32 * 1024;  // Apple GPUs' limit
+
+enum class State { runnable, at_simd, at_barrier, done };
+
+struct Fiber {
+#ifdef MSL_FAST_SWITCH
+  void* sp;
+#else
+  ucontext_t context;
+#endif
+  char* stack;
+  State state;
+  Attrs attrs;
+  const Site* site;  // where it waits
+  const char* op;
+  void* args;
+  Combine combine;
+};
+
+struct Run {
+  const Launch* launch;
+  int order;
+  std::vector<Region> regions;       // per buffer
+  std::vector<Fiber> fibers;         // per thread of the threadgroup
+  int threads, simdgroups;
+  Fiber* current = nullptr;
+  const char* order_name = "";
+  char* error = nullptr;  // this order's part of Launch::error
+  uint64_t rng = 0;
+  // threadgroup memory
+  char* arena = nullptr;
+  size_t arena_used = 0;
+  uint8_t poison = 0xff;
+  std::vector<void*> slots;
+  std::vector<Region> arena_regions;
+#ifdef MSL_FAST_SWITCH
+  void* scheduler_sp;
+#else
+  ucontext_t scheduler;
+#endif
+};
+Run* run_ = nullptr;
+
+#ifdef MSL_FAST_SWITCH
+// switch_stack(&save, target): saves the callee-saved registers on the current stack, stores
+// its pointer in *save, and resumes the stack `target` the same way. The floating-point control
+// registers (MXCSR, x87) are shared by all fibers: kernels do not change them.
+extern "C" void msl_switch_stack(void** save, void* target);
+asm(R"(
+.text
+.p2align 4
+.type msl_switch_stack,@function
+msl_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size msl_switch_stack,.-msl_switch_stack
+)");
+#endif
+
+[[noreturn]] void fiber_main();
+
+void start_fiber(Fiber& f) {
+#ifdef MSL_FAST_SWITCH
+  uint64_t* top = reinterpret_cast<uint64_t*>(f.stack + kStack);
+  top[-1] = 0;                                           // fake return address of fiber_main
+  top[-2] = reinterpret_cast<uint64_t>(&fiber_main);     // where msl_switch_stack returns
+  for (int i = 3; i <= 8; i++) top[-i] = 0;              // rbp rbx r12..r15
+  f.sp = top - 8;
+#else
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = f.stack;
+  f.context.uc_stack.ss_size = kStack;
+  f.context.uc_link = nullptr;
+  makecontext(&f.context, reinterpret_cast<void (*)()>(&fiber_main), 0);
+#endif
+}
+
+void resume(Fiber& f) {
+  run_->current = &f;
+#ifdef MSL_FAST_SWITCH
+  msl_switch_stack(&run_->scheduler_sp, f.sp);
+#else
+  swapcontext(&run_->scheduler, &f.context);
+#endif
+  run_->current = nullptr;
+}
+
+void suspend() {
+  Fiber& f = *run_->current;
+#ifdef MSL_FAST_SWITCH
+  msl_switch_stack(&f.sp, run_->scheduler_sp);
+#else
+  swapcontext(&f.context, &run_->scheduler);
+#endif
+}
+
+// ---------------------------------------------------------------- errors
+int describe_thread(char* out, size_t size) {
+  if (!run_ || !run_->current) return snprintf(out, size, "kernel '%s'", run_ ? run_->launch->kernel : "?");
+  const Attrs& a = run_->current->attrs;
+  return snprintf(out, size,
+                  "kernel '%s', thread_position_in_grid (%u, %u, %u), threadgroup (%u, %u, %u), "
+                  "thread_index_in_threadgroup %u (simdgroup %u, lane %u), %s thread order",
+                  run_->launch->kernel, a.thread_position_in_grid.x, a.thread_position_in_grid.y,
+                  a.thread_position_in_grid.z, a.threadgroup_position_in_grid.x,
+                  a.threadgroup_position_in_grid.y, a.threadgroup_position_in_grid.z,
+                  a.thread_index_in_threadgroup, a.simdgroup_index_in_threadgroup,
+                  a.thread_index_in_simdgroup, run_->order_name);
+}
+
+// Appends "\n@frames <offset>..." (return addresses inside this library) for Python to map to
+// .metal lines with addr2line.
+void append_frames(char* out, size_t size) {
+  void* frames[48];
+  int count = backtrace(frames, 48);
+  Dl_info self, frame;
+  if (!dladdr(reinterpret_cast<void*>(&append_frames), &self)) return;
+  size_t n = strlen(out);
+  n += snprintf(out + n, size - n, "\n@frames");
+  for (int i = 0; i < count && n < size; i++)
+    if (dladdr(frames[i], &frame) && frame.dli_fbase == self.dli_fbase)
+      n += snprintf(out + n, size - n, " %lx",
+                    static_cast<unsigned long>(static_cast<char*>(frames[i]) -
+                                               static_cast<char*>(self.dli_fbase) - 1));
+}
+
+[[noreturn]] void fail(const char* fmt, ...) {
+  char* out = run_->error;
+  size_t size = run_->launch->error_size;
+  int n = describe_thread(out, size);
+  n += snprintf(out + n, size - n, ": ");
+  va_list args;
+  va_start(args, fmt);
+  vsnprintf(out + n, size - n, fmt, args);
+  va_end(args);
+  append_frames(out, size);
+  _exit(3);
+}
+
+void on_signal(int signal) {
+  char* out = run_->error;
+  size_t size = run_->launch->error_size;
+  int n = describe_thread(out, size);
+  snprintf(out + n, size - n,
+           ": crashed with signal %d (%s): a fiber stack overflow (%zu KB per thread), an "
+           "out-of-bounds access through an unchecked thread-local pointer, or a bug of the "
+           "emulator",
+           signal, signal == SIGFPE ? "arithmetic exception" : "invalid memory access",
+           kStack / 1024);
+  append_frames(out, size);
+  _exit(4);
+}
+
+const char* source_name(const Site& site) { return site.file_name(); }
+
+const Region* find_region(const void* address) {
+  const char* a = static_cast<const char*>(address);
+  if (!run_) return nullptr;
+  for (const Region& r : run_->arena_regions)
+    if (a >= r.begin && a < r.end) return &r;
+  for (const Region& r : run_->regions)
+    if (a >= r.begin && a < r.end) return &r;
+  return nullptr;
+}
+
+void out_of_bounds(const Region* region, const void* address, size_t element_size, const char* kind) {
+  if (!region)
+    fail("out-of-bounds access to a thread-local array (element %zu bytes at %p)", element_size, address);
+  ptrdiff_t offset = static_cast<const char*>(address) - region->begin;
+  ptrdiff_t bytes = region->end - region->begin;
+  fail("out-of-bounds %s access to %s buffer '%s': element index %td (%zu-byte elements; byte "
+       "offset %td) but the buffer holds %td bytes (%td elements)",
+       kind, region->space, region->name, offset >= 0 ? offset / ptrdiff_t(element_size) : -1 - (-offset - 1) / ptrdiff_t(element_size),
+       element_size, offset, bytes, bytes / ptrdiff_t(element_size));
+}
+
+void poison(void* memory, size_t bytes) { std::memset(memory, run_->poison, bytes); }
+
+void* threadgroup_alloc(int slot, size_t bytes, const char* name) {
+  Run& r = *run_;
+  if (size_t(slot) >= r.slots.size()) r.slots.resize(slot + 1, nullptr);
+  if (!r.slots[slot]) {
+    size_t start = (r.arena_used + 15) & ~size_t(15);
+    if (start + bytes > kThreadgroupMemory)
+      fail("threadgroup memory exceeds %zu bytes at '%s' (%zu bytes wanted, %zu in use)",
+           kThreadgroupMemory, name, bytes, start);
+    r.slots[slot] = r.arena + start;
+    r.arena_used = start + bytes;
+    std::memset(r.arena + start, r.poison, bytes);
+    r.arena_regions.push_back({r.arena + start, r.arena + start + bytes, name, "threadgroup", nullptr});
+  }
+  return r.slots[slot];
+}
+
+int lane_id() { return run_->current->attrs.thread_index_in_simdgroup; }
+
+int width_of(int simdgroup) {
+  return std::min(32, run_->threads - simdgroup * 32);
+}
+int simd_width() { return width_of(run_->current->attrs.simdgroup_index_in_threadgroup); }
+
+// ---------------------------------------------------------------- collectives
+void simd_collective(const Site& site, const char* op, void* args, Combine combine) {
+  Fiber& f = *run_->current;
+  f.state = State::at_simd;
+  f.site = &site;
+  f.op = op;
+  f.args = args;
+  f.combine = combine;
+  suspend();
+}
+
+void threadgroup_sync(const Site& site) {
+  Fiber& f = *run_->current;
+  f.state = State::at_barrier;
+  f.site = &site;
+  f.op = "threadgroup_barrier";
+  suspend();
+}
+
+bool same_site(const Fiber& a, const Fiber& b) {
+  const Site &x = *a.site, &y = *b.site;
+  if (x.line() != y.line() || x.column() != y.column()) return false;
+  return (x.file_name() == y.file_name() || std::strcmp(x.file_name(), y.file_name()) == 0) &&
+         (x.function_name() == y.function_name() ||
+          std::strcmp(x.function_name(), y.function_name()) == 0);
+}
+
+const char* where(const Fiber& f, char* buf, size_t size) {
+  if (f.state == State::done) snprintf(buf, size, "returned from the kernel");
+  else snprintf(buf, size, "at %s (%s:%u:%u)", f.op, f.site->file_name(), f.site->line(), f.site->column());
+  return buf;
+}
+
+[[noreturn]] void fail_divergent(Fiber& waiting, Fiber& other, const char* what) {
+  char a[256], b[256];
+  run_->current = &waiting;
+  fail("%s: this thread is %s while thread_index_in_threadgroup %u is %s", what,
+       where(waiting, a, sizeof a), other.attrs.thread_index_in_threadgroup, where(other, b, sizeof b));
+}
+
+// Completes the SIMD group's collective if all of its lanes wait at the same one.
+bool resolve_simdgroup(int g) {
+  Run& r = *run_;
+  Fiber* lanes = &r.fibers[g * 32];
+  int n = width_of(g);
+  Fiber* waiting = nullptr;
+  for (int i = 0; i < n; i++)
+    if (lanes[i].state == State::at_simd) { waiting = &lanes[i]; break; }
+  if (!waiting) return false;
+  for (int i = 0; i < n; i++) {
+    Fiber& l = lanes[i];
+    if (l.state == State::runnable) return false;
+    if (l.state == State::done)
+      fail_divergent(*waiting, l, "SIMD-group function in divergent control flow (a lane has exited)");
+    if (l.state == State::at_barrier)
+      fail_divergent(*waiting, l, "SIMD-group function in divergent control flow");
+    if (!same_site(l, *waiting) || l.combine != waiting->combine)
+      fail_divergent(*waiting, l, "SIMD-group function in divergent control flow (lanes at different call sites)");
+  }
+  void* args[32];
+  for (int i = 0; i < n; i++) args[i] = lanes[i].args;
+  r.current = waiting;  // for errors raised while combining
+  waiting->combine(args, n);
+  r.current = nullptr;
+  for (int i = 0; i < n; i++) lanes[i].state = State::runnable;
+  return true;
+}
+
+// The fibers of the current threadgroup (an edge threadgroup may have fewer threads).
+struct Active {
+  Fiber* first;
+  int count;
+  Fiber* begin() const { return first; }
+  Fiber* end() const { return first + count; }
+};
+Active active(Run& r) { return {r.fibers.data(), r.threads}; }
+
+bool resolve_barrier() {
+  Run& r = *run_;
+  Fiber* waiting = nullptr;
+  for (Fiber& f : active(r))
+    if (f.state == State::at_barrier) { waiting = &f; break; }
+  if (!waiting) return false;
+  for (Fiber& f : active(r)) {
+    if (f.state == State::runnable || f.state == State::at_simd) return false;
+    if (f.state == State::done)
+      fail_divergent(*waiting, f, "threadgroup_barrier not reached by every thread (an early return?)");
+    if (!same_site(f, *waiting))
+      fail_divergent(*waiting, f, "threads wait at different threadgroup_barrier calls");
+  }
+  for (Fiber& f : active(r)) f.state = State::runnable;
+  return true;
+}
+
+uint64_t next_random() {
+  uint64_t& x = run_->rng;
+  x ^= x << 13;
+  x ^= x >> 7;
+  x ^= x << 17;
+  return x;
+}
+
+template <class T>
+void shuffle(std::vector<T>& v) {
+  for (size_t i = v.size(); i > 1; i--) std::swap(v[i - 1], v[next_random() % i]);
+}
+
+// Thread orders: 0 forward, 1 reverse, k >= 2 a shuffle seeded by k (redrawn at every step).
+void arrange(std::vector<int>& order) {
+  for (size_t i = 0; i < order.size(); i++) order[i] = int(i);
+  if (run_->order == 1) std::reverse(order.begin(), order.end());
+  else if (run_->order >= 2) shuffle(order);
+}
+
+extern "C" void run_thread(void* const* buffers, const Region* regions, const Attrs& attrs);
+
+[[noreturn]] void fiber_main() {
+  Fiber& f = *run_->current;
+  run_thread(run_->launch->data + run_->order * run_->launch->buffers, run_->regions.data(), f.attrs);
+  f.state = State::done;
+  suspend();
+  __builtin_unreachable();
+}
+
+void run_threadgroup(uint3 group_position) {
+  Run& r = *run_;
+  const Launch& L = *r.launch;
+  uint3 size;
+  for (int d = 0; d < 3; d++)
+    size[d] = std::min(L.group[d], L.grid[d] - group_position[d] * L.group[d]);  // non-uniform edge
+  r.threads = size.x * size.y * size.z;
+  r.simdgroups = (r.threads + 31) / 32;
+  r.arena_used = 0;
+  r.slots.assign(r.slots.size(), nullptr);
+  r.arena_regions.clear();
+  std::vector<int> order(r.threads);
+  for (int t = 0; t < r.threads; t++) {
+    Fiber& f = r.fibers[t];
+    Attrs& a = f.attrs;
+    a = Attrs{};
+    a.thread_position_in_threadgroup = uint3(t % size.x, (t / size.x) % size.y, t / (size.x * size.y));
+    a.threadgroup_position_in_grid = group_position;
+    for (int d = 0; d < 3; d++) {
+      a.thread_position_in_grid[d] = group_position[d] * L.group[d] + a.thread_position_in_threadgroup[d];
+      a.threadgroups_per_grid[d] = (L.grid[d] + L.group[d] - 1) / L.group[d];
+      a.threads_per_grid[d] = a.grid_size[d] = L.grid[d];
+      a.dispatch_threads_per_threadgroup[d] = L.group[d];
+    }
+    a.threads_per_threadgroup = size;
+    a.grid_origin = uint3(0u);
+    a.thread_index_in_threadgroup = t;
+    a.thread_index_in_simdgroup = t % 32;
+    a.simdgroup_index_in_threadgroup = t / 32;
+    a.threads_per_simdgroup = a.thread_execution_width = 32;
+    a.simdgroups_per_threadgroup = a.dispatch_simdgroups_per_threadgroup = r.simdgroups;
+    a.thread_index_in_quadgroup = t % 4;
+    a.quadgroup_index_in_threadgroup = t / 4;
+    a.quadgroups_per_threadgroup = a.dispatch_quadgroups_per_threadgroup = (r.threads + 3) / 4;
+    f.state = State::runnable;
+    start_fiber(f);
+  }
+  arrange(order);
+  for (;;) {
+    if (r.order >= 2) arrange(order);
+    bool all_done = true;
+    for (int t : order)
+      if (r.fibers[t].state == State::runnable) resume(r.fibers[t]);
+    bool progress = false;
+    for (int g = 0; g < r.simdgroups; g++) progress |= resolve_simdgroup(g);
+    progress |= resolve_barrier();
+    for (Fiber& f : active(r)) all_done &= f.state == State::done;
+    if (all_done) return;
+    if (!progress) {  // some wait forever: name one waiting thread and one it waits for
+      Fiber* waiting = nullptr;
+      for (Fiber& f : active(r))
+        if (f.state == State::at_barrier) waiting = &f;
+      for (Fiber& f : active(r))
+        if (waiting && f.state != State::at_barrier) fail_divergent(*waiting, f, "deadlock");
+      fail("deadlock in the emulator scheduler");
+    }
+  }
+}
+
+void run_order(Run& r) {
+  const Launch& L = *r.launch;
+  static const char* names[] = {"forward", "reverse"};
+  char shuffled[32];
+  snprintf(shuffled, sizeof shuffled, "shuffled (seed %d)", r.order);
+  r.order_name = r.order < 2 ? names[r.order] : shuffled;
+  r.rng = 0x9e3779b97f4a7c15ull * (r.order + 1);
+  r.poison = uint8_t(0xff - r.order);  // NaN for floats in order 0, other garbage afterwards
+  r.regions.resize(L.buffers);
+  for (int b = 0; b < L.buffers; b++) {
+    char* data = static_cast<char*>(L.data[r.order * L.buffers + b]);
+    r.regions[b] = {data, data + L.bytes[b], L.names[b], L.spaces[b], L.shadow[r.order * L.buffers + b]};
+  }
+  std::vector<int> groups;
+  uint32_t counts[3];
+  for (int d = 0; d < 3; d++) counts[d] = (L.grid[d] + L.group[d] - 1) / L.group[d];
+  for (uint32_t i = 0; i < counts[0] * counts[1] * counts[2]; i++) groups.push_back(i);
+  arrange(groups);
+  for (int i : groups)
+    run_threadgroup(uint3(i % counts[0], (i / counts[0]) % counts[1], i / (counts[0] * counts[1])));
+}
+
+}  // namespace msl
+
+namespace msl {
+[[noreturn]] void run_child(const Launch* launch, int order) {
+  Run run;
+  run_ = &run;
+  run.launch = launch;
+  run.order = order;
+  run.error = launch->error + order * launch->error_size;
+  run.fibers.resize(launch->group[0] * launch->group[1] * launch->group[2]);
+  for (Fiber& f : run.fibers) {  // stacks with a guard page below each
+    char* block = static_cast<char*>(mmap(nullptr, kStack + 4096, PROT_READ | PROT_WRITE,
+                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    mprotect(block, 4096, PROT_NONE);
+    f.stack = block + 4096;
+  }
+  run.arena = static_cast<char*>(aligned_alloc(64, kThreadgroupMemory));
+  static char signal_stack[64 * 1024];
+  stack_t ss{};
+  ss.ss_sp = signal_stack;
+  ss.ss_size = sizeof signal_stack;
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa{};
+  sa.sa_handler = on_signal;
+  sa.sa_flags = SA_ONSTACK;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+  sigaction(SIGFPE, &sa, nullptr);
+  alarm(launch->timeout_s);
+  run_order(run);
+  _exit(0);
+}
+}  // namespace msl
+
+// Runs each thread order of the launch in its own forked child (in parallel, and a crashing
+// kernel cannot take the caller down). Returns 0 when all ran, 1 when the kernel failed a check
+// or crashed, 2 when it ran out of time; the message of the first failing order is moved to the
+// start of launch->error.
+extern "C" __attribute__((visibility("default"))) int msl_emulate(const msl::Launch* launch) {
+  std::vector<pid_t> children;
+  for (int order = 0; order < launch->orders; order++) {
+    pid_t child = fork();
+    if (child == 0) msl::run_child(launch, order);
+    children.push_back(child);
+  }
+  int result = 0;
+  for (int order = 0; order < launch->orders; order++) {
+    char* error = launch->error + order * launch->error_size;
+    int status = 0;
+    if (children[order] < 0) {
+      snprintf(error, launch->error_size, "fork failed");
+    } else {
+      while (waitpid(children[order], &status, 0) < 0) {}
+      if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
+    }
+    if (result) continue;  // an earlier order failed first
+    result = WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM ? 2 : 1;
+    if (error[0] == 0)
+      snprintf(error, launch->error_size, "emulator child ended with status %d", status);
+    std::memmove(launch->error, error, launch->error_size);
+    for (int later = order + 1; later < launch->orders; later++)
+      if (children[later] > 0) kill(children[later], SIGKILL);
+  }
+  return result;
+}
