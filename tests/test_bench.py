@@ -6,6 +6,7 @@ logits agreeing with ours proves the config fields mean what they say.
 
 import json
 import math
+import re
 import struct
 
 import mlx.core as mx
@@ -18,6 +19,7 @@ from metrics import relative_error
 from qwen35_mlx import cli, load
 from qwen35_mlx.bench import random_checkpoint
 from qwen35_mlx.bench.random_checkpoint import config_json, tensor_specs, write_random_checkpoint
+from qwen35_mlx.metal import SCAN_PATHS
 
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
@@ -147,3 +149,44 @@ def test_bench_convert_runs_end_to_end(bf16_checkpoint, tmp_path, capsys):
     assert float(rows[("qwen35_mlx", "-", "bfloat16")][-2]) == 0.0
     assert sum(line.startswith("ours ") for line in lines) == 3  # float, hybrid, uniform
     assert len(list((tmp_path / "out").iterdir())) == 5
+
+
+def test_bench_vision_runs_end_to_end(bf16_checkpoint, capsys):
+    assert cli.main(["bench", "vision", "--model", str(bf16_checkpoint), "--image-size", "64",
+                     "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "grid (1, 4, 4) = 16 patches -> 4 tokens" in lines[0]
+    rows = {line.split()[0]: line.split()[1:] for line in lines
+            if line.startswith(("qwen35_mlx ", "mlx-vlm ", "ours/mlx-vlm "))}
+    assert set(rows) == {"qwen35_mlx", "mlx-vlm", "ours/mlx-vlm"}
+    for column in range(3):  # best s, median s, work GB: the ratio row is ours / theirs
+        ours, theirs = float(rows["qwen35_mlx"][column]), float(rows["mlx-vlm"][column])
+        assert ours > 0 and theirs > 0
+        assert float(rows["ours/mlx-vlm"][column].rstrip("x")) == pytest.approx(
+            ours / theirs, rel=5e-3, abs=1e-3)
+    assert float(rows["qwen35_mlx"][0]) <= float(rows["qwen35_mlx"][1])  # best <= median
+    error = float(next(line for line in lines if line.startswith("features:")).split()[-1])
+    assert error <= 1e-2  # the same features in bfloat16: both ran the same tower
+
+
+def test_bench_kernels_table(capsys):
+    assert cli.main(["bench", "kernels", "--tokens", "16", "3", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
+    timings = {(c[0], c[1], int(c[2])): (float(c[3]), float(c[4].rstrip("x")), float(c[5]))
+               for c in cells if c[0] in ("0.8B", "9B")}
+    names = [f"ours {path}" for path in SCAN_PATHS] + ["mx.fast", "mlx-lm"]
+    assert set(timings) == {(size, name, T) for size in ("0.8B", "9B") for name in names
+                            for T in (16, 3)}
+    for size, _, T in timings:  # each ratio is the fastest peer's time over the row's
+        fastest_peer = min(timings[size, peer, T][0] for peer in ("mx.fast", "mlx-lm"))
+        for name in names:
+            ms, ratio, peak_gb = timings[size, name, T]
+            assert ratio == pytest.approx(fastest_peer / ms, rel=1e-2, abs=6e-3)
+            assert peak_gb > 0
+    counts = {c[0]: (int(c[1]), float(c[2].rstrip("x"))) for c in cells
+              if c[0] in ("ours plain", "ours fused", "mlx-lm")}
+    assert set(counts) == {"ours plain", "ours fused", "mlx-lm"}
+    for count, ratio in counts.values():
+        assert ratio == pytest.approx(count / counts["mlx-lm"][0], abs=6e-3)
+    assert counts["ours fused"][0] < counts["mlx-lm"][0]  # the target for the Metal path

@@ -8,6 +8,7 @@ import pytest
 
 from metrics import relative_error
 from qwen35_mlx.metal import SCAN_PATHS, gated_delta_update
+from qwen35_mlx.metal import chunked
 from qwen35_mlx.metal.chunked import unit_lower_inverse
 
 
@@ -45,9 +46,21 @@ def make_inputs(B, T, Hk, Hv, Dk, Dv, seed=0, with_state=False):
     return {k: v.astype(np.float32) for k, v in arrays.items()}, state
 
 
-CASES = [dict(B=B, T=T, Hk=2, Hv=2 * ratio, Dk=Dk, Dv=Dv, with_state=state)
-         for T in (1, 63, 64, 65, 200)
-         for (B, ratio, Dk, Dv, state) in [(1, 1, 128, 128, False), (2, 2, 16, 24, True)]]
+# A covering set, not the full product: each T runs twice, the second case the complement of
+# the first in batch, GQA ratio (Hv/Hk), head size and initial state, so every value of every
+# factor meets every T. The small head size is not a power of two and has Dk != Dv (multiples
+# of 8, which the Metal kernels tested with these cases need).
+SMALL = (24, 16)
+FIRST = {1: (1, 1, (128, 128), False), 63: (1, 2, (128, 128), True),
+         64: (2, 1, (128, 128), True), 65: (2, 2, (128, 128), False), 200: (1, 2, SMALL, False)}
+
+
+def complement(B, ratio, dims, with_state):
+    return 3 - B, 3 - ratio, SMALL if dims != SMALL else (128, 128), not with_state
+
+
+CASES = [dict(B=B, T=T, Hk=2, Hv=2 * ratio, Dk=dims[0], Dv=dims[1], with_state=state)
+         for T, first in FIRST.items() for B, ratio, dims, state in (first, complement(*first))]
 
 
 def case_id(case):
@@ -59,28 +72,40 @@ def run_path(path, inputs, state, dtype=mx.float32):
     args = {k: mx.array(v).astype(dtype if k in "qkvab" else mx.float32) for k, v in inputs.items()}
     mlx_state = None if state is None else mx.array(state.swapaxes(-1, -2).astype(np.float32))
     out, final = gated_delta_update(**args, state=mlx_state, path=path)
+    assert final.dtype == mx.float32  # the state stays float32 whatever the inputs
     return np.array(out.astype(mx.float32)), np.array(final).swapaxes(-1, -2)
 
 
+def rounded(inputs, dtype):
+    """The inputs as the scan sees them: q, k, v, a, b rounded to `dtype`."""
+    return {k: np.array(mx.array(v).astype(dtype).astype(mx.float32)) if k in "qkvab" else v
+            for k, v in inputs.items()}
+
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
 @pytest.mark.parametrize("path", sorted(SCAN_PATHS))
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_float32_matches_definition(path, case):
+def test_paths_match_definition(path, case, dtype):
     inputs, state = make_inputs(**case)
-    out, final = run_path(path, inputs, state)
+    out, final = run_path(path, inputs, state, getattr(mx, dtype))
+    ref_out, ref_state = gated_delta_reference(**rounded(inputs, getattr(mx, dtype)), state=state)
+    assert relative_error(out, ref_out) <= TOLERANCE[dtype]
+    assert relative_error(final, ref_state) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 64])
+def test_any_chunk_size_matches_definition(monkeypatch, chunk):
+    # the default chunk is the device's (8 on CPU); the others must be exact too
+    monkeypatch.setattr(chunked, "CPU_CHUNK", chunk)
+    monkeypatch.setattr(chunked, "GPU_CHUNK", chunk)
+    inputs, state = make_inputs(B=1, T=130, Hk=1, Hv=2, Dk=32, Dv=16, with_state=True)
+    out, final = run_path("chunked", inputs, state)
     ref_out, ref_state = gated_delta_reference(**inputs, state=state)
     assert relative_error(out, ref_out) <= 1e-5
     assert relative_error(final, ref_state) <= 1e-5
-
-
-@pytest.mark.parametrize("path", sorted(SCAN_PATHS))
-def test_bfloat16_inputs_match_definition(path):
-    inputs, state = make_inputs(B=1, T=65, Hk=2, Hv=4, Dk=32, Dv=32, with_state=True)
-    out, final = run_path(path, inputs, state, dtype=mx.bfloat16)
-    rounded = {k: np.array(mx.array(v).astype(mx.bfloat16).astype(mx.float32)) if k in "qkvab"
-               else v for k, v in inputs.items()}  # the definition sees the same rounded inputs
-    ref_out, ref_state = gated_delta_reference(**rounded, state=state)
-    assert relative_error(out, ref_out) <= 1e-2
-    assert relative_error(final, ref_state) <= 1e-2
 
 
 @pytest.mark.parametrize("path", sorted(SCAN_PATHS))
