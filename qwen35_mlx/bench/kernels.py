@@ -10,9 +10,10 @@ all alike; each row's ratio is against the fastest peer (MLX or mlx-lm) of the s
 
 Primitives: the graph of one decoded token through a whole DeltaNet layer (projections, conv,
 scan, gated norm, cache update) at a size's real shapes, traced with `mx.export_function`
-(count.py), ours on each decode path against mlx-lm's `GatedDeltaNet`. The graph is the one
-MLX builds for the default device: on the CPU some fast ops (rms_norm) are drawn as their
-fallback ops, and mx.compile'd functions (mlx-lm's step) are traced op by op, not fused.
+(count.py), ours on each decode path (the fused Metal step traces on any machine) against
+mlx-lm's `GatedDeltaNet` on this device and on its Metal branch. Off Metal some fast ops
+(rms_norm) are drawn as their fallback ops, and mx.compile'd functions (mlx-lm's step) are
+traced op by op, not fused.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def mlx_lm_decode_primitives(size: str) -> int:
     layer = qwen3_5.GatedDeltaNet(args)
     layer.update(tree_unflatten([(name, w if name.endswith("A_log") else w.astype(DTYPE))
                                  for name, w in tree_flatten(layer.parameters())]))
+    layer.eval()  # as mlx_lm.load leaves it: mlx-lm takes its kernel only outside training
     mx.eval(layer.parameters())  # else unevaluated initialisers count too
     x = mx.zeros((1, 1, args.hidden_size), dtype=DTYPE)
     conv_state = mx.zeros((1, args.linear_conv_kernel_dim - 1, layer.conv_dim), dtype=DTYPE)
@@ -157,11 +159,31 @@ def mlx_lm_decode_primitives(size: str) -> int:
     return sum(primitive_counts(step, x, conv_state, state).values())
 
 
+def mlx_lm_metal_decode_primitives(size: str) -> int:
+    """`mlx_lm_decode_primitives` on mlx-lm's Metal branch, as a Mac runs it.
+
+    mlx-lm builds its gated delta kernel at import only where Metal is available, and takes it
+    only when the default device is the GPU: both checks answer yes while the graph is traced
+    (tracing records the kernel call, it never runs it), and are restored after.
+    """
+    from mlx_lm.models import gated_delta
+
+    saved = mx.metal.is_available, mx.default_device, gated_delta._gated_delta_kernel_packed
+    try:
+        mx.metal.is_available = lambda: True
+        gated_delta._gated_delta_kernel_packed = gated_delta._make_gated_delta_packed_kernel()
+        mx.default_device = lambda: mx.gpu
+        return mlx_lm_decode_primitives(size)
+    finally:
+        mx.metal.is_available, mx.default_device, gated_delta._gated_delta_kernel_packed = saved
+
+
 # One decoded token of one DeltaNet layer, by name: each counter takes the size.
 DECODE_COUNTERS: dict[str, Callable[[str], int]] = {
     "ours plain": lambda size: decode_primitives(our_layer(size), "plain"),
     "ours fused": lambda size: decode_primitives(our_layer(size), "fused"),
     "mlx-lm": mlx_lm_decode_primitives,
+    "mlx-lm metal": mlx_lm_metal_decode_primitives,
 }
 
 
@@ -180,11 +202,13 @@ def print_timings(timings: list[Timing]) -> None:
 
 
 def print_primitives(size: str, counts: dict[str, int]) -> None:
-    theirs = counts["mlx-lm"]
-    rows = [(name, str(n), f"{n / theirs:.2f}x") for name, n in counts.items()]
+    peers = ("mlx-lm", "mlx-lm metal")
+    rows = [(name, str(n), *(f"{n / counts[peer]:.2f}x" for peer in peers))
+            for name, n in counts.items()]
     print(f"\nMLX primitives per decoded token, one DeltaNet layer at {size} shapes "
-          f"(graph traced for {mx.default_device()}):")
-    _print_rows(("decode path", "primitives", "vs mlx-lm"), rows, text_columns=1)
+          f"(graph traced for {mx.default_device()}; 'metal' rows trace the Metal branch):")
+    _print_rows(("decode path", "primitives", *(f"vs {peer}" for peer in peers)), rows,
+                text_columns=1)
 
 
 def _print_rows(columns, rows, text_columns: int) -> None:

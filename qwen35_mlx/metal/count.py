@@ -32,7 +32,8 @@ def primitive_counts(fn, *args: mx.array) -> Counter:
             # writing the trace fails for a few primitives (e.g. Contiguous); it is drawn by then
             if not dot.exists():
                 raise
-        return Counter(re.findall(r'label ="(\w+)", shape=rectangle', dot.read_text()))
+        # only primitives are drawn as rectangles (arrays are plain nodes), whatever their label
+        return Counter(re.findall(r'label ="([^"]*)", shape=rectangle', dot.read_text()))
 
 
 def decode_primitives(layer, decode_path: str, batch: int = 1) -> int:
