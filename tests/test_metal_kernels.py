@@ -104,6 +104,26 @@ def test_chunked_kernel_missing_barrier_is_caught(tmp_path):
         emulate_chunked(spec, scan_case(inputs, state, mx.float32))
 
 
+def test_chunked_kernel_missing_barrier_after_solve_is_caught(tmp_path):
+    # drop the barrier after the forward substitution: simdgroup 1 loads X^T columns that
+    # threads of simdgroup 0 are still solving. Every order computes the same outputs (each
+    # thread solves its column before any thread passes its next sync): only the race detector
+    # sees it, naming column 8's solver, its token 1 (C = 32: element 8 * 32 + 1) and both lines
+    solved = "      x[i] = acc;\n    }\n  }\n"
+    spec = broken_copy(CHUNKED_SCAN, tmp_path,
+                       solved + "  threadgroup_barrier(mem_flags::mem_threadgroup);\n", solved)
+    lines = spec.source.splitlines()
+    load = lines.index("      simdgroup_load(xt, XT + row0 * C + 8 * jb, C);") + 1
+    solve = lines.index("      x[i] = acc;") + 1
+    inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
+    with pytest.raises(EmulatorError, match=(
+            rf"thread_index_in_threadgroup 32 .*data race on threadgroup array 'XT' element 257 .*"
+            rf"reads it .*at broken_chunked_scan.metal:{load} and thread_index_in_threadgroup 8 "
+            rf"\(simdgroup 0, lane 8\) wrote it at broken_chunked_scan.metal:{solve}, in another "
+            rf"SIMD group")):
+        emulate_chunked(spec, scan_case(inputs, state, mx.float32))
+
+
 # ---- fused decode step ----
 
 DECODE_CASES = [  # (B, Hk, Hv, Dk, Dv, dtype, with_state)

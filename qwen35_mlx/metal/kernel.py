@@ -28,6 +28,12 @@ class Launch:
     output_shapes: tuple[tuple[int, ...], ...]
     output_dtypes: tuple[mx.Dtype, ...]
 
+    def kwargs(self) -> dict:
+        """The keyword arguments of a `mx.fast.metal_kernel` call."""
+        return dict(template=list(self.template), grid=self.grid, threadgroup=self.threadgroup,
+                    output_shapes=list(self.output_shapes),
+                    output_dtypes=list(self.output_dtypes))
+
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -52,15 +58,7 @@ class KernelSpec:
         return _build(self)
 
     def run(self, inputs: list[mx.array], launch: Launch, verbose: bool = False) -> list[mx.array]:
-        return self.build()(
-            inputs=inputs,
-            template=list(launch.template),
-            grid=launch.grid,
-            threadgroup=launch.threadgroup,
-            output_shapes=list(launch.output_shapes),
-            output_dtypes=list(launch.output_dtypes),
-            verbose=verbose,
-        )
+        return self.build()(inputs=inputs, **launch.kwargs(), verbose=verbose)
 
 
 @functools.cache

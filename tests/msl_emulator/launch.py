@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import shutil
 import subprocess
 
@@ -49,7 +50,9 @@ def emulate(spec, inputs, launch, orders: int = 3) -> list[np.ndarray]:
         exact float32 values.
     Raises:
         EmulatorError: out-of-bounds access, divergent SIMD op or barrier, deadlock, output element
-            never written, outputs that depend on the thread order, crash, or a build failure.
+            never written, data race (threadgroup memory or outputs accessed by two threads with
+            no barrier or SIMD-group sync ordering them; see runtime.cpp), outputs that depend on
+            the thread order, crash, or a build failure.
     """
     if len(inputs) != len(spec.input_names):
         raise EmulatorError(f"kernel '{spec.name}' takes {len(spec.input_names)} inputs "
@@ -136,6 +139,7 @@ def _run(spec, lib, params, ins, launch, orders) -> list[np.ndarray]:
             message = (f"kernel '{spec.name}' ran longer than $QWEN35_MLX_EMULATOR_TIMEOUT "
                        "seconds (an endless loop?)")
         message, _, frames = message.partition("\n@frames")
+        message = re.sub(r"@site:([0-9a-f]+)", lambda m: _site_line(spec, lib, m[1]), message)
         raise EmulatorError(message + kernel_lines(spec, lib, frames.split()))
     results = []
     for name, (shape, dtype) in outputs.items():
@@ -148,9 +152,21 @@ def _run(spec, lib, params, ins, launch, orders) -> list[np.ndarray]:
 
 
 def kernel_lines(spec, lib, frames: list[str]) -> str:
-    """' at file.metal:LINE (<- caller lines)' for the failing call stack, read with addr2line."""
+    """' (at file.metal:LINE <- caller lines)' for the failing call stack."""
+    lines = _source_lines(spec, lib, frames)
+    return f" (at {' <- '.join(lines)})" if lines else ""
+
+
+def _site_line(spec, lib, offset: str) -> str:
+    """'file.metal:LINE (<- caller lines)' of one access recorded by the race detector."""
+    return " <- ".join(_source_lines(spec, lib, [offset])) or f"an unknown line (0x{offset})"
+
+
+def _source_lines(spec, lib, frames: list[str]) -> list[str]:
+    """The kernel's .metal / header lines of `frames` (offsets into `lib`), read with addr2line
+    through inlined calls, innermost first."""
     if not frames or shutil.which("addr2line") is None:
-        return ""
+        return []
     files = {os.path.basename(str(f)) for f in (spec.source_file, spec.header_file) if f}
     found = subprocess.run(["addr2line", "-i", "-e", lib._name, *frames],
                            capture_output=True, text=True, check=False).stdout.split("\n")
@@ -159,7 +175,7 @@ def kernel_lines(spec, lib, frames: list[str]) -> str:
         location = os.path.basename(line.split(" ")[0])  # addr2line prefixes the build folder
         if location.rsplit(":", 1)[0] in files and location not in lines:
             lines.append(location)
-    return f" (at {' <- '.join(lines)})" if lines else ""
+    return lines
 
 
 def _typed(raw: np.ndarray, dtype, shape) -> np.ndarray:

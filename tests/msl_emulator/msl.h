@@ -3,7 +3,8 @@
 // Scalar and vector types, address-space qualifiers (as empty macros: the Python rewriter turns
 // `device T*` / `threadgroup T*` into checked `msl::ptr<T>` and threadgroup arrays into shared
 // `msl::tarr`), metal:: maths, and the SIMD-group / threadgroup collectives, which suspend the
-// calling fiber until the scheduler in runtime.cpp completes them for the whole group.
+// calling fiber until the scheduler in runtime.cpp completes them for the whole group. Every access
+// to threadgroup memory and to outputs is reported to the race detector in runtime.cpp.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -23,10 +24,25 @@ struct Region {
   const char* name;
   const char* space;  // "device", "constant", "threadgroup"
   uint8_t* shadow;    // one byte per buffer byte, set on every mutable access (outputs only)
+  bool output;        // a device buffer the kernel writes (accesses go to the race detector)
 };
 const Region* find_region(const void* address);  // nullptr for thread-local memory
 [[noreturn]] void out_of_bounds(const Region* region, const void* address, size_t element_size,
                                 const char* kind);
+// The race detector's hooks, called on every access to threadgroup memory or to an output. Never
+// inlined: the return address is the access's place in the kernel (for the .metal line), which is
+// why the accessors below are always inlined.
+__attribute__((noinline)) void track_threadgroup(const void* address, size_t size);
+__attribute__((noinline)) void track_output(const Region* region, const void* address, size_t size);
+// The detector runs in the first thread orders only: for threadgroup memory it does not depend on
+// the order (forward); for outputs, which record no reads, two threads that run between the same
+// syncs run in both relative orders in forward and reverse (a read before another thread's write
+// shows as a read after it in one of them).
+inline bool detect_threadgroup_races = false;
+inline bool detect_output_races = false;
+inline char* arena_begin = nullptr;  // this threadgroup's memory
+inline char* arena_end = nullptr;
+constexpr size_t kTrackedBytes = 32;  // larger elements are not tracked
 
 // ---------------------------------------------------------------- scalar types
 using half = _Float16;
@@ -147,6 +163,8 @@ MSL_VEC_OP(/)
 // ---------------------------------------------------------------- checked memory
 // A `device` / `constant` / `threadgroup` pointer: every dereference is bounds-checked against
 // the buffer it points into; mutable dereferences mark the output's shadow bytes as written.
+// Accessors are always inlined so that the race detector's hooks see the kernel's .metal line.
+#define MSL_INLINE __attribute__((always_inline)) inline
 template <class T>
 struct ptr {
   T* p = nullptr;
@@ -162,7 +180,7 @@ struct ptr {
             class = void>
   explicit ptr(const ptr<U>& o) : p(reinterpret_cast<T*>(o.p)), region(o.region) {}
 
-  T* at(ptrdiff_t i) const {
+  MSL_INLINE T* at(ptrdiff_t i) const {
     T* q = p + i;
     if (region) {
       const char* address = reinterpret_cast<const char*>(q);
@@ -172,13 +190,21 @@ struct ptr {
         if (region->shadow)
           std::memset(region->shadow + (address - region->begin), 1, sizeof(T));
       }
+      if constexpr (sizeof(T) <= kTrackedBytes) {
+        if (region->output) {
+          if (detect_output_races) track_output(region, q, sizeof(T));
+        } else if (detect_threadgroup_races && region->begin >= arena_begin &&
+                   region->begin < arena_end) {
+          track_threadgroup(q, sizeof(T));
+        }
+      }
     }
     return q;
   }
   template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
-  T& operator[](I i) const { return *at(ptrdiff_t(i)); }
-  T& operator*() const { return *at(0); }
-  T* operator->() const { return at(0); }
+  MSL_INLINE T& operator[](I i) const { return *at(ptrdiff_t(i)); }
+  MSL_INLINE T& operator*() const { return *at(0); }
+  MSL_INLINE T* operator->() const { return at(0); }
   template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
   ptr operator+(I i) const { return {p + ptrdiff_t(i), region}; }
   template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
@@ -199,17 +225,30 @@ struct ptr {
 };
 
 // A fixed-size array (threadgroup arrays, shared by the threadgroup, and thread-local arrays):
-// same layout as T[N], bounds-checked indexing.
+// same layout as T[N], bounds-checked indexing; elements in threadgroup memory are tracked (the
+// rows of a multi-dimensional array are not elements).
+template <class T, size_t N>
+struct tarr;
+template <class T>
+constexpr bool is_tarr = false;
+template <class T, size_t N>
+constexpr bool is_tarr<tarr<T, N>> = true;
+
 template <class T, size_t N>
 struct tarr {
   T v[N];
   template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
-  T& operator[](I i) {
+  MSL_INLINE T& operator[](I i) {
     if (i < 0 || size_t(i) >= N) out_of_bounds(find_region(v), v + ptrdiff_t(i), sizeof(T), "array");
+    if constexpr (!is_tarr<T> && sizeof(T) <= kTrackedBytes) {
+      const char* address = reinterpret_cast<const char*>(v + i);
+      if (detect_threadgroup_races && address >= arena_begin && address < arena_end)
+        track_threadgroup(address, sizeof(T));
+    }
     return v[i];
   }
   template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
-  const T& operator[](I i) const { return const_cast<tarr&>(*this)[i]; }
+  MSL_INLINE const T& operator[](I i) const { return const_cast<tarr&>(*this)[i]; }
   operator ptr<T>() { return {v, find_region(v)}; }
   operator ptr<const T>() const { return {v, find_region(v)}; }
   template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
@@ -233,7 +272,7 @@ using Site = std::source_location;
 // `combine(args_of_each_lane, lanes)` runs once for the group.
 using Combine = void (*)(void** lane_args, int lanes);
 void simd_collective(const Site& site, const char* op, void* args, Combine combine);
-void threadgroup_sync(const Site& site);
+void threadgroup_sync(const Site& site, unsigned flags);
 int lane_id();
 int simd_width();  // lanes in this SIMD group (32 unless the threadgroup is smaller)
 
@@ -433,7 +472,9 @@ namespace fast { using namespace detail; }
 namespace precise { using namespace detail; }
 
 // ---------------------------------------------------------------- synchronisation
-inline void threadgroup_barrier(mem_flags, MSL_SITE) { msl::threadgroup_sync(site); }
+inline void threadgroup_barrier(mem_flags flags, MSL_SITE) {
+  msl::threadgroup_sync(site, unsigned(flags));
+}
 inline void simdgroup_barrier(mem_flags, MSL_SITE) {
   msl::simd_collective(site, "simdgroup_barrier", nullptr, [](void**, int) {});
 }
@@ -586,9 +627,10 @@ inline long index(int r, int c, unsigned long stride, vec<unsigned long, 2> orig
 }  // namespace sgm
 
 template <class T, class P>
-void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P source, unsigned long elements_per_row = 8,
-                    vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul), bool transpose = false,
-                    MSL_SITE) {
+MSL_INLINE void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P source,
+                               unsigned long elements_per_row = 8,
+                               vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul),
+                               bool transpose = false, MSL_SITE) {
   sgm::converge(site, "simdgroup_load");
   int lane = msl::lane_id(), r = sgm::row(lane), c = sgm::col(lane);
   for (int j = 0; j < 2; j++)
@@ -596,10 +638,10 @@ void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P source, unsigned long elemen
 }
 
 template <class T, class P>
-void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, P destination,
-                     unsigned long elements_per_row = 8,
-                     vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul), bool transpose = false,
-                     MSL_SITE) {
+MSL_INLINE void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, P destination,
+                                unsigned long elements_per_row = 8,
+                                vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul),
+                                bool transpose = false, MSL_SITE) {
   sgm::converge(site, "simdgroup_store");
   int lane = msl::lane_id(), r = sgm::row(lane), c = sgm::col(lane);
   for (int j = 0; j < 2; j++)
@@ -608,17 +650,17 @@ void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, P destination,
 
 // Threadgroup arrays passed whole decay to pointers (a by-value template would copy them).
 template <class T, class U, size_t N>
-void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, msl::tarr<U, N>& source,
-                    unsigned long elements_per_row = 8,
-                    vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul), bool transpose = false,
-                    MSL_SITE) {
+MSL_INLINE void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, msl::tarr<U, N>& source,
+                               unsigned long elements_per_row = 8,
+                               vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul),
+                               bool transpose = false, MSL_SITE) {
   simdgroup_load(m, msl::ptr<U>(source), elements_per_row, origin, transpose, site);
 }
 template <class T, class U, size_t N>
-void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, msl::tarr<U, N>& destination,
-                     unsigned long elements_per_row = 8,
-                     vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul), bool transpose = false,
-                     MSL_SITE) {
+MSL_INLINE void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m,
+                                msl::tarr<U, N>& destination, unsigned long elements_per_row = 8,
+                                vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul),
+                                bool transpose = false, MSL_SITE) {
   simdgroup_store(m, msl::ptr<U>(destination), elements_per_row, origin, transpose, site);
 }
 

@@ -1,7 +1,8 @@
 // Scheduler of the MSL-on-CPU emulator: one fiber per GPU thread, SIMD groups of 32 lanes whose
 // collectives complete only when every lane of the group reaches the same call site, threadgroup
-// barriers, shared poisoned threadgroup memory, several thread orders per launch, and all of it in
-// a forked child so that a crashing kernel cannot take the test process down.
+// barriers, shared poisoned threadgroup memory, a shadow-memory race detector, several thread
+// orders per launch, and all of it in a forked child so that a crashing kernel cannot take the
+// test process down.
 //
 // Included at the end of each generated translation unit, after the kernel and its `run_thread`.
 #undef device
@@ -52,6 +53,52 @@ constexpr size_t kThreadgroupMemory = 32 * 1024;  // Apple GPUs' limit
 
 enum class State { runnable, at_simd, at_barrier, done };
 
+// ---------------------------------------------------------------- race detector: state
+// Happens-before as Metal defines it inside a threadgroup: a threadgroup_barrier with
+// mem_threadgroup (mem_device) orders every access to threadgroup (device) memory before it
+// against every access after it; a SIMD-group function or simdgroup_barrier orders the accesses of
+// the lanes of its SIMD group. Epochs count those syncs: two accesses by different threads are
+// ordered iff the threadgroup's epoch moved between them, or the threads share a SIMD group and its
+// epoch moved. Nothing orders threads of different threadgroups.
+//
+// An access is seen when the kernel takes the element's reference; whether it was a read or a write
+// is settled at the thread's next tracked access or sync (no other thread runs in between): a write
+// is a store that changed the bytes (a store of the value already there counts as a read).
+struct Access {
+  char* address = nullptr;  // nullptr: none pending
+  const Region* region;     // the output, or nullptr for threadgroup memory
+  uint32_t size;
+  uint32_t site;  // return address of the track_ hook, as an offset into this library
+  uint8_t before[kTrackedBytes];
+};
+
+struct Reader {
+  uint16_t thread = 0;  // thread_index_in_threadgroup + 1; 0: none
+  uint32_t site = 0;
+};
+
+// Per 4-byte word of threadgroup memory (per byte once an access covered part of the word), for
+// the accesses since the last threadgroup barrier (`epoch`).
+struct SharedCell {
+  uint32_t epoch = 0;
+  uint16_t writer = 0;  // thread + 1
+  uint32_t write_site = 0;
+  uint32_t write_simd_epoch = 0;
+  uint32_t read_groups = 0;  // a bit per SIMD group that read it
+  Reader first, other_group;  // the first reader, the first reader in another SIMD group
+  uint32_t read_simd_epoch = 0;  // the SIMD-group epoch of the latest reads (one group read it)
+  Reader latest[2];  // two distinct readers at read_simd_epoch
+};
+
+// Per byte of an output: its last writer in the launch.
+struct OutputCell {
+  uint32_t group = 0;  // threadgroup (linear index) + 1; 0: never written
+  uint16_t thread;
+  uint32_t site;
+  uint32_t epoch;  // device epoch of the write
+  uint32_t simd_epoch;
+};
+
 struct Fiber {
 #ifdef MSL_FAST_SWITCH
   void* sp;
@@ -63,8 +110,10 @@ struct Fiber {
   Attrs attrs;
   const Site* site;  // where it waits
   const char* op;
+  unsigned flags;  // of the barrier it waits at
   void* args;
   Combine combine;
+  Access pending;  // its latest tracked access, read or write not yet known
 };
 
 struct Run {
@@ -83,6 +132,15 @@ struct Run {
   uint8_t poison = 0xff;
   std::vector<void*> slots;
   std::vector<Region> arena_regions;
+  // race detector
+  std::vector<SharedCell> word_cells;                 // per arena word
+  std::vector<SharedCell> byte_cells;                 // per arena byte, where split_words is set
+  std::vector<bool> split_words;                      // words accessed in parts
+  std::vector<std::vector<OutputCell>> output_cells;  // per buffer, per byte (outputs only)
+  uint32_t shared_epoch = 0, device_epoch = 0;        // move at barriers and threadgroup starts
+  uint32_t simd_epochs[32] = {};                      // per SIMD group, move at its syncs
+  uint32_t group_index = 0;                           // linear index of the running threadgroup
+  char* library_base = nullptr;
 #ifdef MSL_FAST_SWITCH
   void* scheduler_sp;
 #else
@@ -148,8 +206,11 @@ void resume(Fiber& f) {
   run_->current = nullptr;
 }
 
+void settle(Fiber& f);
+
 void suspend() {
   Fiber& f = *run_->current;
+  settle(f);
 #ifdef MSL_FAST_SWITCH
   msl_switch_stack(&f.sp, run_->scheduler_sp);
 #else
@@ -187,17 +248,29 @@ void append_frames(char* out, size_t size) {
                                                static_cast<char*>(self.dli_fbase) - 1));
 }
 
-[[noreturn]] void fail(const char* fmt, ...) {
+// The failing thread, the message, and (with `frames`) where the thread is now.
+[[noreturn]] void report(bool frames, const char* fmt, va_list args) {
   char* out = run_->error;
   size_t size = run_->launch->error_size;
   int n = describe_thread(out, size);
   n += snprintf(out + n, size - n, ": ");
+  vsnprintf(out + n, size - n, fmt, args);
+  if (frames) append_frames(out, size);
+  _exit(3);
+}
+
+[[noreturn]] void fail(const char* fmt, ...) {
   va_list args;
   va_start(args, fmt);
-  vsnprintf(out + n, size - n, fmt, args);
-  va_end(args);
-  append_frames(out, size);
-  _exit(3);
+  report(true, fmt, args);
+}
+
+// As fail, for messages that name their places themselves as "@site:<offset>" (Python maps them
+// to .metal lines): the thread has moved on from the access in question.
+[[noreturn]] void fail_at_sites(const char* fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  report(false, fmt, args);
 }
 
 void on_signal(int signal) {
@@ -247,10 +320,13 @@ void* threadgroup_alloc(int slot, size_t bytes, const char* name) {
     if (start + bytes > kThreadgroupMemory)
       fail("threadgroup memory exceeds %zu bytes at '%s' (%zu bytes wanted, %zu in use)",
            kThreadgroupMemory, name, bytes, start);
+    if (r.arena_regions.size() == r.arena_regions.capacity())  // ptr holds Region pointers
+      fail("more than %zu threadgroup variables", r.arena_regions.capacity());
     r.slots[slot] = r.arena + start;
     r.arena_used = start + bytes;
     std::memset(r.arena + start, r.poison, bytes);
-    r.arena_regions.push_back({r.arena + start, r.arena + start + bytes, name, "threadgroup", nullptr});
+    r.arena_regions.push_back(
+        {r.arena + start, r.arena + start + bytes, name, "threadgroup", nullptr, false});
   }
   return r.slots[slot];
 }
@@ -273,12 +349,182 @@ void simd_collective(const Site& site, const char* op, void* args, Combine combi
   suspend();
 }
 
-void threadgroup_sync(const Site& site) {
+void threadgroup_sync(const Site& site, unsigned flags) {
   Fiber& f = *run_->current;
   f.state = State::at_barrier;
   f.site = &site;
   f.op = "threadgroup_barrier";
+  f.flags = flags;
   suspend();
+}
+
+// ---------------------------------------------------------------- race detector: checks
+uint32_t site_of(void* return_address) {
+  return uint32_t(static_cast<char*>(return_address) - run_->library_base - 1);
+}
+
+void track(const Region* output, const void* address, size_t size, uint32_t site) {
+  Fiber& f = *run_->current;
+  settle(f);
+  Access& a = f.pending;
+  a.address = static_cast<char*>(const_cast<void*>(address));
+  a.region = output;
+  a.size = uint32_t(size);
+  a.site = site;
+  if (size == 4) std::memcpy(a.before, address, 4);  // a constant size needs no call
+  else std::memcpy(a.before, address, size);
+}
+
+void track_threadgroup(const void* address, size_t size) {
+  track(nullptr, address, size, site_of(__builtin_return_address(0)));
+}
+
+void track_output(const Region* region, const void* address, size_t size) {
+  track(region, address, size, site_of(__builtin_return_address(0)));
+}
+
+int group_of(uint16_t thread) { return (thread - 1) / 32; }
+
+// "thread_index_in_threadgroup 70 (simdgroup 2, lane 6)" for a stored thread + 1.
+const char* name_thread(uint16_t thread, char* buf, size_t size) {
+  snprintf(buf, size, "thread_index_in_threadgroup %u (simdgroup %u, lane %u)", thread - 1u,
+           (thread - 1u) / 32, (thread - 1u) % 32);
+  return buf;
+}
+
+// Sites are printed as "@site:<offset>" for Python to map to .metal lines.
+[[noreturn]] void race(const Region* region, const Access& a, bool wrote, const char* other,
+                       bool other_wrote, uint32_t other_site, const char* why) {
+  if (!region) region = find_region(a.address);
+  ptrdiff_t element = (a.address - region->begin) / ptrdiff_t(a.size);
+  fail_at_sites("data race on %s %s '%s' element %td (%u-byte elements): this thread %s at "
+                "@site:%x and %s %s it at @site:%x, %s: the result depends on the thread order "
+                "on the GPU",
+                region->space, region->output ? "output" : "array", region->name, element, a.size,
+                wrote ? "writes it" : "reads it (or stores the value it holds)", a.site, other,
+                other_wrote ? "wrote" : "read", other_site, why);
+}
+
+const char* kUnorderedInGroup = "with no threadgroup_barrier(mem_threadgroup), SIMD-group "
+                                "function or simdgroup_barrier in between";
+const char* kUnorderedGroups = "in another SIMD group, with no threadgroup_barrier(mem_threadgroup) "
+                               "in between";
+
+void settle_shared(Fiber& f, const Access& a, bool wrote) {
+  Run& r = *run_;
+  const uint16_t me = uint16_t(f.attrs.thread_index_in_threadgroup + 1);
+  const int group = f.attrs.simdgroup_index_in_threadgroup;
+  const uint32_t simd_epoch = r.simd_epochs[group];
+  const Region* region = nullptr;  // found when reporting
+  char other[96];
+  auto unordered = [&](uint16_t thread, uint32_t epoch) {
+    return group_of(thread) != group ? kUnorderedGroups : epoch == simd_epoch ? kUnorderedInGroup
+                                                                               : nullptr;
+  };
+  auto settle_cell = [&](SharedCell& c) {
+    if (c.epoch != r.shared_epoch) {
+      c = SharedCell{};
+      c.epoch = r.shared_epoch;
+    }
+    if (c.writer && c.writer != me) {
+      if (const char* why = unordered(c.writer, c.write_simd_epoch))
+        race(region, a, wrote, name_thread(c.writer, other, sizeof other), true, c.write_site, why);
+    }
+    if (wrote) {
+      Reader reader;
+      if (c.read_groups & ~(1u << group))  // read in another SIMD group
+        reader = group_of(c.first.thread) != group ? c.first : c.other_group;
+      else if (c.read_groups && c.read_simd_epoch == simd_epoch)
+        reader = c.latest[0].thread != me ? c.latest[0] : c.latest[1];
+      if (reader.thread)
+        race(region, a, true, name_thread(reader.thread, other, sizeof other), false, reader.site,
+             unordered(reader.thread, c.read_simd_epoch));
+      c = SharedCell{};  // the earlier reads are ordered before this write
+      c.epoch = r.shared_epoch;
+      c.writer = me;
+      c.write_site = a.site;
+      c.write_simd_epoch = simd_epoch;
+      return;
+    }
+    if (!c.read_groups) c.first = {me, a.site};
+    else if (!c.other_group.thread && group_of(c.first.thread) != group) c.other_group = {me, a.site};
+    c.read_groups |= 1u << group;
+    if (!c.latest[0].thread || c.read_simd_epoch != simd_epoch) {
+      c.read_simd_epoch = simd_epoch;
+      c.latest[0] = {me, a.site};
+      c.latest[1] = {};
+    } else if (c.latest[0].thread != me && !c.latest[1].thread) {
+      c.latest[1] = {me, a.site};
+    }
+  };
+  const size_t begin = a.address - r.arena, end = begin + a.size;
+  const bool whole_words = begin % 4 == 0 && a.size % 4 == 0;
+  for (size_t word = begin / 4; word < (end + 3) / 4; word++) {
+    if (!r.split_words[word]) {
+      if (whole_words) {
+        settle_cell(r.word_cells[word]);
+        continue;
+      }
+      for (size_t byte = 4 * word; byte < 4 * word + 4; byte++) r.byte_cells[byte] = r.word_cells[word];
+      r.split_words[word] = true;
+    }
+    for (size_t byte = std::max(begin, 4 * word); byte < std::min(end, 4 * word + 4); byte++)
+      settle_cell(r.byte_cells[byte]);
+  }
+}
+
+// Outputs: no two threads write the same element, and no thread reads an element another thread
+// wrote unless a threadgroup_barrier(mem_device) or a sync of their SIMD group ordered them.
+void settle_output(Fiber& f, const Access& a, bool wrote) {
+  Run& r = *run_;
+  const Region* region = a.region;
+  const uint16_t me = uint16_t(f.attrs.thread_index_in_threadgroup + 1);
+  const int group = f.attrs.simdgroup_index_in_threadgroup;
+  const uint32_t simd_epoch = r.simd_epochs[group];
+  std::vector<OutputCell>& cells = r.output_cells[region - r.regions.data()];
+  for (char* byte = a.address; byte < a.address + a.size; byte++) {
+    OutputCell& c = cells[byte - region->begin];
+    bool ordered = c.group == r.group_index + 1 &&
+                   (c.thread == me || c.epoch != r.device_epoch ||
+                    (group_of(c.thread) == group && c.simd_epoch != simd_epoch));
+    if (c.group && !ordered) {
+      char other[256];
+      const Launch& L = *r.launch;
+      uint32_t counts[3], gp[3], size[3], t = c.thread - 1u, g = c.group - 1;
+      for (int d = 0; d < 3; d++) counts[d] = (L.grid[d] + L.group[d] - 1) / L.group[d];
+      gp[0] = g % counts[0], gp[1] = (g / counts[0]) % counts[1], gp[2] = g / (counts[0] * counts[1]);
+      for (int d = 0; d < 3; d++) size[d] = std::min(L.group[d], L.grid[d] - gp[d] * L.group[d]);
+      snprintf(other, sizeof other,
+               "thread_position_in_grid (%u, %u, %u) (threadgroup (%u, %u, %u), "
+               "thread_index_in_threadgroup %u)",
+               gp[0] * L.group[0] + t % size[0], gp[1] * L.group[1] + (t / size[0]) % size[1],
+               gp[2] * L.group[2] + t / (size[0] * size[1]), gp[0], gp[1], gp[2], t);
+      race(region, a, wrote, other, true, c.site,
+           wrote ? "two threads write the same output element"
+                 : "a kernel has no grid-wide synchronisation (and within a threadgroup only "
+                   "threadgroup_barrier(mem_device) or a sync of the SIMD group orders them)");
+    }
+    if (wrote) c = {r.group_index + 1, me, a.site, r.device_epoch, simd_epoch};
+  }
+}
+
+template <class U>
+bool differs(const Access& a) {  // memcmp without a call, for the common sizes
+  U now, before;
+  std::memcpy(&now, a.address, sizeof now);
+  std::memcpy(&before, a.before, sizeof before);
+  return now != before;
+}
+
+// Settles the fiber's pending access as a read or a write and checks it.
+void settle(Fiber& f) {
+  Access& a = f.pending;
+  if (!a.address) return;
+  bool wrote = a.size == 4 ? differs<uint32_t>(a) : a.size == 2 ? differs<uint16_t>(a)
+                                                  : std::memcmp(a.address, a.before, a.size) != 0;
+  if (a.region) settle_output(f, a, wrote);
+  else settle_shared(f, a, wrote);
+  a.address = nullptr;
 }
 
 bool same_site(const Fiber& a, const Fiber& b) {
@@ -326,6 +572,7 @@ bool resolve_simdgroup(int g) {
   r.current = waiting;  // for errors raised while combining
   waiting->combine(args, n);
   r.current = nullptr;
+  r.simd_epochs[g]++;
   for (int i = 0; i < n; i++) lanes[i].state = State::runnable;
   return true;
 }
@@ -352,6 +599,8 @@ bool resolve_barrier() {
     if (!same_site(f, *waiting))
       fail_divergent(*waiting, f, "threads wait at different threadgroup_barrier calls");
   }
+  if (waiting->flags & unsigned(metal::mem_flags::mem_threadgroup)) r.shared_epoch++;
+  if (waiting->flags & unsigned(metal::mem_flags::mem_device)) r.device_epoch++;
   for (Fiber& f : active(r)) f.state = State::runnable;
   return true;
 }
@@ -397,6 +646,8 @@ void run_threadgroup(uint3 group_position) {
   r.arena_used = 0;
   r.slots.assign(r.slots.size(), nullptr);
   r.arena_regions.clear();
+  r.shared_epoch++;  // nothing orders two threadgroups: no access of an earlier one counts
+  r.device_epoch++;
   std::vector<int> order(r.threads);
   for (int t = 0; t < r.threads; t++) {
     Fiber& f = r.fibers[t];
@@ -421,6 +672,7 @@ void run_threadgroup(uint3 group_position) {
     a.quadgroup_index_in_threadgroup = t / 4;
     a.quadgroups_per_threadgroup = a.dispatch_quadgroups_per_threadgroup = (r.threads + 3) / 4;
     f.state = State::runnable;
+    f.pending.address = nullptr;
     start_fiber(f);
   }
   arrange(order);
@@ -456,15 +708,21 @@ void run_order(Run& r) {
   r.regions.resize(L.buffers);
   for (int b = 0; b < L.buffers; b++) {
     char* data = static_cast<char*>(L.data[r.order * L.buffers + b]);
-    r.regions[b] = {data, data + L.bytes[b], L.names[b], L.spaces[b], L.shadow[r.order * L.buffers + b]};
+    uint8_t* shadow = L.shadow[r.order * L.buffers + b];
+    r.regions[b] = {data, data + L.bytes[b], L.names[b], L.spaces[b], shadow, shadow != nullptr};
   }
+  r.output_cells.resize(L.buffers);
+  for (int b = 0; b < L.buffers; b++)
+    if (r.regions[b].output && detect_output_races) r.output_cells[b].resize(L.bytes[b]);
   std::vector<int> groups;
   uint32_t counts[3];
   for (int d = 0; d < 3; d++) counts[d] = (L.grid[d] + L.group[d] - 1) / L.group[d];
   for (uint32_t i = 0; i < counts[0] * counts[1] * counts[2]; i++) groups.push_back(i);
   arrange(groups);
-  for (int i : groups)
+  for (int i : groups) {
+    r.group_index = i;
     run_threadgroup(uint3(i % counts[0], (i / counts[0]) % counts[1], i / (counts[0] * counts[1])));
+  }
 }
 
 }  // namespace msl
@@ -484,6 +742,19 @@ namespace msl {
     f.stack = block + 4096;
   }
   run.arena = static_cast<char*>(aligned_alloc(64, kThreadgroupMemory));
+  arena_begin = run.arena;
+  arena_end = run.arena + kThreadgroupMemory;
+  run.arena_regions.reserve(1024);  // never reallocated: ptr holds Region pointers
+  detect_threadgroup_races = order == 0;
+  detect_output_races = order < 2;
+  if (detect_threadgroup_races) {
+    run.word_cells.resize(kThreadgroupMemory / 4);
+    run.byte_cells.resize(kThreadgroupMemory);
+    run.split_words.resize(kThreadgroupMemory / 4);
+  }
+  Dl_info self;
+  dladdr(reinterpret_cast<void*>(&append_frames), &self);
+  run.library_base = static_cast<char*>(self.dli_fbase);
   static char signal_stack[64 * 1024];
   stack_t ss{};
   ss.ss_sp = signal_stack;
