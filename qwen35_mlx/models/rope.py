@@ -54,6 +54,12 @@ def rotate_half(x: mx.array) -> mx.array:
     return mx.concatenate([-second, first], axis=-1)
 
 
+def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """x rotated in float32 by angles given as cos/sin (broadcast against x), in x's dtype."""
+    x32 = x.astype(mx.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
 def mrope_axes(mrope_section: tuple[int, ...], frequencies: int) -> np.ndarray:
     """Which position row (0 T, 1 H, 2 W) drives each rotary frequency: THWTHW...TT."""
     i = np.arange(frequencies)
@@ -64,8 +70,8 @@ def mrope_axes(mrope_section: tuple[int, ...], frequencies: int) -> np.ndarray:
 
 
 class Rotary:
-    """Applies the rotary embedding to [B, heads, T, head_dim]: at a position offset (text), or
-    at M-RoPE position ids [3, B, T] (prompts with images or videos)."""
+    """Applies the rotary embedding to q and k [B, heads, T, head_dim]: at a position offset
+    (text), or at M-RoPE position ids [3, B, T] (prompts with images or videos)."""
 
     def __init__(self, config: TextConfig):
         inv_freq, self.scale = inverse_frequencies(config)
@@ -77,23 +83,30 @@ class Rotary:
         self._dim_scale = (None if self.scale == 1.0 else
                            mx.concatenate([mx.full((self.dims,), self.scale), mx.ones((tail,))]))
 
-    def __call__(self, x: mx.array, offset: int | mx.array = 0,
-                 position_ids: mx.array | None = None) -> mx.array:
-        """offset: int or [B] (position of x's first token); position_ids [3, B, T] instead."""
+    def __call__(self, q: mx.array, k: mx.array, offset: int | mx.array = 0,
+                 position_ids: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """q, k rotated. offset: int or [B] (position of the first token); position_ids
+        [3, B, T] instead."""
         if position_ids is not None:
-            return self._mrope(x, position_ids)
+            cos, sin = self._mrope_angles(position_ids)
+            return self._rotate_part(q, cos, sin), self._rotate_part(k, cos, sin)
+        return self._rope(q, offset), self._rope(k, offset)
+
+    def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         if self._dim_scale is not None:
             x = x * self._dim_scale.astype(x.dtype)
         return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0,
                             offset=offset, freqs=self._periods)
 
-    def _mrope(self, x: mx.array, position_ids: mx.array) -> mx.array:
+    def _mrope_angles(self, position_ids: mx.array) -> tuple[mx.array, mx.array]:
+        """cos, sin [B, 1, T, rotary_dim] of M-RoPE positions [3, B, T]."""
         positions = position_ids[self._axes].astype(mx.float32)  # [rd/2, B, T], row per freq
         angles = positions.transpose(1, 2, 0) * self._inv_freq  # [B, T, rd/2]
         angles = mx.concatenate([angles, angles], axis=-1)[:, None]  # [B, 1, T, rd]
         # the YaRN attention scale multiplies cos/sin, as transformers does
-        cos, sin = mx.cos(angles) * self.scale, mx.sin(angles) * self.scale
-        rotated, rest = x[..., :self.dims], x[..., self.dims:]
-        rotated = rotated.astype(mx.float32)
-        rotated = (rotated * cos + rotate_half(rotated) * sin).astype(x.dtype)
-        return mx.concatenate([rotated, rest], axis=-1)
+        return mx.cos(angles) * self.scale, mx.sin(angles) * self.scale
+
+    def _rotate_part(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        """The first rotary_dim dims of x rotated, the rest as they are."""
+        rotated = rotate(x[..., :self.dims], cos, sin)
+        return mx.concatenate([rotated, x[..., self.dims:]], axis=-1)

@@ -155,7 +155,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
 
         offset = (0 if cache is None else cache.offset) + rope_delta
-        q, k = self.rope(q, offset, position_ids), self.rope(k, offset, position_ids)
+        q, k = self.rope(q, k, offset, position_ids)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
-from .rope import rotate_half
+from .rope import rotate
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches: temporal groups, rows, columns
 
@@ -83,7 +83,7 @@ class VisionAttention(nn.Module):
         N = x.shape[0]
         qkv = self.qkv(x).reshape(N, 3, self.n_heads, self.head_dim)  # rows [q | k | v]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # each [N, nh, d]
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k = rotate(q, *rotary), rotate(k, *rotary)
         outputs = []
         for start, groups, length in segments:  # one grid: `groups` frames of `length` patches
             def heads(a: mx.array) -> mx.array:  # -> [groups, nh, length, d]
@@ -95,13 +95,6 @@ class VisionAttention(nn.Module):
             outputs.append(out.transpose(0, 2, 1, 3).reshape(groups * length, -1))
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)  # [N, nh*d]
         return self.proj(out)
-
-
-def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """x [N, nh, d] rotated in float32 by angles given as cos/sin [N, d]."""
-    x32 = x.astype(mx.float32)
-    cos, sin = cos[:, None], sin[:, None]
-    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
 class VisionMLP(nn.Module):
@@ -201,11 +194,12 @@ class VisionModel(nn.Module):
         return (taps * mx.array(np.concatenate(weights))[..., None]).sum(axis=1)
 
     def rotary_angles(self, grids: Sequence[Grid]) -> tuple[mx.array, mx.array]:
-        """cos, sin [N, head_dim] of the 2-D rotary: angles [row*f, col*f] twice over."""
+        """cos, sin [N, 1, head_dim] (broadcast over heads) of the 2-D rotary: angles
+        [row*f, col*f] twice over."""
         merge = self.config.spatial_merge_size
         coords = [np.tile(np.stack(merge_block_coordinates(h, w, merge), axis=-1), (t, 1))
                   for t, h, w in grids]
         coords = np.concatenate(coords)  # [N, 2] (row, col)
         angles = (coords[:, :, None] * self._inv_freq).reshape(len(coords), -1)  # [N, d/2]
-        angles = mx.array(np.concatenate([angles, angles], axis=-1), dtype=mx.float32)
+        angles = mx.array(np.concatenate([angles, angles], axis=-1)[:, None], dtype=mx.float32)
         return mx.cos(angles), mx.sin(angles)
