@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_map
-from msl_emulator import EmulatorError, emulate
+from msl_emulator import EmulatorError, emulate, run_on_emulator
 
 from metrics import relative_error
 from qwen35_mlx.metal import gated_delta
@@ -15,17 +15,13 @@ from qwen35_mlx.metal.chunked import chunked_scan
 from qwen35_mlx.metal.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
 from qwen35_mlx.metal.count import decode_primitive_counts, primitive_counts
 from qwen35_mlx.metal.decode_step import DECODE_STEP, decode_step_call
+from qwen35_mlx.metal.kernel import KernelSpec
 from qwen35_mlx.metal.gated_delta import scan_inputs
 from qwen35_mlx.models.config import LINEAR, TextConfig
 from qwen35_mlx.models.text import GatedDeltaNet
 from test_gated_delta import CASES, case_id, gated_delta_reference, make_inputs
 
 TOLERANCE = {mx.float32: 1e-5, mx.bfloat16: 1e-2}
-
-
-def for_emulator(inputs: list) -> list:
-    """Python ints as MLX passes them to a kernel: int32."""
-    return [np.int32(x) if isinstance(x, int) else x for x in inputs]
 
 
 def broken_copy(spec, tmp_path, correct: str, broken: str):
@@ -52,7 +48,7 @@ def scan_case(inputs, state, dtype):
 
 def emulate_chunked(spec, scan_args):
     kernel_inputs, launch = chunked_scan_call(*scan_args)
-    return emulate(spec, for_emulator(kernel_inputs), launch)  # out, state
+    return emulate(spec, kernel_inputs, launch)  # out, state
 
 
 def rounded(inputs, dtype):
@@ -215,12 +211,7 @@ def test_layer_decodes_through_the_fused_step_like_the_plain_layer(monkeypatch):
     by the emulator) and its plain path: outputs and caches agree at every step. Float32: from a
     near-empty state some heads' outputs are tiny, and the gated RMSNorm scales their bfloat16
     rounding up to ~50% on both paths alike (bfloat16 is checked on random states above)."""
-    def emulated_step(*args):
-        kernel_inputs, launch = decode_step_call(*args)
-        outputs = emulate(DECODE_STEP, kernel_inputs, launch)
-        return tuple(mx.array(o).astype(dtype) for o, dtype in zip(outputs, launch.output_dtypes))
-
-    monkeypatch.setattr(gated_delta, "fused_decode_step", emulated_step)
+    monkeypatch.setattr(KernelSpec, "run", run_on_emulator)
     layer = make_layer(2, 4, 16, 24, mx.float32)
     tokens = mx.random.normal((2, 4, 64))
     fused_cache, plain_cache = [None, None], [None, None]

@@ -4,7 +4,7 @@ MSL-on-CPU emulator, as a Mac would send it to the GPU."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl_emulator import emulate
+from msl_emulator import run_on_emulator
 
 from checkpoints import Spec
 from metrics import relative_error
@@ -12,13 +12,6 @@ from qwen35_mlx.loading import load_model
 from qwen35_mlx.metal import gated_delta
 from qwen35_mlx.metal.kernel import KernelSpec
 from test_model import prompt, reference_logits
-
-
-def run_on_emulator(spec: KernelSpec, inputs, launch, verbose=False):
-    """`KernelSpec.run` with the kernel executed by the emulator (ints passed as MLX does)."""
-    inputs = [np.int32(x) if isinstance(x, int) else x for x in inputs]
-    outputs = emulate(spec, inputs, launch, orders=1)
-    return [mx.array(out).astype(dtype) for out, dtype in zip(outputs, launch.output_dtypes)]
 
 
 @pytest.fixture

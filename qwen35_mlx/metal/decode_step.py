@@ -63,10 +63,3 @@ def decode_step_call(
     inputs = [qkv, z, a, b, conv_state.astype(qkv.dtype), conv_weight, A_log, dt_bias,
               norm_weight, state.astype(mx.float32), mx.array(norm_eps, dtype=mx.float32)]
     return inputs, decode_step_launch(B, key_heads, Hv, Dk, Dv, K, qkv.dtype)
-
-
-def fused_decode_step(*args, **kwargs) -> tuple[mx.array, mx.array, mx.array]:
-    """`decode_step_call`'s arguments -> (y [B, 1, Hv * Dv], state, conv_state)."""
-    inputs, launch = decode_step_call(*args, **kwargs)
-    y, state, conv_state = DECODE_STEP.run(inputs, launch)
-    return y, state, conv_state

@@ -22,7 +22,7 @@ import mlx.nn as nn
 
 from . import chunked_kernel
 from .chunked import chunked_scan
-from .decode_step import fused_decode_step
+from .decode_step import DECODE_STEP, decode_step_call
 from .recurrent import recurrent_scan
 
 ScanFn = Callable[..., tuple[mx.array, mx.array]]
@@ -134,5 +134,7 @@ def gated_delta_decode(
     if state is None:
         Dk = (channels - Hv * Dv) // (2 * key_heads)
         state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
-    return fused_decode_step(qkv, z, a, b, conv_weight, A_log, dt_bias, norm_weight, norm_eps,
-                             conv_state, state, key_heads)
+    inputs, launch = decode_step_call(qkv, z, a, b, conv_weight, A_log, dt_bias, norm_weight,
+                                      norm_eps, conv_state, state, key_heads)
+    y, state, conv_state = DECODE_STEP.run(inputs, launch)
+    return y, state, conv_state
