@@ -49,6 +49,9 @@ PROCESSOR_FILES = {"preprocessor_config.json": PREPROCESSOR_CONFIG,
                    "video_preprocessor_config.json": VIDEO_PREPROCESSOR_CONFIG}
 # Qwen3VLVideoProcessor's class defaults (the released file does not set them).
 VIDEO_SAMPLING = {"fps": 2.0, "min_frames": 4, "max_frames": 768}
+RESCALE_FACTOR = 1 / 255  # transformers' default (the released files do not set it)
+# the keys that set how pixels become patches, the same in both files
+PATCHING = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
 MAX_ASPECT_RATIO = 200
 BICUBIC = 3  # PIL's number for bicubic, as `resample` stores it
 # config.json id field -> the token transformers' processor uses when the tokenizer is silent
@@ -220,12 +223,18 @@ class Processor:
     Build it with `Processor.from_pretrained(directory)`.
     """
 
-    def __init__(self, *, patch_size: int = 16, temporal_patch_size: int = 2,
-                 merge_size: int = 2, image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 image_std: Sequence[float] = (0.5, 0.5, 0.5), rescale_factor: float = 1 / 255,
-                 min_pixels: int = 65536, max_pixels: int = 16777216,
-                 video_min_pixels: int = 4096, video_max_pixels: int = 25165824,
-                 fps: float = 2.0, min_frames: int = 4, max_frames: int = 768,
+    def __init__(self, *, patch_size: int = PREPROCESSOR_CONFIG["patch_size"],
+                 temporal_patch_size: int = PREPROCESSOR_CONFIG["temporal_patch_size"],
+                 merge_size: int = PREPROCESSOR_CONFIG["merge_size"],
+                 image_mean: Sequence[float] = PREPROCESSOR_CONFIG["image_mean"],
+                 image_std: Sequence[float] = PREPROCESSOR_CONFIG["image_std"],
+                 rescale_factor: float = RESCALE_FACTOR,
+                 min_pixels: int = PREPROCESSOR_CONFIG["size"]["shortest_edge"],
+                 max_pixels: int = PREPROCESSOR_CONFIG["size"]["longest_edge"],
+                 video_min_pixels: int = VIDEO_PREPROCESSOR_CONFIG["size"]["shortest_edge"],
+                 video_max_pixels: int = VIDEO_PREPROCESSOR_CONFIG["size"]["longest_edge"],
+                 fps: float = VIDEO_SAMPLING["fps"], min_frames: int = VIDEO_SAMPLING["min_frames"],
+                 max_frames: int = VIDEO_SAMPLING["max_frames"],
                  tokens: VisionTokens = VisionTokens()):
         """
         Args:
@@ -424,12 +433,8 @@ def _common_settings(content: dict, file: Path) -> dict:
         raise VisionInputError(f"{file}: resample={content['resample']} is not supported; "
                                f"Qwen3.5 resizes with bicubic ({BICUBIC})")
     size = content.get("size") or {}
-    return {"patch_size": content.get("patch_size", 16),
-            "temporal_patch_size": content.get("temporal_patch_size", 2),
-            "merge_size": content.get("merge_size", 2),
-            "image_mean": content.get("image_mean", [0.5] * 3),
-            "image_std": content.get("image_std", [0.5] * 3),
-            "rescale_factor": content.get("rescale_factor", 1 / 255),
+    return {**{key: content.get(key, PREPROCESSOR_CONFIG[key]) for key in PATCHING},
+            "rescale_factor": content.get("rescale_factor", RESCALE_FACTOR),
             # older files (Qwen2-VL) give the bounds as min_pixels/max_pixels, which win
             "min_pixels": content.get("min_pixels") or size.get("shortest_edge"),
             "max_pixels": content.get("max_pixels") or size.get("longest_edge")}
@@ -445,14 +450,14 @@ def _image_settings(content: dict, file: Path) -> dict:
 
 def _video_settings(content: dict, file: Path, image_settings: dict) -> dict:
     settings = _common_settings(content, file)
-    for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
-                "rescale_factor"):
+    for key in (*PATCHING, "rescale_factor"):
         if key in content and settings[key] != image_settings[key]:
             raise VisionInputError(
                 f"{file}: {key}={content[key]} differs from preprocessor_config.json's "
                 f"{image_settings[key]}; the vision tower has one patching, make them agree")
-    return {"video_min_pixels": settings["min_pixels"] or 4096,
-            "video_max_pixels": settings["max_pixels"] or 25165824,
+    released = VIDEO_PREPROCESSOR_CONFIG["size"]
+    return {"video_min_pixels": settings["min_pixels"] or released["shortest_edge"],
+            "video_max_pixels": settings["max_pixels"] or released["longest_edge"],
             **{key: content.get(key, value) for key, value in VIDEO_SAMPLING.items()}}
 
 
