@@ -29,6 +29,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .report import print_rows, progress
+
 OURS, MLX_LM = "qwen35_mlx", "mlx-lm"
 FLOAT_DTYPE = "bfloat16"
 VISION_PREFIXES = ("vision_tower.", "model.visual.")
@@ -224,10 +226,7 @@ def print_table(outcomes: list[Outcome], baseline: tuple[float, float], source: 
         for ours in (o for o in outcomes if o.job.tool == OURS and o.job.bits == bits):
             label = f"ours {ours.job.recipe if bits else 'float'}/mlx-lm"
             rows.append(ratio_row(label, bits, ours, theirs))
-    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
-    for r in [columns, *rows]:
-        print("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(r, widths))))
+    print_rows(columns, rows, text_columns=3)
     print("(size GB: all files of the output; text GB: tensor bytes without vision tower and MTP "
           "head; quantized: matrices stored quantized; time: the convert call in its own "
           "process, imports excluded; peak RSS includes the imports: "
@@ -264,10 +263,6 @@ def ratio_row(label: str, bits: int | None, ours: Outcome, theirs: Outcome | Non
 
 def failed(outcomes: list[Outcome]) -> int:
     return 1 if any(o.returncode for o in outcomes) else 0
-
-
-def progress(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":  # a child of `convert_in_child`

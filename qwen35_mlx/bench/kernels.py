@@ -30,8 +30,8 @@ from ..metal.count import decode_primitives, primitive_counts
 from ..models.config import ModelConfig
 from ..models.model import Model
 from ..models.text import GatedDeltaNet
-from .convert import progress
 from .random_checkpoint import config_json
+from .report import print_rows, progress
 
 SIZES = ("0.8B", "9B")  # the two head layouts: Hv = Hk = 16, and Hk = 16, Hv = 32
 DEFAULT_TOKENS = (64, 512, 2048)
@@ -196,7 +196,7 @@ def print_timings(timings: list[Timing]) -> None:
     columns = ("heads", "implementation", "T", "ms", "vs fastest peer", "peak GB")
     rows = [(t.size, t.name, str(t.tokens), f"{t.seconds * 1e3:.2f}", f"{t.ratio:.2f}x",
              f"{t.peak_gb:.3f}") for t in timings]
-    _print_rows(columns, rows, text_columns=2)
+    print_rows(columns, rows, text_columns=2)
     print("(vs fastest peer: the faster of mx.fast and mlx-lm at that size and T, divided by "
           "the row's time; above 1x = faster than both)")
 
@@ -207,16 +207,8 @@ def print_primitives(size: str, counts: dict[str, int]) -> None:
             for name, n in counts.items()]
     print(f"\nMLX primitives per decoded token, one DeltaNet layer at {size} shapes "
           f"(graph traced for {mx.default_device()}; 'metal' rows trace the Metal branch):")
-    _print_rows(("decode path", "primitives", *(f"vs {peer}" for peer in peers)), rows,
+    print_rows(("decode path", "primitives", *(f"vs {peer}" for peer in peers)), rows,
                 text_columns=1)
-
-
-def _print_rows(columns, rows, text_columns: int) -> None:
-    """Text columns left-aligned, numbers right-aligned."""
-    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
-    for row in [columns, *rows]:
-        print("  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(row, widths))))
 
 
 def bench_kernels(sizes, tokens, repeats: int, count_size: str = "0.8B") -> None:

@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..loading import load_model, read_config
-from .convert import progress
 from .random_checkpoint import write_random_checkpoint
+from .report import print_rows, progress
 
 
 @dataclass
@@ -121,11 +121,8 @@ def print_table(results: list[Measurement], setup: str) -> None:
     rows.append(["ours/mlx-vlm"] + [f"{a / b:.3f}x" if b else "-" for a, b in (
         (ours.best, theirs.best), (ours.median, theirs.median),
         (ours.work_gb, theirs.work_gb))])
-    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
     print(setup)
-    for row in [columns, *rows]:
-        print("  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}"
-                        for i, (cell, w) in enumerate(zip(row, widths))))
+    print_rows(columns, rows)
     print("(ratios below 1x = qwen35_mlx faster / smaller; work GB: peak memory of one run "
           "above the loaded weights)")
     error = (np.linalg.norm(ours.features - theirs.features)

@@ -19,8 +19,8 @@ import numpy as np
 from ..bench import convert as convert_bench
 from ..bench import kernels as kernels_bench
 from ..bench import vision as vision_bench
-from ..bench.convert import progress
 from ..bench.random_checkpoint import DTYPES, SIZES, SPECIAL_TOKENS, write_random_checkpoint
+from ..bench.report import print_rows, progress
 from ..generate import stream_generate
 from ..loading import load
 
@@ -249,10 +249,7 @@ def print_table(results: list[Result], wanted: int) -> None:
             (ours.median("prefill_tps"), theirs.median("prefill_tps")),
             (ours.median("decode_tps"), theirs.median("decode_tps")),
             (ours.median("peak_gb"), theirs.median("peak_gb")))] + [""])
-    widths = [max(len(str(row[i])) for row in [columns, *rows]) for i in range(len(columns))]
-    for row in [columns, *rows]:
-        print("  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}"
-                        for i, (cell, w) in enumerate(zip(row, widths))))
+    print_rows(columns, rows)
     print("(ratios: tok/s above 1x = qwen35_mlx faster; load s, GB below 1x = qwen35_mlx "
           "quicker/smaller)")
     if len(ours.runs) > 1:
