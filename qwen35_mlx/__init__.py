@@ -8,7 +8,7 @@
 
 from .generate import Completion, GenerationResponse, generate, generate_step, stream_generate
 from .loading import load
-from .media import VisionCache
+from .prompt import VisionCache
 
 __all__ = ["Completion", "GenerationResponse", "VisionCache", "generate", "generate_step",
            "load", "stream_generate"]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Iterator, Mapping, Sequence
 
-from .generate import GenerationResponse, cache_offset, stream_generate
-from .media import VisionCache, encode_prompt, media_sources, with_media
+from .generate import GenerationResponse, stream_generate
+from .models.cache import cache_offset
+from .prompt import VisionCache, encode_prompt, media_sources, place, with_media
 
 
 class ChatSession:
@@ -68,16 +69,19 @@ class ChatSession:
                                vision_cache=self.vision_cache)
         self.messages.append(user)  # once its images are read: a bad file leaves no trace
         self.tokens.extend(inputs.ids[len(pending):])
-        shift, self.rope_delta = self.rope_delta, self.rope_delta + inputs.rope_delta
+        shift = self.rope_delta  # of the images and videos already in the cache
+        _, self.rope_delta = place(inputs, len(pending), shift)
         answer, reasoning = [], []
-        for response in stream_generate(self.model, self.tokenizer, inputs, cache=self.cache,
-                                        rope_delta=shift, **self.generation):
-            self.tokens.append(response.token)
-            (reasoning if response.reasoning else answer).append(response.text)
-            yield response
-        if self.tokens[-1] != self.turn_end:
-            self.tokens.append(self.turn_end)
-        reply = {"role": "assistant", "content": "".join(answer)}
-        if reasoning:
-            reply["reasoning_content"] = "".join(reasoning).strip()
-        self.messages.append(reply)
+        try:
+            for response in stream_generate(self.model, self.tokenizer, inputs, cache=self.cache,
+                                            rope_delta=shift, **self.generation):
+                self.tokens.append(response.token)
+                (reasoning if response.reasoning else answer).append(response.text)
+                yield response
+        finally:  # also when the caller stops reading: the reply so far ends the turn
+            if self.tokens[-1] != self.turn_end:
+                self.tokens.append(self.turn_end)
+            reply = {"role": "assistant", "content": "".join(answer)}
+            if reasoning:
+                reply["reasoning_content"] = "".join(reasoning).strip()
+            self.messages.append(reply)

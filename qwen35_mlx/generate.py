@@ -1,9 +1,10 @@
 """Generation as layered generators: `generate_step` -> `stream_generate` -> `generate`.
 
-`generate_step` turns a prompt into tokens (chunked prefill, then one token per step, with the
+`generate_step` turns token ids into tokens (chunked prefill, then one token per step, with the
 next step queued before the current token is read, as mlx-lm does). `stream_generate` adds the
-tokenizer: chat templating, images and videos (`media.py`), streaming text, reasoning vs answer,
-stop tokens, statistics. `generate` collects a whole completion.
+tokenizer: the prompt (`prompt.py` builds it from text, ids or chat messages with images and
+videos), streaming text, reasoning vs answer, stop tokens and strings, statistics. `generate`
+collects a whole completion.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
-from .media import (PromptInputs, VisionCache, as_list, attach_media, encode_prompt,
-                    media_sources)
-from .sampling import Penalties
+from .models.cache import cache_offset
+from .prompt import Prompt, VisionCache, place, prepare_prompt
+from .sampling import Penalties, check_seed, greedy, make_sampler
 
-Prompt = str | Sequence[int] | Sequence[dict] | PromptInputs
 LogitsProcessor = Callable[[list[int], mx.array], mx.array]
 THINK_END = "</think>"
 
@@ -57,18 +56,20 @@ def generate_step(
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty; give at least one token")
-    if prefill_step_size < 1:
-        raise ValueError("prefill_step_size must be at least 1")
-    if max_tokens <= 0:
+    check_whole("prefill_step_size", prefill_step_size, 1)
+    check_whole("max_tokens", max_tokens, 0)
+    if max_tokens == 0:
         return
+    if input_embeddings is None:
+        model.check_token_ids(prompt)
     cache = model.make_cache() if cache is None else cache
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    sampler = sampler or greedy
     generated: list[int] = []
-    # vision keywords only when used: text generation calls the model as mlx-lm models are called
-    shift = {"rope_delta": rope_delta} if rope_delta else {}
+    # the ids were checked above and sampled ids are in range: the model need not read them
+    decode = {"rope_delta": rope_delta, "check_ids": False}
 
     def prompt_slice(start: int, end: int) -> dict:
-        inputs = dict(shift)
+        inputs = dict(decode)
         if input_embeddings is not None:
             inputs["input_embeddings"] = input_embeddings[:, start:end]
         if position_ids is not None:
@@ -97,7 +98,7 @@ def generate_step(
     for n in range(max_tokens):
         if n + 1 < max_tokens:  # queue the next step before reading this token
             generated.append(int(token.item()))
-            next_token, next_logprobs = step(token, shift)
+            next_token, next_logprobs = step(token, decode)
             mx.async_eval(next_token, next_logprobs)
             yield generated[-1], logprobs
             token, logprobs = next_token, next_logprobs
@@ -136,44 +137,6 @@ class Completion:
     peak_memory: float
 
 
-def prompt_tokens(tokenizer, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
-    """A prompt as token ids: text is used as is, a list of messages goes through the chat
-    template (with a generation prompt), and ids pass through."""
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
-    if is_messages(prompt):
-        return tokenizer.encode(chat_text(tokenizer, prompt, enable_thinking))
-    return [int(t) for t in prompt]
-
-
-def prepare_prompt(model, tokenizer, prompt: Prompt, *, images=None, videos=None,
-                   enable_thinking: bool | None = None,
-                   vision_cache: VisionCache | None = None) -> PromptInputs:
-    """Any prompt as model inputs; the images and videos of messages (and of `images=`,
-    `videos=`) go through the processor and the vision tower. See `stream_generate`."""
-    images, videos = as_list(images), as_list(videos)
-    if isinstance(prompt, PromptInputs):
-        if images or videos:
-            raise ValueError("the prompt is already prepared; put its images in it")
-        return prompt
-    if images or videos:
-        prompt = attach_media(prompt, images, videos)
-    if not is_messages(prompt):
-        return PromptInputs(prompt_tokens(tokenizer, prompt))
-    images, videos = media_sources(prompt)
-    return encode_prompt(model, tokenizer, chat_text(tokenizer, prompt, enable_thinking),
-                         images, videos, vision_cache=vision_cache)
-
-
-def is_messages(prompt: Prompt) -> bool:
-    return not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], dict)
-
-
-def chat_text(tokenizer, messages: Sequence[dict], enable_thinking: bool | None) -> str:
-    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                         enable_thinking=enable_thinking)
-
-
 def stream_generate(
     model,
     tokenizer,
@@ -191,6 +154,7 @@ def stream_generate(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
     prefill_step_size: int = 2048,
     cache: list | None = None,
     rope_delta: int = 0,
@@ -214,6 +178,9 @@ def stream_generate(
         repetition_penalty, presence_penalty, frequency_penalty: penalties over all the
             tokens generated so far (OpenAI semantics for presence/frequency).
         seed: seed MLX's random generator for reproducible sampling.
+        stop: a string or strings that end the answer where they first appear (they are not
+            part of the text); the reasoning is not searched. Text that could be the start of
+            one is held back until it is known not to be.
         prefill_step_size: prompt tokens per forward pass.
         cache: a cache to continue from (`model.make_cache()`); the prompt is what follows it.
         rope_delta: when `cache` holds images or videos, the sum of their prompts'
@@ -223,6 +190,11 @@ def stream_generate(
     Yields:
         GenerationResponse per token; the last one has `finish_reason` "stop" or "length".
     """
+    sampler = make_sampler(temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty)
+    check_seed(seed)
+    check_whole("max_tokens", max_tokens, 0)
+    stops = StopStrings(stop)
     if seed is not None:
         mx.random.seed(seed)
     mx.reset_peak_memory()
@@ -231,13 +203,8 @@ def stream_generate(
                             enable_thinking=enable_thinking, vision_cache=vision_cache)
     ids = inputs.ids
     cache = model.make_cache() if cache is None else cache
-    context = model.config.text.max_position_embeddings
     used = cache_offset(cache)
-    if used + len(ids) > context:
-        raise ContextLengthError(
-            f"the prompt has {len(ids)} tokens (plus {used} already in the cache) but the "
-            f"model's context window is {context}; shorten the prompt or start a new cache")
-    max_tokens = min(max_tokens, context - used - len(ids))
+    max_tokens = min(max_tokens, room_left(model, used, len(ids), max_tokens))
 
     stop_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
     think_end = tokenizer.encode(THINK_END)
@@ -245,17 +212,12 @@ def stream_generate(
     reasoning = opens_thinking(tokenizer, ids)
     answer_started = not reasoning
     detokenizer = tokenizer.detokenizer()
-    sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty)
-    processors = [penalties] if penalties.active else []
-
-    positions = inputs.position_ids
+    positions, decode_rope_delta = place(inputs, used, rope_delta)
     steps = generate_step(mx.array(ids), model, cache=cache, max_tokens=max_tokens,
-                          sampler=sampler, logits_processors=processors,
+                          sampler=sampler, logits_processors=[penalties] if penalties.active else [],
                           prefill_step_size=prefill_step_size,
-                          input_embeddings=inputs.input_embeddings,
-                          position_ids=None if positions is None else positions + used + rope_delta,
-                          rope_delta=rope_delta + inputs.rope_delta)
+                          input_embeddings=inputs.input_embeddings, position_ids=positions,
+                          rope_delta=decode_rope_delta)
     prompt_tps, n = 0.0, 0
     for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:
@@ -273,6 +235,12 @@ def stream_generate(
         if not reasoning and not answer_started:  # drop the blank lines after </think>
             text = text.lstrip()
             answer_started = bool(text)
+        if not reasoning:
+            text, stopped = stops.feed(text)
+            if stopped:
+                finish = "stop"
+            elif finish:
+                text += stops.flush()
         elapsed = time.perf_counter() - start
         yield GenerationResponse(
             text=text, token=token, logprobs=logprobs, reasoning=reasoning,
@@ -308,12 +276,59 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         generation_tps=last.generation_tps, peak_memory=last.peak_memory)
 
 
+def room_left(model, cached: int, prompt: int, max_tokens: int) -> int:
+    """Tokens that fit after the prompt in the model's context window; ContextLengthError when
+    the prompt does not fit, or fills the window when tokens are asked for."""
+    context = model.config.text.max_position_embeddings
+    room = context - cached - prompt
+    if room < 0:
+        raise ContextLengthError(
+            f"the prompt has {prompt} tokens (plus {cached} already in the cache) but the "
+            f"model's context window is {context}; shorten the prompt or start a new cache")
+    if room == 0 and max_tokens > 0:
+        raise ContextLengthError(
+            f"the prompt ({prompt} tokens, plus {cached} already in the cache) fills the "
+            f"model's context window of {context} exactly, leaving no room for a reply; "
+            "shorten the prompt or start a new cache")
+    return room
+
+
+class StopStrings:
+    """Finds the first stop string in streamed text, holding back what may be the start of
+    one."""
+
+    def __init__(self, stop: str | Sequence[str] | None):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(the text that can be shown, whether a stop string was reached: the text then ends
+        just before it)."""
+        self.pending += text
+        found = [at for at in (self.pending.find(s) for s in self.stops) if at >= 0]
+        if found:
+            shown, self.pending = self.pending[:min(found)], ""
+            return shown, True
+        held = max((n for s in self.stops for n in range(1, len(s))
+                    if self.pending.endswith(s[:n])), default=0)
+        shown = self.pending[:len(self.pending) - held]
+        self.pending = self.pending[len(shown):]
+        return shown, False
+
+    def flush(self) -> str:
+        held, self.pending = self.pending, ""
+        return held
+
+
 def opens_thinking(tokenizer, ids: Sequence[int]) -> bool:
     """Whether the prompt ends inside an open <think> block (the model starts by reasoning)."""
     tail = tokenizer.decode(list(ids[-8:]))
     return tail.rstrip().endswith("<think>")
 
 
-def cache_offset(cache: list) -> int:
-    """Tokens already processed into `cache`."""
-    return next((c.offset for c in cache if hasattr(c, "offset")), 0)
+def check_whole(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")

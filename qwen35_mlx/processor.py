@@ -7,13 +7,11 @@ to multiples of 32 px, PIL bicubic, rescale 1/255, normalise, patches in 2×2 me
 with frames resized by the same PIL path as images (transformers resizes video frames with
 torchvision, which differs after resizing by up to ~0.17 of the [-1, 1] range). Prompts get one
 `<t seconds>` marker and vision block per temporal group, as the original Qwen3-VL processor
-writes them (video.py has the frame sources).
+writes them (sources.py reads the images and frames).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -21,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from .sources import VisionInputError, open_frames, open_image
 
 # The released Qwen3.5 processor files (every size ships the same two); used when a checkpoint
 # lacks them, and written into test and benchmark checkpoints.
@@ -58,10 +58,6 @@ BICUBIC = 3  # PIL's number for bicubic, as `resample` stores it
 TOKEN_FIELDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                 "vision_start_token_id": "<|vision_start|>",
                 "vision_end_token_id": "<|vision_end|>"}
-
-
-class VisionInputError(ValueError):
-    """An image, video or prompt the processor cannot use, with the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -129,87 +125,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image).convert("RGB")
     return image.convert("RGB")
-
-
-def open_image(source) -> Image.Image:
-    """A fully decoded, upright PIL image from a path, `data:` URL, bytes or PIL image.
-
-    Files and bytes are decoded in full here so that truncated data fails now (PIL decodes
-    lazily), sizes are checked against PIL's decompression-bomb limit before decoding, and the
-    EXIF orientation is applied as transformers' `load_image` does.
-    """
-    if isinstance(source, Image.Image):
-        return _decoded(source, "the PIL image")
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        name, file = "the image bytes", io.BytesIO(bytes(source))
-    elif isinstance(source, str) and source.startswith("data:"):
-        name, file = "the data: URL", io.BytesIO(_data_url_bytes(source))
-    elif isinstance(source, (str, Path)):
-        if str(source).startswith(("http://", "https://")):
-            raise VisionInputError(
-                f"{source}: URLs are not fetched; download the file and pass its path")
-        name = file = existing_file(source)
-    else:
-        raise VisionInputError(
-            f"cannot read an image from a {type(source).__name__}; pass a file path, a "
-            "data: URL, the file's bytes or a PIL.Image")
-    image = open_file(file, name)
-    if image is None:
-        raise VisionInputError(
-            f"{name} is not an image PIL can read; pass a PNG, JPEG, WebP, GIF, BMP or TIFF "
-            "file (videos go through the video path)")
-    return ImageOps.exif_transpose(_decoded(image, name))
-
-
-def existing_file(path) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise VisionInputError(f"{path}: no such file; check the path")
-    return path
-
-
-def open_file(file, name) -> Image.Image | None:
-    """PIL's lazy open, its size checked; None when PIL does not recognise the format."""
-    try:
-        image = Image.open(file)
-    except UnidentifiedImageError:
-        return None
-    except Image.DecompressionBombError as error:
-        raise VisionInputError(_bomb_message(name, str(error))) from None
-    except OSError as error:
-        raise VisionInputError(f"{name} cannot be read ({error})") from None
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > limit:
-        raise VisionInputError(_bomb_message(
-            name, f"{image.width}×{image.height} = {image.width * image.height} pixels is above "
-                  f"the limit of {limit}"))
-    return image
-
-
-def _decoded(image: Image.Image, name) -> Image.Image:
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise VisionInputError(
-            f"{name} cannot be decoded ({error}); the file is truncated or corrupt, get a "
-            "complete copy") from None
-    return image
-
-
-def _bomb_message(name, detail: str) -> str:
-    return (f"{name}: {detail} (PIL's guard against decompression bombs). If you trust the "
-            "file, raise the limit before loading: `PIL.Image.MAX_IMAGE_PIXELS = <pixels>`")
-
-
-def _data_url_bytes(url: str) -> bytes:
-    header, _, data = url.partition(",")
-    if not header.endswith(";base64"):
-        raise VisionInputError("only base64 data: URLs are supported "
-                               "(data:image/png;base64,...)")
-    try:
-        return base64.b64decode(data, validate=True)
-    except ValueError:
-        raise VisionInputError("the data: URL does not hold valid base64") from None
 
 
 def resize(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -323,8 +238,6 @@ class Processor:
             source_fps: frames per second of a frames directory (default: the sampling fps, so
                 every frame up to max_frames is kept); for a file, replaces its own rate.
         """
-        from .video import open_frames  # video.py imports this module
-
         frames = open_frames(source, source_fps=source_fps, default_fps=self.fps)
         indices = self.sample_indices(len(frames.times), frames.fps)
         height, width = smart_resize(

@@ -15,11 +15,15 @@ import pytest
 import torch
 from transformers import Qwen3_5ForConditionalGeneration
 
+from benchmarks import convert as convert_benchmark
+from benchmarks import generate as generate_benchmark
+from benchmarks import kernels as kernels_benchmark
+from benchmarks import vision as vision_benchmark
 from metrics import relative_error
 from qwen35_mlx import cli, load
 from qwen35_mlx.bench import random_checkpoint
 from qwen35_mlx.bench.random_checkpoint import config_json, tensor_specs, write_random_checkpoint
-from qwen35_mlx.metal import SCAN_PATHS
+from qwen35_mlx.gated_delta import SCAN_PATHS
 
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
@@ -127,16 +131,23 @@ def test_large_checkpoints_are_sharded_with_an_index(tmp_path, monkeypatch, bf16
     assert mx.array_equal(sharded(ids), single(ids))
 
 
-def test_bench_runs_end_to_end(bf16_checkpoint, capsys):
+def test_bench_generate_times_our_setup(bf16_checkpoint, capsys):
     assert cli.main(["bench", "generate", "--model", str(bf16_checkpoint), "--prompt-tokens", "16",
                      "--generation-tokens", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "4 of 4" in table and "mlx-lm" not in table
+
+
+def test_generate_benchmark_races_mlx_lm(bf16_checkpoint, capsys):
+    assert generate_benchmark.main(["--model", str(bf16_checkpoint), "--prompt-tokens", "16",
+                                    "--generation-tokens", "4"]) == 0
     table = capsys.readouterr().out
     assert "4 of 4" in table and "ours/mlx-lm" in table
 
 
-def test_bench_convert_runs_end_to_end(bf16_checkpoint, tmp_path, capsys):
-    assert cli.main(["bench", "convert", "--hf-path", str(bf16_checkpoint), "--bits", "8",
-                     "--out-dir", str(tmp_path / "out")]) == 0
+def test_convert_benchmark_runs_end_to_end(bf16_checkpoint, tmp_path, capsys):
+    assert convert_benchmark.main(["--hf-path", str(bf16_checkpoint), "--bits", "8",
+                                   "--out-dir", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {tuple(line.split()[:3]): line.split()[3:] for line in lines
             if line.startswith(("qwen35_mlx ", "mlx-lm "))}
@@ -151,9 +162,9 @@ def test_bench_convert_runs_end_to_end(bf16_checkpoint, tmp_path, capsys):
     assert len(list((tmp_path / "out").iterdir())) == 5
 
 
-def test_bench_vision_runs_end_to_end(bf16_checkpoint, capsys):
-    assert cli.main(["bench", "vision", "--model", str(bf16_checkpoint), "--image-size", "64",
-                     "--repeats", "2"]) == 0
+def test_vision_benchmark_runs_end_to_end(bf16_checkpoint, capsys):
+    assert vision_benchmark.main(["--model", str(bf16_checkpoint), "--image-size", "64",
+                                  "--repeats", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "grid (1, 4, 4) = 16 patches -> 4 tokens" in lines[0]
     rows = {line.split()[0]: line.split()[1:] for line in lines
@@ -169,8 +180,8 @@ def test_bench_vision_runs_end_to_end(bf16_checkpoint, capsys):
     assert error <= 1e-2  # the same features in bfloat16: both ran the same tower
 
 
-def test_bench_kernels_table(capsys):
-    assert cli.main(["bench", "kernels", "--tokens", "16", "3", "--repeats", "1"]) == 0
+def test_kernels_benchmark_table(capsys):
+    assert kernels_benchmark.main(["--tokens", "16", "3", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
     timings = {(c[0], c[1], int(c[2])): (float(c[3]), float(c[4].rstrip("x")), float(c[5]))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from metrics import relative_error
-from qwen35_mlx.metal import SCAN_PATHS, gated_delta_update
-from qwen35_mlx.metal import chunked
-from qwen35_mlx.metal.chunked import unit_lower_inverse
+from qwen35_mlx.gated_delta import SCAN_PATHS, gated_delta_update
+from qwen35_mlx.gated_delta import chunked
+from qwen35_mlx.gated_delta.chunked import unit_lower_inverse
 
 
 def softplus(x):

@@ -4,13 +4,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx_lm.models.cache import KVCache
 from transformers import AutoTokenizer
 
 from checkpoints import Spec
 from qwen35_mlx import generate, generate_step, load, stream_generate
 from qwen35_mlx.chat import ChatSession
-from qwen35_mlx.generate import ContextLengthError, prompt_tokens
+from qwen35_mlx.generate import ContextLengthError
+from qwen35_mlx.prompt import prompt_tokens
+from qwen35_mlx.models.cache import KVCache
 from qwen35_mlx.sampling import Penalties
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -122,7 +123,10 @@ class ScriptedModel:
     def make_cache(self):
         return [KVCache()]
 
-    def __call__(self, tokens, cache=None):
+    def check_token_ids(self, ids):
+        pass  # any ids: the script decides the tokens
+
+    def __call__(self, tokens, cache=None, **_):
         cache[0].update_and_fetch(*(mx.zeros((1, 1, tokens.shape[1], 2)),) * 2)
         index = min(cache[0].offset - self.prompt_length, len(self.script) - 1)
         logits = mx.zeros((1, tokens.shape[1], self.vocab))
@@ -159,9 +163,9 @@ class CountingModel:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, tokens, cache=None):
+    def __call__(self, tokens, cache=None, **kwargs):
         self.fed.append(tokens.shape[1])
-        return self.model(tokens, cache=cache)
+        return self.model(tokens, cache=cache, **kwargs)
 
 
 def test_chat_reuses_its_cache(tiny):

@@ -10,13 +10,13 @@ from mlx.utils import tree_map
 from msl_emulator import EmulatorError, emulate, run_on_emulator
 
 from metrics import relative_error
-from qwen35_mlx.metal import gated_delta
-from qwen35_mlx.metal.chunked import chunked_scan
-from qwen35_mlx.metal.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
-from qwen35_mlx.metal.count import decode_primitive_counts, primitive_counts
-from qwen35_mlx.metal.decode_step import DECODE_STEP, decode_step_call
-from qwen35_mlx.metal.kernel import KernelSpec
-from qwen35_mlx.metal.gated_delta import scan_inputs
+from qwen35_mlx.gated_delta import dispatch as gated_delta
+from qwen35_mlx.gated_delta.chunked import chunked_scan
+from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
+from benchmarks.count import decode_primitive_counts, primitive_counts
+from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step_call
+from qwen35_mlx.gated_delta.kernel import KernelSpec
+from qwen35_mlx.gated_delta.dispatch import scan_inputs
 from qwen35_mlx.models.config import LINEAR, TextConfig
 from qwen35_mlx.models.text import GatedDeltaNet
 from test_gated_delta import CASES, case_id, gated_delta_reference, make_inputs

@@ -9,8 +9,8 @@ from msl_emulator import run_on_emulator
 from checkpoints import Spec
 from metrics import relative_error
 from qwen35_mlx.loading import load_model
-from qwen35_mlx.metal import gated_delta
-from qwen35_mlx.metal.kernel import KernelSpec
+from qwen35_mlx.gated_delta import dispatch as gated_delta
+from qwen35_mlx.gated_delta.kernel import KernelSpec
 from test_model import prompt, reference_logits
 
 

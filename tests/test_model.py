@@ -10,7 +10,8 @@ import torch
 from checkpoints import Spec
 from metrics import relative_error
 from qwen35_mlx.loading import load_model
-from qwen35_mlx.metal import SCAN_PATHS, gated_delta
+from qwen35_mlx.gated_delta import SCAN_PATHS
+from qwen35_mlx.gated_delta import dispatch as gated_delta
 
 SPECS = [Spec(layout=layout, hv_per_hk=ratio, tied=tied)
          for layout, ratio, tied in itertools.product(("causal", "conditional"), (1, 2), (False, True))]
@@ -81,7 +82,7 @@ def test_cache_shapes_and_dtypes(make_checkpoint):
     conv, recurrent = cache[0][0], cache[0][1]
     assert conv.shape == (1, 3, 2 * 32 + 64) and conv.dtype == mx.bfloat16  # [B, K-1, conv_dim]
     assert recurrent.shape == (1, 4, 16, 16) and recurrent.dtype == mx.float32  # [B, Hv, Dv, Dk]
-    keys, values, offset = cache[3].state
+    (keys, values), offset = cache[3].state, cache[3].offset
     assert offset == 10 and keys.shape[:2] == values.shape[:2] == (1, 2)  # [B, nkv, T, hd]
     assert keys.shape[3] == 32 and keys.dtype == mx.bfloat16
 

@@ -10,7 +10,7 @@ import pytest
 from metrics import relative_error
 from msl_emulator import EmulatorError, emulate, generated_source
 
-from qwen35_mlx.metal.kernel import KernelSpec, Launch
+from qwen35_mlx.gated_delta.kernel import KernelSpec, Launch
 
 KERNELS = Path(__file__).parent / "msl_kernels"
 PLANTED = KERNELS / "planted"

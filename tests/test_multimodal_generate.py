@@ -12,7 +12,8 @@ from checkpoints import VISION_IDS, Spec
 from metrics import relative_error
 from qwen35_mlx import VisionCache, load, stream_generate
 from qwen35_mlx.chat import ChatSession
-from qwen35_mlx.generate import ContextLengthError, prepare_prompt
+from qwen35_mlx.generate import ContextLengthError
+from qwen35_mlx.prompt import prepare_prompt
 
 IMAGE_ID, VIDEO_ID = VISION_IDS["image_token_id"], VISION_IDS["video_token_id"]
 

@@ -21,8 +21,8 @@ from PIL import Image
 from processor_files import write_processor_files
 from tokenizer_files import write_tokenizer_files
 
-from qwen35_mlx.processor import (PREPROCESSOR_CONFIG, ImageInputs, Processor, VideoInputs,
-                                  VisionInputError)
+from qwen35_mlx.processor import PREPROCESSOR_CONFIG, ImageInputs, Processor, VideoInputs
+from qwen35_mlx.sources import VisionInputError
 from qwen35_mlx.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -33,18 +33,32 @@ class Model(nn.Module):
         self.set_pending_weights({})
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
-                 rope_delta: int | mx.array = 0) -> mx.array:
+                 rope_delta: int | mx.array = 0, check_ids: bool = True) -> mx.array:
         """Logits [B, T, vocab].
 
         Args:
             inputs: [B, T] token ids (ignored where `input_embeddings` [B, T, H] is given).
+                Ids outside the vocabulary are a ValueError unless `check_ids` is False (as
+                for the sampled tokens fed back while decoding: the check reads the ids).
             cache: from `make_cache()`, updated in place.
             position_ids: [3, B, T] M-RoPE positions (from `position_ids()`, sliced along T
                 for a prefill chunk). None: cache offset + rope_delta + t on all three rows,
                 as for text and for decoding after a multimodal prompt.
             rope_delta: int or [B], from `position_ids()`; 0 for text-only prompts.
         """
+        if check_ids and input_embeddings is None:
+            self.check_token_ids(inputs)
         return self.language_model(inputs, cache, input_embeddings, position_ids, rope_delta)
+
+    def check_token_ids(self, ids) -> None:
+        """ValueError for an id outside [0, vocab_size): the embedding lookup does not check,
+        and would read memory outside the table."""
+        vocab = self.config.text.vocab_size
+        ids = np.asarray(ids)
+        outside = ids[(ids < 0) | (ids >= vocab)]
+        if outside.size:
+            raise ValueError(f"token id {int(outside[0])} is outside the model's vocabulary "
+                             f"[0, {vocab}); the ids come from another tokenizer or model")
 
     def encode_vision(self, pixel_values: mx.array, grid_thw) -> mx.array:
         """Vision features [N_features, H] for the patches of images or videos.
@@ -62,6 +76,7 @@ class Model(nn.Module):
                      video_features: mx.array | None = None) -> mx.array:
         """Token embeddings [B, T, H] with vision features at the placeholder tokens, in order
         (row by row over the batch)."""
+        self.check_token_ids(input_ids)
         embeddings = self.language_model.model.embed_tokens(input_ids)
         B, T, H = embeddings.shape
         flat = embeddings.reshape(B * T, H)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from ..metal import gated_delta_decode, gated_delta_update, use_fused_decode
+from ..gated_delta import gated_delta_decode, gated_delta_update, use_fused_decode
 from .cache import make_cache
-from .config import FULL, LINEAR, TextConfig
+from .config import LINEAR, TextConfig
 from .rope import Rotary
 
 
@@ -158,8 +157,8 @@ class Attention(nn.Module):
         q, k = self.rope(q, k, offset, position_ids)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(
-            q, k, v, cache=cache, scale=self.head_dim**-0.5, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5,
+                                                   mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, nh*hd]
         return self.o_proj(out * mx.sigmoid(gate.reshape(B, T, -1)))
 
@@ -192,15 +191,14 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, t) for t in config.layer_types]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.first_full = config.layer_types.index(FULL) if FULL in config.layer_types else None
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
                  rope_delta=0) -> mx.array:
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         cache = cache or [None] * len(self.layers)
-        mask = None
-        if self.first_full is not None:
-            mask = create_attention_mask(h, cache[self.first_full])
+        # a query sees the cached keys and the new ones up to itself (MLX aligns "causal" to
+        # the last key); one query sees every key
+        mask = "causal" if h.shape[1] > 1 else None
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, mask, layer_cache, position_ids, rope_delta)
         return self.norm(h)

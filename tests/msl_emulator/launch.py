@@ -39,10 +39,10 @@ def emulate(spec, inputs, launch, orders: int = 3) -> list[np.ndarray]:
     """Runs `spec` under `launch` on the CPU and returns its outputs.
 
     Args:
-        spec: a `qwen35_mlx.metal.kernel.KernelSpec`.
+        spec: a `qwen35_mlx.gated_delta.kernel.KernelSpec`.
         inputs: per name in `spec.input_names`, an np.ndarray, numpy or Python scalar, or
             mx.array (bfloat16 only as mx.array).
-        launch: a `qwen35_mlx.metal.kernel.Launch`.
+        launch: a `qwen35_mlx.gated_delta.kernel.Launch`.
         orders: thread orders to run (forward, reverse, then seeded shuffles); outputs must agree
             bitwise between them.
     Returns:

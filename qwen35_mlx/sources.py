@@ -1,9 +1,12 @@
-"""Video frame sources: video files (PyAV), animated images (GIF, WebP, APNG) and frame folders.
+"""Where images and video frames come from: files, bytes, data: URLs, PIL images, video files
+(PyAV), animated images (GIF, WebP, APNG) and folders of frames; and the one policy on URLs.
 
-Each source says how many frames it has, when each starts and how large they are, and decodes
-only the frames the processor samples (`Processor.video` in processor.py does the sampling).
-Video files are decoded with PyAV, the FFmpeg binding transformers also reads them with; it is
-the optional `video` extra, imported only when a video file is opened.
+Images are decoded in full when opened, so that a truncated file fails here, after their size is
+checked against PIL's decompression-bomb limit. A video source says how many frames it has, when
+each starts and how large they are, and decodes only the frames the processor samples
+(`Processor.video` does the sampling). Video files are decoded with PyAV, the FFmpeg binding
+transformers also reads them with; it is the optional `video` extra, imported only when a video
+file is opened. Nothing is downloaded: web URLs are refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -13,13 +16,114 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+import base64
+import io
+import urllib.parse
 
-from .processor import VisionInputError, existing_file, open_file, open_image
+from PIL import Image, ImageOps, UnidentifiedImageError
+
 
 VIDEO_EXTRA = 'pip install "qwen35-mlx[video]"'
 # Browsers play GIF frame delays of 0 or 10 ms at 100 ms; players treat them the same way.
 MIN_FRAME_MS, DEFAULT_FRAME_MS = 20, 100
+
+
+class VisionInputError(ValueError):
+    """An image, video or prompt the processor cannot use, with the problem and the fix."""
+
+
+def open_image(source) -> Image.Image:
+    """A fully decoded, upright PIL image from a path, `data:` URL, bytes or PIL image.
+
+    Files and bytes are decoded in full here so that truncated data fails now (PIL decodes
+    lazily), sizes are checked against PIL's decompression-bomb limit before decoding, and the
+    EXIF orientation is applied as transformers' `load_image` does.
+    """
+    if isinstance(source, Image.Image):
+        return _decoded(source, "the PIL image")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name, file = "the image bytes", io.BytesIO(bytes(source))
+    elif isinstance(source, str) and source.startswith("data:"):
+        name, file = "the data: URL", io.BytesIO(_data_url_bytes(source))
+    elif isinstance(source, (str, Path)):
+        name = file = existing_file(local_source(source))
+    else:
+        raise VisionInputError(
+            f"cannot read an image from a {type(source).__name__}; pass a file path, a "
+            "data: URL, the file's bytes or a PIL.Image")
+    image = open_file(file, name)
+    if image is None:
+        raise VisionInputError(
+            f"{name} is not an image PIL can read; pass a PNG, JPEG, WebP, GIF, BMP or TIFF "
+            "file (videos go through the video path)")
+    return ImageOps.exif_transpose(_decoded(image, name))
+
+
+def local_source(source):
+    """What can be read here (a path, PIL image, bytes or base64 data: URL): file:// URLs become
+    paths; web URLs are refused, as nothing is downloaded."""
+    if source is None:
+        raise VisionInputError("an image or video item has no source; give a path, a PIL "
+                               "image, bytes or a data: URL")
+    if not isinstance(source, str):
+        return source
+    if source.startswith("file://"):
+        return urllib.parse.unquote(source[len("file://"):])
+    if source.startswith(("http://", "https://")):
+        raise VisionInputError(f"{source[:80]}: web URLs are not fetched; download the file "
+                               "first and pass its path (or a data: URL)")
+    return source
+
+
+def existing_file(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise VisionInputError(f"{path}: no such file; check the path")
+    return path
+
+
+def open_file(file, name) -> Image.Image | None:
+    """PIL's lazy open, its size checked; None when PIL does not recognise the format."""
+    try:
+        image = Image.open(file)
+    except UnidentifiedImageError:
+        return None
+    except Image.DecompressionBombError as error:
+        raise VisionInputError(_bomb_message(name, str(error))) from None
+    except OSError as error:
+        raise VisionInputError(f"{name} cannot be read ({error})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise VisionInputError(_bomb_message(
+            name, f"{image.width}×{image.height} = {image.width * image.height} pixels is above "
+                  f"the limit of {limit}"))
+    return image
+
+
+def _decoded(image: Image.Image, name) -> Image.Image:
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise VisionInputError(
+            f"{name} cannot be decoded ({error}); the file is truncated or corrupt, get a "
+            "complete copy") from None
+    return image
+
+
+def _bomb_message(name, detail: str) -> str:
+    return (f"{name}: {detail} (PIL's guard against decompression bombs). If you trust the "
+            "file, raise the limit before loading: `PIL.Image.MAX_IMAGE_PIXELS = <pixels>`")
+
+
+def _data_url_bytes(url: str) -> bytes:
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise VisionInputError("only base64 data: URLs are supported "
+                               "(data:image/png;base64,...)")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise VisionInputError("the data: URL does not hold valid base64") from None
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@ checkpoint, one after the other in the same process, with the same random pixels
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -14,9 +16,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..loading import load_model, read_config
-from .random_checkpoint import write_random_checkpoint
-from .report import print_rows, progress
+from qwen35_mlx.loading import load_model, read_config
+from qwen35_mlx.bench.random_checkpoint import DTYPES, write_random_checkpoint
+from qwen35_mlx.bench.report import print_rows, progress
 
 
 @dataclass
@@ -128,3 +130,26 @@ def print_table(results: list[Measurement], setup: str) -> None:
     error = (np.linalg.norm(ours.features - theirs.features)
              / np.linalg.norm(theirs.features))
     print(f"features: relative error ours vs mlx-vlm {error:.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.vision",
+        description="Encodes the same random image patches with qwen35_mlx's vision tower and "
+                    "mlx-vlm's qwen3_5 one, loaded from the same checkpoint, one after the other "
+                    "in this process, each after a warm-up run.")
+    parser.add_argument("--model", help="checkpoint folder both libraries load (default: a "
+                                        "random 0.8B checkpoint written to a temporary folder)")
+    parser.add_argument("--image-size", type=int, default=1024,
+                        help="side of the square image in pixels (a multiple of 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs per library")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                        help="weight dtype of the random checkpoint (without --model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and pixels")
+    args = parser.parse_args(argv)
+    print_table(*bench_vision(args.model, args.image_size, args.repeats, args.dtype, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

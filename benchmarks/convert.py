@@ -1,6 +1,6 @@
 """Conversion benchmark: `qwen35_mlx.convert` against `mlx_lm.convert` on the same checkpoint.
 
-Every conversion runs in a fresh Python process (`python -m qwen35_mlx.bench.convert JOB`), so
+Every conversion runs in a fresh Python process (`python -m benchmarks.convert --job JOB`), so
 its peak resident set (`ru_maxrss` of that process) and MLX peak (`mx.get_peak_memory`) belong
 to it alone; `RUSAGE_CHILDREN` in the parent would only give the largest child so far. The child
 reports the time of the convert call itself, after its imports. Ours runs with
@@ -15,6 +15,7 @@ it is also ~10x quicker on the CPU backend, whose bfloat16 quantized matmul is s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -29,12 +30,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .report import print_rows, progress
+from qwen35_mlx.bench.report import print_rows, progress
 
 OURS, MLX_LM = "qwen35_mlx", "mlx-lm"
 FLOAT_DTYPE = "bfloat16"
 VISION_PREFIXES = ("vision_tower.", "model.visual.")
 EVAL_TOKENS = 32
+REPOSITORY = Path(__file__).resolve().parents[1]  # children import benchmarks from here
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,8 @@ def convert_in_child(job: Job, source: Path, target: Path, group_size: int) -> O
     spec = {"job": asdict(job), "hf_path": str(source), "mlx_path": str(target),
             "group_size": group_size}
     # the child's own chatter goes to stderr; its stdout carries only the result line
-    child = subprocess.run([sys.executable, "-m", __name__, json.dumps(spec)],
-                           stdout=subprocess.PIPE, text=True, check=False)
+    child = subprocess.run([sys.executable, "-m", "benchmarks.convert", "--job", json.dumps(spec)],
+                           stdout=subprocess.PIPE, text=True, check=False, cwd=REPOSITORY)
     outcome = Outcome(job, target, child.returncode)
     if child.returncode != 0:
         progress(f"{job.name}: FAILED with exit status {child.returncode} (see above)")
@@ -265,8 +267,39 @@ def failed(outcomes: list[Outcome]) -> int:
     return 1 if any(o.returncode for o in outcomes) else 0
 
 
-if __name__ == "__main__":  # a child of `convert_in_child`
-    spec = json.loads(sys.argv[1])
-    result = run_conversion(Job(**spec["job"]), spec["hf_path"], spec["mlx_path"],
-                            spec["group_size"])
-    print(json.dumps(result), flush=True)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.convert",
+        description="Converts one checkpoint with qwen35_mlx.convert (hybrid and uniform "
+                    "recipes) and mlx_lm.convert at each bit width, plus a bfloat16 float "
+                    "conversion by each, every conversion in its own process; then compares "
+                    "each output's logits with the source's.")
+    parser.add_argument("--hf-path", help="local Hugging Face checkpoint folder")
+    parser.add_argument("--bits", type=int, nargs="+", choices=(4, 6, 8), default=[4, 6, 8],
+                        help="bit widths to quantize at")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64,
+                        help="quantization group size")
+    parser.add_argument("--out-dir", help="keep the outputs in this new folder (default: a "
+                                          "temporary folder, deleted at the end)")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # one conversion, in a child process
+    args = parser.parse_args(argv)
+    if args.job is None and args.hf_path is None:
+        parser.error("--hf-path is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.job is not None:  # a child of `convert_in_child`
+        spec = json.loads(args.job)
+        result = run_conversion(Job(**spec["job"]), spec["hf_path"], spec["mlx_path"],
+                                spec["group_size"])
+        print(json.dumps(result), flush=True)
+        return 0
+    outcomes, baseline = bench_convert(args.hf_path, args.bits, args.group_size, args.out_dir)
+    print_table(outcomes, baseline, args.hf_path, args.group_size)
+    return failed(outcomes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,23 +1,28 @@
-"""Images and videos in prompts: from chat messages to the model's inputs.
+"""Prompts, from what a caller gives to what the model takes: the one place a prompt is built.
 
-Messages carry images and videos as OpenAI-style content items. The chat template renders each
-as a `<|vision_start|>…<|vision_end|>` placeholder, the processor expands the placeholders (one
-token per merged 2×2 patch block, timestamps per video frame group), and the vision tower's
-features replace those tokens' embeddings; M-RoPE positions follow ARCHITECTURE.md §3.
-Features are kept in a small LRU (`VisionCache`) keyed by the pixels, so showing the same image
-again does not run the tower again.
+A prompt is text (used as is), token ids, or chat messages (rendered by the checkpoint's chat
+template). Messages carry images and videos as OpenAI-style content items: the chat template
+renders each as a `<|vision_start|>…<|vision_end|>` placeholder, the processor expands the
+placeholders (one token per merged 2×2 patch block, timestamps per video frame group), and the
+vision tower's features replace those tokens' embeddings; M-RoPE positions follow
+ARCHITECTURE.md §3. Features are kept in a small LRU (`VisionCache`) keyed by the pixels, so
+showing the same image again does not run the tower again.
+
+Token ids are plain `list[int]` here and everywhere above the model; `PromptInputs` carries
+them with the embeddings and positions, and `place` puts a prompt after what a cache holds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
+
+from .sources import local_source
 
 CONTENT_TYPES = ("text", "image", "image_url", "video")
 
@@ -36,6 +41,79 @@ class PromptInputs:
     input_embeddings: mx.array | None = None
     position_ids: mx.array | None = None
     rope_delta: int = 0
+
+
+Prompt = Union[str, Sequence[int], Sequence[Mapping], PromptInputs]
+
+
+def place(inputs: PromptInputs, cached: int, rope_delta: int) -> tuple[mx.array | None, int]:
+    """Positions of a prompt that follows `cached` tokens whose images and videos shift M-RoPE
+    positions by `rope_delta`: (position_ids [3, 1, T] or None for plain positions, the shift
+    that decoding after the prompt continues with)."""
+    positions = inputs.position_ids
+    if positions is not None:
+        positions = positions + cached + rope_delta
+    return positions, rope_delta + inputs.rope_delta
+
+
+def prompt_tokens(tokenizer, prompt, enable_thinking: bool | None = None) -> list[int]:
+    """A prompt as token ids: text is used as is, a list of messages goes through the chat
+    template (with a generation prompt), and ids pass through."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if is_messages(prompt):
+        return tokenizer.encode(chat_text(tokenizer, prompt, enable_thinking))
+    return token_ids(prompt)
+
+
+def token_ids(prompt) -> list[int]:
+    """Ids given by a caller (a list, tuple, numpy or MLX array of whole numbers) as a list."""
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        return []
+    if isinstance(prompt, (list, tuple, mx.array, np.ndarray)):
+        array = np.asarray(prompt)
+        if array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+            return array.tolist()
+    raise ValueError(f"a prompt is text, a list of token ids or a list of chat messages "
+                     f"({{'role': 'user', 'content': ...}}); got {_describe(prompt)}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(item).__name__ for item in value})
+        return f"a {type(value).__name__} of {', '.join(kinds)}"
+    return f"a {type(value).__name__}"
+
+
+def prepare_prompt(model, tokenizer, prompt: Prompt, *, images=None, videos=None,
+                   enable_thinking: bool | None = None,
+                   vision_cache: VisionCache | None = None) -> PromptInputs:
+    """Any prompt as model inputs, its ids checked against the model's vocabulary; the images
+    and videos of messages (and of `images=`, `videos=`) go through the processor and the
+    vision tower. See `stream_generate`."""
+    images, videos = as_list(images), as_list(videos)
+    if isinstance(prompt, PromptInputs):
+        if images or videos:
+            raise ValueError("the prompt is already prepared; put its images in it")
+        inputs = prompt
+    elif images or videos or is_messages(prompt):
+        messages = attach_media(prompt, images, videos) if images or videos else prompt
+        inputs = encode_prompt(model, tokenizer, chat_text(tokenizer, messages, enable_thinking),
+                               *media_sources(messages), vision_cache=vision_cache)
+    else:
+        inputs = PromptInputs(prompt_tokens(tokenizer, prompt))
+    model.check_token_ids(inputs.ids)
+    return inputs
+
+
+def is_messages(prompt) -> bool:
+    return (isinstance(prompt, (list, tuple)) and bool(prompt)
+            and isinstance(prompt[0], Mapping))
+
+
+def chat_text(tokenizer, messages: Sequence[Mapping], enable_thinking: bool | None) -> str:
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
 
 
 class VisionCache:
@@ -137,22 +215,6 @@ def item_type(item: Any) -> str:
             return kind
     raise ValueError(f"content item {dict(item)!r} has none of the keys {CONTENT_TYPES}; write "
                      "e.g. {'type': 'image', 'image': 'photo.png'}")
-
-
-def local_source(source: Any) -> Any:
-    """What the processor reads (a path, PIL image, bytes or base64 data: URL): file:// URLs
-    become paths; web URLs are refused, as nothing is downloaded."""
-    if source is None:
-        raise ValueError("an image or video item has no source; give a path, a PIL image, "
-                         "bytes or a data: URL")
-    if not isinstance(source, str):
-        return source
-    if source.startswith("file://"):
-        return urllib.parse.unquote(source[len("file://"):])
-    if source.startswith(("http://", "https://")):
-        raise ValueError(f"{source[:80]}: web URLs are not fetched; download the file first "
-                         "and pass its path (or a data: URL)")
-    return source
 
 
 def encode_prompt(model, tokenizer, text: str, images: Sequence = (), videos: Sequence = (), *,

@@ -18,6 +18,8 @@ traced op by op, not fused.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -25,13 +27,13 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..metal import SCAN_PATHS, gated_delta_update
-from ..metal.count import decode_primitives, primitive_counts
-from ..models.config import ModelConfig
-from ..models.model import Model
-from ..models.text import GatedDeltaNet
-from .random_checkpoint import config_json
-from .report import print_rows, progress
+from qwen35_mlx.gated_delta import SCAN_PATHS, gated_delta_update
+from benchmarks.count import decode_primitives, primitive_counts
+from qwen35_mlx.models.config import ModelConfig
+from qwen35_mlx.models.model import Model
+from qwen35_mlx.models.text import GatedDeltaNet
+from qwen35_mlx.bench.random_checkpoint import config_json
+from qwen35_mlx.bench.report import print_rows, progress
 
 SIZES = ("0.8B", "9B")  # the two head layouts: Hv = Hk = 16, and Hk = 16, Hv = 32
 DEFAULT_TOKENS = (64, 512, 2048)
@@ -220,3 +222,29 @@ def bench_kernels(sizes, tokens, repeats: int, count_size: str = "0.8B") -> None
           f"warm-up; MLX {mx.__version__} on {mx.default_device()}")
     print_timings(timings)
     print_primitives(count_size, counts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels",
+        description="Times one DeltaNet layer's scan (bf16 inputs, B = 1) with each of our "
+                    "paths that runs on this device, mx.fast.gated_delta_update and mlx-lm's "
+                    "gated_delta_update, in one run, as ratios against the faster of the two "
+                    "peers; then counts the MLX primitives one decoded token costs a DeltaNet "
+                    "layer on each decode path, ours against mlx-lm's, from the graph traced "
+                    "with mx.export_function.")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
+                        help="sequence lengths T (default: 64 512 2048; 8192 is heavy on a CPU: "
+                             "the per-token paths keep ~1.1 MB per token alive, 9 GB with the "
+                             "0.8B heads and twice that with the 9B ones)")
+    parser.add_argument("--heads", nargs="+", choices=SIZES, default=list(SIZES),
+                        help="whose DeltaNet heads: 0.8B (Hk = Hv = 16), 9B (Hk = 16, Hv = 32)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per implementation (best)")
+    args = parser.parse_args(argv)
+    bench_kernels(args.heads, args.tokens, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
