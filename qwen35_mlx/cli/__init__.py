@@ -1,4 +1,5 @@
-"""The `qwen35-mlx` command: one module per subcommand, each with add_args(parser) and main(args)."""
+"""The `qwen35-mlx` command. Each subcommand is a module with `add_args(parser)` and
+`main(args)`, and its docstring is the help users see."""
 
 from __future__ import annotations
 
@@ -11,8 +12,20 @@ COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "upload": up
             "bench": bench}
 
 
+DESCRIPTION = ("Run Alibaba's Qwen3.5 models (0.8B, 2B, 4B, 9B) on Apple Silicon with MLX: "
+               "generate and chat (text, images, video), convert and upload quantized "
+               "checkpoints, time your setup.")
+EXAMPLES = """examples:
+  qwen35-mlx generate --model Qwen/Qwen3.5-0.8B --prompt "Why is the sky blue?"
+  qwen35-mlx chat --model Qwen/Qwen3.5-0.8B
+  qwen35-mlx convert --hf-path Qwen/Qwen3.5-0.8B --mlx-path qwen35-0.8b-4bit -q
+
+`qwen35-mlx COMMAND --help` lists a command's options."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen35-mlx", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qwen35-mlx", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         module.add_args(subparsers.add_parser(name, help=module.__doc__,

@@ -7,6 +7,7 @@ import argparse
 import time
 
 from ..bench import generate as generate_bench
+from ..bench.startup import bench_startup
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
 
 
@@ -18,6 +19,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                     "time, prefill and decode tokens/s, peak memory. (The race against mlx-lm "
                     "is `python -m benchmarks.generate` in the repository.)")
     generate_bench.add_args(run)
+    startup = commands.add_parser(
+        "startup", help="how much `import qwen35_mlx` adds to `import mlx.core`",
+        description="Times `import mlx.core` and `import qwen35_mlx` in fresh processes "
+                    "(alternating; median), and names any heavy library (transformers, torch, "
+                    "mlx-lm) the import pulls in; exits 1 if one is.")
+    startup.add_argument("--repeats", type=int, default=7, help="processes per import")
     make = commands.add_parser(
         "make-checkpoint", help="write a random-weight checkpoint in the released layout",
         description="Random weights with the real shapes of a Qwen3.5 size, Hugging Face "
@@ -43,4 +50,6 @@ def main(args: argparse.Namespace) -> int:
         size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
         print(f"wrote {out} ({size:.2f} GB) in {time.perf_counter() - start:.1f} s")
         return 0
+    if args.bench_command == "startup":
+        return bench_startup(args.repeats)
     return generate_bench.bench_generate(args)

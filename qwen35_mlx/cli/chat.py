@@ -1,8 +1,10 @@
-"""Chat with a model in the terminal; the cache is kept between turns."""
+"""Chat with a model in the terminal: Ctrl-C stops a reply (the conversation goes on), a
+second Ctrl-C or Ctrl-D quits."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 
 from ..chat import ChatSession
 from ..loading import load
@@ -11,7 +13,7 @@ from .options import (add_generation_args, add_media_args, add_model_args, gener
                       load_kwargs, media_kwargs)
 
 HELP = ("Type a message. Commands: /image PATH, /video PATH (show it with your next message), "
-        "/reset (new conversation), /quit (or Ctrl-D).")
+        "/reset (new conversation), /quit (or Ctrl-D). Ctrl-C stops a reply.")
 ATTACH = {"/image": "images", "/video": "videos"}
 
 
@@ -23,7 +25,36 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_generation_args(parser)
 
 
+class ReplyInterrupt:
+    """While a reply streams, the first Ctrl-C asks it to stop after the current token (the
+    turn ends cleanly, with what was said so far) and a second one quits."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self) -> ReplyInterrupt:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
 def main(args: argparse.Namespace) -> int:
+    try:
+        return converse(args)
+    except KeyboardInterrupt:  # at the prompt, or a second Ctrl-C during a reply
+        print("\n(bye)")
+        return 0
+
+
+def converse(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, **load_kwargs(args))
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
                           **generation_kwargs(args))
@@ -48,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"(usage: {command} PATH)")
         elif message:
             try:
-                print_stream(session.send(message, **attached))
+                with ReplyInterrupt() as interrupt:
+                    print_stream(session.send(message, **attached), lambda: interrupt.requested)
             except (ValueError, OSError) as error:  # a bad file: say so and keep chatting
                 print(f"error: {error}")
             attached = {name: [] for name in attached}

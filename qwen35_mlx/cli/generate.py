@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from ..generate import stream_generate
 from ..loading import load
@@ -37,8 +38,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_stream(responses) -> None:
-    """Print reasoning inside <think> tags, then the answer, then statistics on stderr."""
+def print_stream(responses, stopped: Callable[[], bool] = lambda: False) -> None:
+    """Print reasoning inside <think> tags, then the answer, then statistics on stderr; stop
+    reading `responses` (and close them) as soon as `stopped()` says so."""
     thinking = False
     last = None
     for last in responses:
@@ -46,6 +48,10 @@ def print_stream(responses) -> None:
             print("<think>\n" if last.reasoning else "\n</think>\n\n", end="")
             thinking = last.reasoning
         print(last.text, end="", flush=True)
+        if stopped():
+            responses.close()
+            print(" [stopped]", end="")
+            break
     if thinking:
         print("\n</think>", end="")
     print()

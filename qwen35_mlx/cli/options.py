@@ -9,7 +9,7 @@ from ..loading import DTYPES
 # stream_generate keyword arguments, each set by the flag of the same name (--max-tokens, ...)
 GENERATION_KWARGS = ("enable_thinking", "max_tokens", "temp", "top_p", "top_k", "min_p",
                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
-                     "prefill_step_size")
+                     "stop", "prefill_step_size")
 # the images and videos shown with the prompt: --image and --video, repeatable
 MEDIA_KWARGS = ("images", "videos")
 
@@ -37,6 +37,8 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frequency-penalty", type=float, default=0.0,
                         help="subtracted per earlier occurrence of a generated token")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--stop", action="append", metavar="TEXT",
+                        help="end the answer where this text first appears; repeatable")
     parser.add_argument("--prefill-step-size", type=int, default=2048,
                         help="prompt tokens per forward pass during prefill")
 
