@@ -150,7 +150,7 @@ class Processor:
                  video_max_pixels: int = VIDEO_PREPROCESSOR_CONFIG["size"]["longest_edge"],
                  fps: float = VIDEO_SAMPLING["fps"], min_frames: int = VIDEO_SAMPLING["min_frames"],
                  max_frames: int = VIDEO_SAMPLING["max_frames"],
-                 tokens: VisionTokens = VisionTokens()):
+                 source_fps: float | None = None, tokens: VisionTokens = VisionTokens()):
         """
         Args:
             patch_size, temporal_patch_size, merge_size: the vision tower's patching.
@@ -158,12 +158,16 @@ class Processor:
             min_pixels, max_pixels: bounds on an image's resized h·w.
             video_min_pixels, video_max_pixels: bounds on a video's frames·h·w.
             fps: frames sampled per second of video; min_frames, max_frames bound their number.
+            source_fps: the frame rate of folders of frames (default: `fps`, so that every
+                frame is kept up to max_frames); a video item's own "fps" wins.
             tokens: the prompt placeholder strings.
         """
         if not 0 < min_pixels <= max_pixels or not 0 < video_min_pixels <= video_max_pixels:
             raise VisionInputError(
                 f"pixel bounds must satisfy 0 < min <= max; got images [{min_pixels}, "
                 f"{max_pixels}], videos [{video_min_pixels}, {video_max_pixels}]")
+        if source_fps is not None and not source_fps > 0:
+            raise VisionInputError(f"source_fps must be positive, got {source_fps}")
         if not (fps > 0 and 1 <= min_frames <= max_frames):
             raise VisionInputError(
                 f"need fps > 0 and 1 <= min_frames <= max_frames; got fps={fps}, "
@@ -176,6 +180,7 @@ class Processor:
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
         self.fps, self.min_frames, self.max_frames = fps, min_frames, max_frames
+        self.source_fps = source_fps
         self.tokens = tokens
 
     @classmethod
@@ -195,11 +200,11 @@ class Processor:
                                 VIDEO_PREPROCESSOR_CONFIG)
         settings = _image_settings(image_file, directory / "preprocessor_config.json")
         settings.update(_video_settings(video_file, directory / "video_preprocessor_config.json",
-                                        settings), tokens=_read_tokens(directory))
+                                        settings), tokens=_read_tokens(directory), source_fps=None)
         unknown = set(overrides) - set(settings)
         if unknown:
-            raise TypeError(f"unknown processor setting(s) {sorted(unknown)}; "
-                            f"choose from {sorted(settings)}")
+            raise VisionInputError(f"unknown processor setting(s) {sorted(unknown)}; "
+                                   f"choose from {sorted(settings)}")
         return cls(**{**settings, **overrides})
 
     @property
@@ -235,10 +240,11 @@ class Processor:
 
         Args:
             source: the path.
-            source_fps: frames per second of a frames directory (default: the sampling fps, so
-                every frame up to max_frames is kept); for a file, replaces its own rate.
+            source_fps: frames per second of this video: of a frames directory (default: the
+                processor's `source_fps`), or replacing a file's own rate.
         """
-        frames = open_frames(source, source_fps=source_fps, default_fps=self.fps)
+        frames = open_frames(source, source_fps=source_fps,
+                             default_fps=self.source_fps or self.fps)
         indices = self.sample_indices(len(frames.times), frames.fps)
         height, width = smart_resize(
             frames.height, frames.width, factor=self.factor, min_pixels=self.video_min_pixels,

@@ -186,8 +186,8 @@ def attach_media(prompt: str | Sequence[Mapping], images=None, videos=None) -> l
 
 
 def media_sources(messages: Sequence[Mapping]) -> tuple[list, list]:
-    """The images and videos of chat messages, each list in prompt order (the order in which
-    the chat template renders their placeholders)."""
+    """The images and `VideoSource`s of chat messages, each list in prompt order (the order in
+    which the chat template renders their placeholders)."""
     images, videos = [], []
     for message in messages:
         content = message.get("content")
@@ -201,8 +201,22 @@ def media_sources(messages: Sequence[Mapping]) -> tuple[list, list]:
                 url = item["image_url"]
                 images.append(local_source(url.get("url") if isinstance(url, Mapping) else url))
             elif kind == "video":
-                videos.append(local_source(item["video"]))
+                videos.append(VideoSource(local_source(item["video"]), video_fps(item)))
     return images, videos
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """A video of a prompt: what to read, and its frame rate when the item gives one."""
+
+    source: Any
+    fps: float | None = None  # frames per second of the source (a frames folder's rate)
+
+
+def video_fps(item: Mapping) -> float | None:
+    """A video item's "fps" (or "source_fps"): the rate its frames were taken at (checked
+    where the frames are opened)."""
+    return item.get("fps", item.get("source_fps"))
 
 
 def item_type(item: Any) -> str:
@@ -221,13 +235,14 @@ def encode_prompt(model, tokenizer, text: str, images: Sequence = (), videos: Se
                   prefix: Sequence[int] = (), vision_cache: VisionCache | None = None
                   ) -> PromptInputs:
     """Prompt text whose `<|image_pad|>` / `<|video_pad|>` placeholders stand for `images` and
-    `videos` (in order) -> model inputs. `prefix` ids go before the text as they are."""
+    `videos` (`VideoSource`s, in order) -> model inputs. `prefix` ids go before the text as
+    they are."""
     if not images and not videos:
         return PromptInputs([*prefix, *tokenizer.encode(text)])
     processor = vision_processor(model, tokenizer)
     vision_cache = VisionCache() if vision_cache is None else vision_cache
     image_inputs = processor.images(list(images)) if images else None
-    video_inputs = [processor.video(video) for video in videos]
+    video_inputs = [processor.video(video.source, source_fps=video.fps) for video in videos]
     image_grid = None if image_inputs is None else image_inputs.grid_thw
     video_grid = np.concatenate([v.grid_thw for v in video_inputs]) if video_inputs else None
     expanded = processor.expand(text, image_grid_thw=image_grid, videos=video_inputs)

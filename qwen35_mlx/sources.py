@@ -18,6 +18,7 @@ from pathlib import Path
 
 import base64
 import io
+import math
 import urllib.parse
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,6 +27,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 VIDEO_EXTRA = 'pip install "qwen35-mlx[video]"'
 # Browsers play GIF frame delays of 0 or 10 ms at 100 ms; players treat them the same way.
 MIN_FRAME_MS, DEFAULT_FRAME_MS = 20, 100
+# An animation's frames decode one after another (each builds on the last), so its cost is all
+# its pixels: bounded before decoding, at this multiple of PIL's limit for one image, and so is
+# the number of frames (a minute of video at 2 fps samples 120 of them).
+ANIMATION_PIXELS_PER_IMAGE_LIMIT = 4
+MAX_ANIMATION_FRAMES = 10_000
 
 
 class VisionInputError(ValueError):
@@ -149,8 +155,9 @@ def open_frames(source, *, source_fps: float | None, default_fps: float) -> Fram
         VisionInputError: a missing path, an empty folder, a file without decodable frames, a
             still image, or a video file without PyAV installed.
     """
-    if source_fps is not None and not source_fps > 0:
-        raise VisionInputError(f"source_fps must be positive, got {source_fps}")
+    if source_fps is not None and not (isinstance(source_fps, (int, float))
+                                       and math.isfinite(source_fps) and source_fps > 0):
+        raise VisionInputError(f"a video's fps must be a positive number, got {source_fps!r}")
     if not isinstance(source, (str, Path)):
         raise VisionInputError(
             f"cannot read a video from a {type(source).__name__}; pass the path of a video "
@@ -201,6 +208,7 @@ def _directory_frames(directory: Path, fps: float) -> Frames:
 
 def _animated_frames(path: Path, image: Image.Image, source_fps: float | None) -> Frames:
     """Frames of a GIF, animated WebP or APNG; their delays are the clock."""
+    _check_animation_size(path, image.n_frames, image.width, image.height)
     try:
         delays = []
         for index in range(image.n_frames):
@@ -222,6 +230,28 @@ def _animated_frames(path: Path, image: Image.Image, source_fps: float | None) -
     return Frames(times, len(delays) / (sum(delays) / 1000), image.height, image.width, read)
 
 
+def _check_animation_size(path: Path, frames: int, width: int, height: int) -> None:
+    """VisionInputError for an animation too large to decode, before any frame is decoded."""
+    if frames > MAX_ANIMATION_FRAMES:
+        raise VisionInputError(
+            f"{path} has {frames} frames, more than the {MAX_ANIMATION_FRAMES} an animation may "
+            "have here; cut it, or pass it as a video file or a folder of sampled frames")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and frames * width * height > ANIMATION_PIXELS_PER_IMAGE_LIMIT * limit:
+        raise VisionInputError(_bomb_message(
+            path, f"{frames} frames of {width}×{height} = {frames * width * height} pixels to "
+                  f"decode is above {ANIMATION_PIXELS_PER_IMAGE_LIMIT} × the limit of {limit} "
+                  "(animation frames decode one after another)"))
+
+
+def _check_frame_size(path: Path, width: int, height: int) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise VisionInputError(_bomb_message(
+            path, f"frames of {width}×{height} = {width * height} pixels are above the limit of "
+                  f"{limit}"))
+
+
 def _video_file_frames(path: Path, source_fps: float | None) -> Frames:
     try:
         import av
@@ -240,6 +270,7 @@ def _video_file_frames(path: Path, source_fps: float | None) -> Frames:
             # the header's count, as transformers uses; counted by decoding where it is absent
             count = stream.frames or sum(1 for _ in container.decode(stream))
             height, width = stream.codec_context.height, stream.codec_context.width
+            _check_frame_size(path, width, height)
     except av.FFmpegError:
         raise VisionInputError(undecodable) from None
     if not count:

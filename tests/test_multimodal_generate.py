@@ -211,3 +211,18 @@ def test_token_ids_cannot_take_images(tiny, files):
     _, model, tokenizer = tiny
     with pytest.raises(ValueError, match="token ids cannot say where"):
         next(stream_generate(model, tokenizer, [1, 2, 3], images=[files["square"]]))
+
+
+def test_a_video_items_fps_sets_the_frame_timestamps(tiny, tmp_path):
+    _, model, tokenizer = tiny
+    for index in range(5):
+        Image.fromarray(np.full((64, 64, 3), 40 * index, np.uint8)).save(tmp_path / f"{index}.png")
+    messages = [{"role": "user", "content": [
+        {"type": "video", "video": str(tmp_path), "fps": 1}, {"type": "text", "text": "Go"}]}]
+    text = tokenizer.decode(prepare_prompt(model, tokenizer, messages).ids)
+    # 5 frames at 1 fps: groups of 2 centred at 0.5 s and 2.5 s, the last frame (4 s) padded
+    assert [t for t in ("<0.5 seconds>", "<2.5 seconds>", "<4.0 seconds>") if t in text] == [
+        "<0.5 seconds>", "<2.5 seconds>", "<4.0 seconds>"]
+    default = tokenizer.decode(prepare_prompt(model, tokenizer, [{"role": "user", "content": [
+        {"type": "video", "video": str(tmp_path)}, {"type": "text", "text": "Go"}]}]).ids)
+    assert "<0.2 seconds>" in default  # the sampling rate, 2 fps: (0 + 0.5) / 2 = 0.25

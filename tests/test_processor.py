@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from checkpoints import VISION_IDS, Spec
 from metrics import relative_error
-from PIL import Image
+from PIL import Image, ImageFile
 from processor_files import write_processor_files
 from tokenizer_files import write_tokenizer_files
 
@@ -174,7 +174,7 @@ def test_missing_files_give_the_released_settings(tmp_path, processor):
 
 
 def test_bad_settings_are_errors(tmp_path):
-    with pytest.raises(TypeError, match="max_pixel"):
+    with pytest.raises(VisionInputError, match="max_pixel"):
         Processor.from_pretrained(tmp_path, max_pixel=100)
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps({**PREPROCESSOR_CONFIG, "resample": 2}))
@@ -424,3 +424,45 @@ def test_mixed_frame_sizes_are_an_error(processor, tmp_path):
     with pytest.raises(VisionInputError, match="share one size"):
         processor.video(tmp_path, source_fps=2)
 
+
+
+def test_frame_folder_rate_set_per_load(checkpoint, tmp_path):
+    frames = [frame_pixels(i) for i in range(5)]
+    for index, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / f"frame{index}.png")
+    processor = Processor.from_pretrained(checkpoint, source_fps=1)
+    # as the per-call rate above: 5 frames at 1 fps, all kept, the last repeated to 6
+    assert_video(processor.video(tmp_path), frames, [3, 4, 4], [0.5, 2.5, 4.0])
+    with pytest.raises(VisionInputError, match="source_fps must be positive"):
+        Processor.from_pretrained(checkpoint, source_fps=0)
+    with pytest.raises(VisionInputError, match=r"unknown processor setting\(s\) \['fsp'\]"):
+        Processor.from_pretrained(checkpoint, fsp=1)
+
+
+@pytest.mark.parametrize("fps", [0, -1, float("nan"), "2"])
+def test_bad_video_rates_are_errors(processor, tmp_path, fps):
+    Image.fromarray(frame_pixels(0)).save(tmp_path / "0.png")
+    with pytest.raises(VisionInputError, match="a video's fps must be a positive number"):
+        processor.video(tmp_path, source_fps=fps)
+
+
+def write_gif(path, frames: int, side: int) -> None:
+    images = [Image.new("L", (side, side), 50 * (index % 2)) for index in range(frames)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100)
+
+
+def test_animation_too_large_to_decode_is_refused_before_decoding(processor, tmp_path,
+                                                                   monkeypatch):
+    write_gif(tmp_path / "bomb.gif", frames=12, side=100)  # 120,000 pixels to decode
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # each frame is under it
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1) or load(self))
+    with pytest.raises(VisionInputError, match=r"12 frames of 100×100 = 120000 pixels to decode "
+                                               r"is above 4 × the limit of 20000"):
+        processor.video(tmp_path / "bomb.gif")
+    assert decoded == []  # refused from the header, no frame decoded
+    monkeypatch.setattr("qwen35_mlx.sources.MAX_ANIMATION_FRAMES", 11)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(VisionInputError, match="has 12 frames, more than the 11"):
+        processor.video(tmp_path / "bomb.gif")
