@@ -43,7 +43,6 @@ class KernelSpec:
     output_names: tuple[str, ...]
     header_file: str | None = None  # helper functions placed before the kernel, in this folder
     ensure_row_contiguous: bool = True
-    atomic_outputs: bool = False
 
     @property
     def source(self) -> str:
@@ -75,5 +74,4 @@ def _build(spec: KernelSpec):
         source=spec.source,
         header=spec.header,
         ensure_row_contiguous=spec.ensure_row_contiguous,
-        atomic_outputs=spec.atomic_outputs,
     )
