@@ -2,10 +2,10 @@
 
 Each turn feeds only what the cache lacks: the end of the previous assistant turn and the
 new user turn, with its images and videos. The history is never reprocessed: images shown
-earlier stay in the cache, and the M-RoPE position shift they cause (`rope_delta`) is carried
-from turn to turn. The cache holds the conversation as the model produced it, reasoning
-included, like llama.cpp's and mlx-lm's chat (a full re-render of the chat template would drop
-earlier turns' reasoning, and a DeltaNet state cannot be rolled back to edit them out).
+earlier stay in the cache, which carries the M-RoPE position shift they cause from turn to
+turn. The cache holds the conversation as the model produced it, reasoning included, like
+llama.cpp's and mlx-lm's chat (a full re-render of the chat template drops earlier turns'
+reasoning).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Iterator, Mapping, Sequence
 
 from .generate import GenerationResponse, stream_generate
-from .models.cache import cache_offset
-from .prompt import VisionCache, encode_prompt, media_sources, place, with_media
+from .prompt import VisionCache, encode_prompt, media_sources, with_media
 
 
 class ChatSession:
@@ -46,7 +45,6 @@ class ChatSession:
         self.messages: list[dict] = (
             [{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
         self.tokens: list[int] = []  # the conversation so far; the cache holds a prefix
-        self.rope_delta = 0  # M-RoPE position shift of the images and videos in the cache
 
     def send(self, content: str | Sequence[Mapping], images=None,
              videos=None) -> Iterator[GenerationResponse]:
@@ -63,18 +61,16 @@ class ChatSession:
             turn, add_generation_prompt=True, enable_thinking=self.enable_thinking)
         # generate_step queues the next step before its caller sees a stop token, so whether
         # the last sampled token reached the cache is read off the cache, not assumed
-        pending = self.tokens[cache_offset(self.cache):]
+        pending = self.tokens[self.cache.offset:]
         inputs = encode_prompt(self.model, self.tokenizer, ("\n" if self.tokens else "") + text,
                                *media_sources(turn), prefix=pending,
                                vision_cache=self.vision_cache)
         self.messages.append(user)  # once its images are read: a bad file leaves no trace
         self.tokens.extend(inputs.ids[len(pending):])
-        shift = self.rope_delta  # of the images and videos already in the cache
-        _, self.rope_delta = place(inputs, len(pending), shift)
         answer, reasoning = [], []
         try:
             for response in stream_generate(self.model, self.tokenizer, inputs, cache=self.cache,
-                                            rope_delta=shift, **self.generation):
+                                            **self.generation):
                 self.tokens.append(response.token)
                 (reasoning if response.reasoning else answer).append(response.text)
                 yield response

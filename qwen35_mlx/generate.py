@@ -15,8 +15,9 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .models.cache import cache_offset
+from .models.state import PromptCache, Snapshot
 from .prompt import Prompt, VisionCache, place, prepare_prompt
+from .prompt_cache import PrefixCache
 from .sampling import Penalties, check_seed, greedy, make_sampler
 
 LogitsProcessor = Callable[[list[int], mx.array], mx.array]
@@ -31,7 +32,7 @@ def generate_step(
     prompt: mx.array,
     model,
     *,
-    cache: list | None = None,
+    cache: PromptCache | None = None,
     max_tokens: int = 256,
     sampler: Callable[[mx.array], mx.array] | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
@@ -39,12 +40,18 @@ def generate_step(
     input_embeddings: mx.array | None = None,
     position_ids: mx.array | None = None,
     rope_delta: int = 0,
+    prompt_keys: Sequence[int] | None = None,
+    snapshot_at: Sequence[int] = (),
+    on_snapshot: Callable[[Snapshot], None] | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yields (token, log-probabilities [vocab]) for up to `max_tokens` new tokens.
 
     Args:
-        prompt: token ids [T], T >= 1, not yet in `cache`.
-        model: a loaded model; `cache` (from `model.make_cache()`) is updated in place.
+        prompt: token ids [T], T >= 1, that follow what `cache` holds.
+        model: a loaded model.
+        cache: from `model.make_cache()`, updated in place and never left half-updated: a
+            model call that raises (an error, KeyboardInterrupt) is rolled back. Its `tokens`
+            hold what went through the model, the last sampled token included once it is fed.
         sampler: log-probabilities [1, vocab] -> token [1]; greedy when None.
         logits_processors: f(generated tokens, logits [1, vocab]) -> logits.
         prefill_step_size: prompt tokens per forward pass during prefill (bounds memory).
@@ -52,7 +59,10 @@ def generate_step(
             of looking up `prompt`'s).
         position_ids: [3, 1, T] the prompt's M-RoPE positions, continuing the cache's.
         rope_delta: decode positions are cache length + rope_delta (the sum of the multimodal
-            prompts' deltas in the cache; 0 for text).
+            prompts' deltas in the cache, this one's included; 0 for text); kept on the cache.
+        prompt_keys: the prompt tokens' prefix-cache keys (default: the ids).
+        snapshot_at: prompt lengths (counted from the prompt's start) at which `on_snapshot`
+            gets a snapshot of the cache; prefill steps end there.
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty; give at least one token")
@@ -64,6 +74,9 @@ def generate_step(
         model.check_token_ids(prompt)
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or greedy
+    ids = prompt.tolist()
+    keys = ids if prompt_keys is None else list(prompt_keys)
+    stops = sorted({n for n in snapshot_at if 0 < n <= len(ids)})
     generated: list[int] = []
     # the ids were checked above and sampled ids are in range: the model need not read them
     decode = {"rope_delta": rope_delta, "check_ids": False}
@@ -76,35 +89,53 @@ def generate_step(
             inputs["position_ids"] = position_ids[..., start:end]
         return inputs
 
-    def step(tokens: mx.array, inputs: dict) -> tuple[mx.array, mx.array]:
-        logits = model(tokens[None], cache=cache, **inputs)[:, -1, :]
+    def feed(tokens: mx.array, fed_ids: list[int], fed_keys: list[int], inputs: dict):
+        before = cache.snapshot(hold=False)
+        try:
+            logits = model(tokens[None], cache=cache, **inputs)
+        except BaseException:
+            cache.restore(before, owned=True)
+            raise
+        cache.append(fed_ids, fed_keys)
+        return logits
+
+    def step(tokens: mx.array, fed_ids: list[int], fed_keys: list[int],
+             inputs: dict) -> tuple[mx.array, mx.array]:
+        logits = feed(tokens, fed_ids, fed_keys, inputs)[:, -1, :]
         for process in logits_processors:
             logits = process(generated, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
+    def snapshot_if_asked(prompt_length: int) -> None:
+        if on_snapshot is not None and prompt_length in stops:
+            on_snapshot(cache.snapshot())
+
     # Fill the cache with all but the last prompt token. Only the cache is evaluated, so the
     # lazy graph never computes these tokens' logits (the vocab-sized head is the costliest
     # matrix); the last token then goes through the model alone.
     start = 0
-    while prompt.size - start > 1:
-        end = min(start + prefill_step_size, prompt.size - 1)
-        model(prompt[start:end][None], cache=cache, **prompt_slice(start, end))
-        mx.eval([c.state for c in cache])
+    while len(ids) - start > 1:
+        end = min([start + prefill_step_size, len(ids) - 1, *(n for n in stops if n > start)])
+        feed(prompt[start:end], ids[start:end], keys[start:end], prompt_slice(start, end))
+        mx.eval(cache.state)
+        snapshot_if_asked(end)
         start = end
 
-    token, logprobs = step(prompt[start:], prompt_slice(start, prompt.size))
+    token, logprobs = step(prompt[start:], ids[start:], keys[start:],
+                           prompt_slice(start, len(ids)))
+    cache.rope_delta = rope_delta
+    snapshot_if_asked(len(ids))
     mx.async_eval(token, logprobs)
     for n in range(max_tokens):
-        if n + 1 < max_tokens:  # queue the next step before reading this token
-            generated.append(int(token.item()))
-            next_token, next_logprobs = step(token, decode)
+        generated.append(int(token.item()))
+        if n + 1 < max_tokens:  # queue the next step before yielding this token
+            last = generated[-1:]
+            next_token, next_logprobs = step(token, last, last, decode)
             mx.async_eval(next_token, next_logprobs)
-            yield generated[-1], logprobs
+        yield generated[-1], logprobs
+        if n + 1 < max_tokens:
             token, logprobs = next_token, next_logprobs
-        else:
-            generated.append(int(token.item()))
-            yield generated[-1], logprobs
 
 
 @dataclass
@@ -116,11 +147,12 @@ class GenerationResponse:
     logprobs: mx.array
     reasoning: bool
     prompt_tokens: int
-    prompt_tps: float
+    prompt_tps: float  # over the prompt tokens that went through the model
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop" | "length" | None while generating
+    cached_tokens: int = 0  # prompt tokens restored from the prompt cache
 
 
 @dataclass
@@ -135,6 +167,7 @@ class Completion:
     prompt_tps: float
     generation_tps: float
     peak_memory: float
+    cached_tokens: int = 0
 
 
 def stream_generate(
@@ -156,8 +189,8 @@ def stream_generate(
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
     prefill_step_size: int = 2048,
-    cache: list | None = None,
-    rope_delta: int = 0,
+    cache: PromptCache | None = None,
+    prompt_cache: PrefixCache | None = None,
     vision_cache: VisionCache | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion.
@@ -183,8 +216,14 @@ def stream_generate(
             one is held back until it is known not to be.
         prefill_step_size: prompt tokens per forward pass.
         cache: a cache to continue from (`model.make_cache()`); the prompt is what follows it.
-        rope_delta: when `cache` holds images or videos, the sum of their prompts'
-            `PromptInputs.rope_delta` (the M-RoPE position shift); `ChatSession` keeps it.
+            It is updated in place and left consistent whatever happens: an error or
+            KeyboardInterrupt inside the model rolls back the step it was in, and a consumer
+            that stops reading leaves it holding the tokens fed so far.
+        prompt_cache: a `PrefixCache` for callers that resend a whole history (as OpenAI-style
+            clients do): generation starts from the longest cached prefix of the prompt and
+            only the rest goes through the model; snapshots at message starts, every
+            `prompt_cache.interval` tokens, at the prompt's end and after the reply are kept
+            for the next call. Not with `cache`.
         vision_cache: a `VisionCache` that keeps encoded images and videos between calls.
 
     Yields:
@@ -195,16 +234,25 @@ def stream_generate(
     check_seed(seed)
     check_whole("max_tokens", max_tokens, 0)
     stops = StopStrings(stop)
+    if cache is not None and prompt_cache is not None:
+        raise ValueError("give cache= (a conversation to continue) or prompt_cache= (cached "
+                         "prefixes of whole histories), not both")
     if seed is not None:
         mx.random.seed(seed)
     mx.reset_peak_memory()
     start = time.perf_counter()  # prompt time includes the vision tower
     inputs = prepare_prompt(model, tokenizer, prompt, images=images, videos=videos,
                             enable_thinking=enable_thinking, vision_cache=vision_cache)
-    ids = inputs.ids
-    cache = model.make_cache() if cache is None else cache
-    used = cache_offset(cache)
-    max_tokens = min(max_tokens, room_left(model, used, len(ids), max_tokens))
+    ids, keys = inputs.ids, inputs.keys or inputs.ids
+    if prompt_cache is None:
+        cache = model.make_cache() if cache is None else cache
+        held, reused = cache.offset, 0  # the prompt follows what the cache holds
+        positions, decode_rope_delta = place(inputs, cache.offset, cache.rope_delta)
+    else:
+        cache = prompt_cache.restore(model, keys)  # the prompt starts where the cache does
+        held, reused = 0, cache.offset
+        positions, decode_rope_delta = place(inputs, 0, 0)
+    max_tokens = min(max_tokens, room_left(model, held, len(ids), max_tokens))
 
     stop_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
     think_end = tokenizer.encode(THINK_END)
@@ -212,43 +260,55 @@ def stream_generate(
     reasoning = opens_thinking(tokenizer, ids)
     answer_started = not reasoning
     detokenizer = tokenizer.detokenizer()
-    positions, decode_rope_delta = place(inputs, used, rope_delta)
-    steps = generate_step(mx.array(ids), model, cache=cache, max_tokens=max_tokens,
+    snapshots = {} if prompt_cache is None else {
+        "snapshot_at": [n - reused for n in prompt_cache.snapshot_points(tokenizer, ids, reused)],
+        "on_snapshot": prompt_cache.insert}
+    steps = generate_step(mx.array(ids[reused:]), model, cache=cache, max_tokens=max_tokens,
                           sampler=sampler, logits_processors=[penalties] if penalties.active else [],
                           prefill_step_size=prefill_step_size,
-                          input_embeddings=inputs.input_embeddings, position_ids=positions,
-                          rope_delta=decode_rope_delta)
-    prompt_tps, n = 0.0, 0
-    for n, (token, logprobs) in enumerate(steps, start=1):
-        if n == 1:
-            prompt_time = time.perf_counter() - start
-            prompt_tps = len(ids) / prompt_time
-            start = time.perf_counter()
-        finish = "stop" if token in stop_ids else ("length" if n == max_tokens else None)
-        if token == think_end and reasoning:
-            reasoning = False
-        elif finish != "stop":
-            detokenizer.add_token(token)
-        if finish:
-            detokenizer.finalize()
-        text = detokenizer.last_segment
-        if not reasoning and not answer_started:  # drop the blank lines after </think>
-            text = text.lstrip()
-            answer_started = bool(text)
-        if not reasoning:
-            text, stopped = stops.feed(text)
-            if stopped:
-                finish = "stop"
-            elif finish:
-                text += stops.flush()
-        elapsed = time.perf_counter() - start
-        yield GenerationResponse(
-            text=text, token=token, logprobs=logprobs, reasoning=reasoning,
-            prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
-            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
-        if finish:
-            return
+                          input_embeddings=_tail(inputs.input_embeddings, reused),
+                          position_ids=None if positions is None else positions[..., reused:],
+                          rope_delta=decode_rope_delta, prompt_keys=keys[reused:], **snapshots)
+    try:
+        prompt_tps, n = 0.0, 0
+        for n, (token, logprobs) in enumerate(steps, start=1):
+            if n == 1:
+                prompt_time = time.perf_counter() - start
+                prompt_tps = (len(ids) - reused) / prompt_time
+                start = time.perf_counter()
+            finish = "stop" if token in stop_ids else ("length" if n == max_tokens else None)
+            if token == think_end and reasoning:
+                reasoning = False
+            elif finish != "stop":
+                detokenizer.add_token(token)
+            if finish:
+                detokenizer.finalize()
+            text = detokenizer.last_segment
+            if not reasoning and not answer_started:  # drop the blank lines after </think>
+                text = text.lstrip()
+                answer_started = bool(text)
+            if not reasoning:
+                text, stopped = stops.feed(text)
+                if stopped:
+                    finish = "stop"
+                elif finish:
+                    text += stops.flush()
+            elapsed = time.perf_counter() - start
+            yield GenerationResponse(
+                text=text, token=token, logprobs=logprobs, reasoning=reasoning,
+                prompt_tokens=len(ids), cached_tokens=reused, prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
+            if finish:
+                return
+    finally:
+        if prompt_cache is not None and cache.offset >= len(ids):
+            prompt_cache.insert(cache.snapshot())  # the reply too, for the next turn
+
+
+def _tail(embeddings: mx.array | None, start: int) -> mx.array | None:
+    return None if embeddings is None else embeddings[:, start:]
 
 
 def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwargs) -> Completion:
@@ -273,7 +333,8 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         text="".join(parts[False]), reasoning="".join(parts[True]).strip(),
         finish_reason=last.finish_reason or "length", prompt_tokens=last.prompt_tokens,
         generation_tokens=last.generation_tokens, prompt_tps=last.prompt_tps,
-        generation_tps=last.generation_tps, peak_memory=last.peak_memory)
+        generation_tps=last.generation_tps, peak_memory=last.peak_memory,
+        cached_tokens=last.cached_tokens)
 
 
 def room_left(model, cached: int, prompt: int, max_tokens: int) -> int:

@@ -35,12 +35,15 @@ class PromptInputs:
     input_embeddings: [1, T, H] embeddings with vision features in place; None for text.
     position_ids: [3, 1, T] M-RoPE positions counted from 0; None for text (positions = arange).
     rope_delta: max position + 1 - T (<= 0); decode steps after this prompt add it to theirs.
+    keys: the ids as prefix-cache keys: each image's or video's placeholder tokens carry a
+        hash of its pixels instead (None: the ids themselves).
     """
 
     ids: list[int]
     input_embeddings: mx.array | None = None
     position_ids: mx.array | None = None
     rope_delta: int = 0
+    keys: list[int] | None = None
 
 
 Prompt = Union[str, Sequence[int], Sequence[Mapping], PromptInputs]
@@ -135,10 +138,11 @@ class VisionCache:
     def clear(self) -> None:
         self._features.clear()
 
-    def encode(self, model, pixel_values: np.ndarray, grid_thw: np.ndarray) -> mx.array:
-        """Features [N, H] of one image or video (pixel_values [P, 1536], grid_thw [1, 3])."""
-        key = hashlib.sha256(np.ascontiguousarray(grid_thw, dtype=np.int64).tobytes()
-                             + np.ascontiguousarray(pixel_values).tobytes()).hexdigest()
+    def encode(self, model, pixel_values: np.ndarray, grid_thw: np.ndarray,
+               key: str | None = None) -> mx.array:
+        """Features [N, H] of one image or video (pixel_values [P, 1536], grid_thw [1, 3]);
+        `key`: its `content_key`, when already computed."""
+        key = key or content_key(pixel_values, grid_thw)
         if key in self._features:
             self._features.move_to_end(key)
             return self._features[key]
@@ -148,6 +152,35 @@ class VisionCache:
         if len(self._features) > self.max_entries:
             self._features.popitem(last=False)
         return features
+
+
+def content_key(pixel_values: np.ndarray, grid_thw: np.ndarray) -> str:
+    """A hash of one image's or video's processed pixels and grid."""
+    return hashlib.sha256(np.ascontiguousarray(grid_thw, dtype=np.int64).tobytes()
+                          + np.ascontiguousarray(pixel_values).tobytes()).hexdigest()
+
+
+def media_keys(ids: Sequence[int], placeholders: Mapping[int, list[tuple[str, int]]]) -> list[int]:
+    """Prefix-cache keys of `ids`: each placeholder token keyed by its medium's content hash.
+
+    Args:
+        placeholders: placeholder token id -> (content hash, tokens) of each of its media, in
+            prompt order.
+    """
+    queues = {token: [(-1 - int(digest[:15], 16), count) for digest, count in media]
+              for token, media in placeholders.items()}
+    keys = []
+    for token in ids:
+        queue = queues.get(token)
+        if not queue:
+            keys.append(token)
+            continue
+        key, left = queue[0]
+        keys.append(key)
+        queue[0] = (key, left - 1)
+        if left == 1:
+            queue.pop(0)
+    return keys
 
 
 def as_list(sources) -> list:
@@ -248,17 +281,25 @@ def encode_prompt(model, tokenizer, text: str, images: Sequence = (), videos: Se
     expanded = processor.expand(text, image_grid_thw=image_grid, videos=video_inputs)
     ids = [*prefix, *tokenizer.encode(expanded)]
 
-    image_features = [vision_cache.encode(model, pixels, grid)
-                      for pixels, grid in split_images(image_inputs)]
-    video_features = [vision_cache.encode(model, v.pixel_values, v.grid_thw)
-                      for v in video_inputs]
+    images = [(*m, content_key(*m)) for m in split_images(image_inputs)]
+    videos = [(v.pixel_values, v.grid_thw, content_key(v.pixel_values, v.grid_thw))
+              for v in video_inputs]
+    image_features = [vision_cache.encode(model, *m) for m in images]
+    video_features = [vision_cache.encode(model, *m) for m in videos]
+    merged = processor.merge_size**2  # patches per placeholder token
     tokens = mx.array(ids)[None]  # [1, T]
     embeddings = model.embed_inputs(
         tokens, image_features=mx.concatenate(image_features) if image_features else None,
         video_features=mx.concatenate(video_features) if video_features else None)
     positions, rope_delta = model.position_ids(tokens, image_grid_thw=image_grid,
                                                video_grid_thw=video_grid)
-    return PromptInputs(ids, embeddings, positions, int(np.asarray(rope_delta).reshape(-1)[0]))
+    token_ids = model.config.token_ids
+    keys = media_keys(ids, {
+        token_ids[f"{kind}_token_id"]: [(key, int(np.prod(grid)) // merged)
+                                         for _, grid, key in media]
+        for kind, media in (("image", images), ("video", videos))})
+    return PromptInputs(ids, embeddings, positions, int(np.asarray(rope_delta).reshape(-1)[0]),
+                        keys)
 
 
 def split_images(inputs) -> list[tuple[np.ndarray, np.ndarray]]:

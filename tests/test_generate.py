@@ -12,6 +12,7 @@ from qwen35_mlx.chat import ChatSession
 from qwen35_mlx.generate import ContextLengthError
 from qwen35_mlx.prompt import prompt_tokens
 from qwen35_mlx.models.cache import KVCache
+from qwen35_mlx.models.state import PromptCache
 from qwen35_mlx.sampling import Penalties
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -121,7 +122,7 @@ class ScriptedModel:
         self.script, self.prompt_length, self.vocab, self.config = script, prompt_length, vocab, config
 
     def make_cache(self):
-        return [KVCache()]
+        return PromptCache([KVCache()], fingerprint="scripted")
 
     def check_token_ids(self, ids):
         pass  # any ids: the script decides the tokens

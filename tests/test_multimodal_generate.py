@@ -140,7 +140,7 @@ def test_chat_about_one_image_encodes_it_once_and_matches_a_fresh_run(tiny, file
     image = tokenizer.processor.images([files["square"]])
     (_, rows, cols), = image.grid_thw
     tokens, advance = rows * cols // 4, max(rows, cols) // 2
-    assert session.rope_delta == 2 * (advance - tokens)
+    assert session.cache.rope_delta == 2 * (advance - tokens)
     # transformers over the whole conversation as the session holds it
     stop_ids = sorted(tokenizer.eos_token_ids)
     twice = tokenizer.processor.images([files["square"]] * 2)

@@ -1,7 +1,8 @@
 """Generation state: keys and values per full-attention layer, conv and recurrent state per Gated
 DeltaNet layer (docs/ARCHITECTURE.md §7).
 
-A model's cache is a list with one entry per decoder layer, from `Model.make_cache()`:
+A model's cache holds one of these per decoder layer (`state.PromptCache`, from
+`Model.make_cache()`):
 - `KVCache`: keys and values [B, Hkv, T, D] of the tokens seen so far, in buffers grown a block
   of `step` tokens at a time so that decoding does not reallocate every token;
 - `DeltaNetCache`: [0] conv state [B, K-1, conv_dim] (the last K-1 projected inputs, activation
@@ -17,40 +18,81 @@ import mlx.core as mx
 from .config import LINEAR, TextConfig
 
 
+class KVBuffer:
+    """Keys and values [B, Hkv, capacity, D] shared by a cache and its snapshots.
+
+    Positions below `shared_upto` are held by a snapshot, so they are never written again: a
+    cache that rolls back below it copies the buffer before writing (copy on write). Growing
+    the buffer replaces the arrays here, for every holder at once, so that snapshots taken
+    along one history share one buffer instead of keeping one each.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+        self.shared_upto = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
 class KVCache:
     """Keys and values of one full-attention layer."""
 
     step = 256  # tokens per buffer block
 
     def __init__(self):
-        self.keys: mx.array | None = None  # [B, Hkv, capacity, D]
-        self.values: mx.array | None = None
+        self.buffer: KVBuffer | None = None
         self.offset = 0  # tokens held
+        self.owned = True  # False after a restore: another cache may write into the buffer
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append keys and values [B, Hkv, T, D]; returns all held so far [B, Hkv, offset+T, D]."""
         start, end = self.offset, self.offset + keys.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
-            self._grow(keys, values, end)
-        self.keys[..., start:end, :] = keys
-        self.values[..., start:end, :] = values
+        if self.buffer is None or not self.owned or start < self.buffer.shared_upto:
+            self.buffer, self.owned = self._copy(keys, values, end), True
+        elif end > self.buffer.capacity:
+            fresh = self._copy(keys, values, end)
+            self.buffer.keys, self.buffer.values = fresh.keys, fresh.values
+        self.buffer.keys[..., start:end, :] = keys
+        self.buffer.values[..., start:end, :] = values
         self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return self.buffer.keys[..., :end, :], self.buffer.values[..., :end, :]
 
-    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
-        blocks = -(-needed // self.step)
+    def _copy(self, keys: mx.array, values: mx.array, needed: int) -> KVBuffer:
+        """A new buffer with room for `needed` tokens holding the first `offset` ones."""
+        capacity = -(-needed // self.step) * self.step
         B, H, _, _ = keys.shape
-        new_keys = mx.zeros((B, H, blocks * self.step, keys.shape[3]), keys.dtype)
-        new_values = mx.zeros((B, H, blocks * self.step, values.shape[3]), values.dtype)
-        if self.keys is not None:
-            new_keys[..., :self.offset, :] = self.keys[..., :self.offset, :]
-            new_values[..., :self.offset, :] = self.values[..., :self.offset, :]
-        self.keys, self.values = new_keys, new_values
+        buffer = KVBuffer(mx.zeros((B, H, capacity, keys.shape[3]), keys.dtype),
+                          mx.zeros((B, H, capacity, values.shape[3]), values.dtype))
+        if self.buffer is not None and self.offset:
+            buffer.keys[..., :self.offset, :] = self.buffer.keys[..., :self.offset, :]
+            buffer.values[..., :self.offset, :] = self.buffer.values[..., :self.offset, :]
+        return buffer
 
     @property
     def state(self) -> list[mx.array]:
         """The arrays to evaluate to materialise the cache."""
-        return [] if self.keys is None else [self.keys, self.values]
+        return [] if self.buffer is None else [self.buffer.keys, self.buffer.values]
+
+    def snapshot(self, hold: bool = True) -> tuple[KVBuffer | None, int]:
+        """(buffer, offset); with `hold`, the positions below offset are never written again."""
+        if hold and self.buffer is not None:
+            self.buffer.shared_upto = max(self.buffer.shared_upto, self.offset)
+        return self.buffer, self.offset
+
+    def restore(self, snapshot: tuple[KVBuffer | None, int], owned: bool = False) -> None:
+        """Back to `snapshot`; unless `owned` (this cache's own rollback), the buffer is copied
+        before the next write, as another cache may continue from the same snapshot."""
+        self.buffer, self.offset = snapshot
+        self.owned = owned
+
+    def nbytes(self, tokens: int | None = None) -> int:
+        """Bytes of the keys and values of the first `tokens` (default: all held)."""
+        if self.buffer is None:
+            return 0
+        per_token = (self.buffer.keys.nbytes + self.buffer.values.nbytes) // self.buffer.capacity
+        return per_token * (self.offset if tokens is None else tokens)
 
 
 class DeltaNetCache:
@@ -64,17 +106,21 @@ class DeltaNetCache:
         return self.arrays[index]
 
     def __setitem__(self, index: int, value: mx.array) -> None:
-        self.arrays[index] = value
+        self.arrays[index] = value  # the layer assigns new arrays: a snapshot keeps the old
 
     @property
     def state(self) -> list[mx.array]:
         return [array for array in self.arrays if array is not None]
 
+    def snapshot(self, hold: bool = True) -> tuple[mx.array | None, ...]:
+        return tuple(self.arrays)
 
-def make_cache(config: TextConfig) -> list:
+    def restore(self, snapshot: tuple[mx.array | None, ...], owned: bool = False) -> None:
+        self.arrays = list(snapshot)
+
+    def nbytes(self, tokens: int | None = None) -> int:
+        return sum(array.nbytes for array in self.state)
+
+
+def make_layer_caches(config: TextConfig) -> list:
     return [DeltaNetCache() if t == LINEAR else KVCache() for t in config.layer_types]
-
-
-def cache_offset(cache: list) -> int:
-    """Tokens already processed into `cache` (read off its attention layers)."""
-    return next((c.offset for c in cache if hasattr(c, "offset")), 0)

@@ -8,6 +8,8 @@ with `input_embeddings` and `position_ids`; decoding continues with `rope_delta`
 
 from __future__ import annotations
 
+import hashlib
+import json
 from types import MappingProxyType
 from typing import Callable, Mapping
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .positions import rope_index
+from .state import PromptCache, make_prompt_cache
 from .text import LanguageModel
 from .vision import VisionModel
 
@@ -30,6 +33,9 @@ class Model(nn.Module):
         self.config = config
         self.language_model = LanguageModel(config.text, config.tie_word_embeddings)
         self.vision_tower = None if config.vision is None else VisionModel(config.vision)
+        # what snapshots of its caches are tied to; `load` adds the weights' identity
+        self.fingerprint = hashlib.sha256(
+            json.dumps(config.raw, sort_keys=True).encode()).hexdigest()
         self.set_pending_weights({})
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
@@ -119,8 +125,9 @@ class Model(nn.Module):
     def layers(self) -> list:
         return self.language_model.model.layers
 
-    def make_cache(self) -> list:
-        return self.language_model.make_cache()
+    def make_cache(self) -> PromptCache:
+        """An empty cache for one conversation (a cache per layer, the tokens they hold)."""
+        return make_prompt_cache(self.config.text, self.fingerprint)
 
     @staticmethod
     def quant_predicate(recipe: str, bits: int, group_size: int, *,

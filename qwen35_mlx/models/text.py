@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..gated_delta import gated_delta_decode, gated_delta_update, use_fused_decode
-from .cache import make_cache
+from .cache import make_layer_caches
 from .config import LINEAR, TextConfig
 from .rope import Rotary
 
@@ -223,4 +223,4 @@ class LanguageModel(nn.Module):
         return self.lm_head(h)
 
     def make_cache(self) -> list:
-        return make_cache(self.config)
+        return make_layer_caches(self.config)
