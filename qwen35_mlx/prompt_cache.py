@@ -2,7 +2,8 @@
 
 A DeltaNet state cannot be trimmed like a KV cache, so a prefix is reusable only where a
 snapshot was taken: at the start of each chat message (where a re-rendered history agrees with
-the last one), every `interval` tokens, at the end of a prompt and after a reply. A lookup
+the last one), every `interval` tokens, at the end of a prompt (and one token before it) and
+after a reply. A lookup
 returns the longest snapshot whose tokens begin the new prompt. Images and videos count by
 content: their placeholder tokens carry a hash of the pixels as their key, so two pictures of
 one size are not one prefix. Entries are dropped least recently used first once their state
@@ -85,12 +86,13 @@ class PrefixCache:
 
     def snapshot_points(self, tokenizer, ids: Sequence[int], start: int) -> list[int]:
         """Prompt lengths after `start` to snapshot at: each message start, every `interval`
-        tokens, and the whole prompt."""
+        tokens, the prompt but its last token (what the same prompt sent again can reuse) and
+        the whole prompt."""
         message = tokenizer.encode(MESSAGE_START)
         starts = ([i for i in range(start + 1, len(ids)) if ids[i] == message[0]]
                   if len(message) == 1 else [])
         regular = range((start // self.interval + 1) * self.interval, len(ids), self.interval)
-        return sorted({*starts, *regular, len(ids)})
+        return sorted(n for n in {*starts, *regular, len(ids) - 1, len(ids)} if n > start)
 
 
 def prefix_digests(fingerprint: str, keys: Sequence[int], lengths: Sequence[int]) -> list[str]:
