@@ -5,9 +5,10 @@ text path (ARCHITECTURE.md §1.2, §2.1): config.json with the real field values
 `model.language_model.*` tensors (A_log and the gated norm in float32 as the release stores
 them, the rest in the checkpoint dtype), the vision tower of §4 unless `vision=False`, the MTP
 head of §6 unless `mtp=False` (with both, the parameter count is the release's, §1.4), the
-released preprocessor_config.json and video_preprocessor_config.json with the tower, and a
-byte-level BPE tokenizer whose vocabulary covers every id the model can emit, so that
-`qwen35_mlx.load`, `mlx_lm.load` and transformers (which ignore `mtp.*`) all accept the folder.
+released preprocessor_config.json and video_preprocessor_config.json with the tower, and the
+tokenizer files of `tokenizer_files.py` (the released special-token ids, a byte-level vocabulary
+dense up to them, the size's released chat template), so that `qwen35_mlx.load`, `mlx_lm.load`
+and transformers (which ignore `mtp.*`) all accept the folder and can chat with it.
 
 Only numpy and safetensors are used (no torch): `safetensors.numpy.save_file` cannot name
 bfloat16 without the ml_dtypes package, so the tensors go through the serializer it wraps,
@@ -25,11 +26,9 @@ from typing import Iterator
 
 import numpy as np
 from safetensors import TensorSpec, serialize_file
-from tokenizers import (AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers,
-                        processors)
-from tokenizers.models import BPE
 
 from ..processor import PROCESSOR_FILES
+from .tokenizer_files import SPECIAL_TOKENS, write_tokenizer_files
 
 LINEAR, FULL = "linear_attention", "full_attention"
 ROPE = {"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
@@ -56,6 +55,8 @@ SIZES = {  # ARCHITECTURE.md §1.2
                num_attention_heads=16, num_key_value_heads=4, linear_num_value_heads=32,
                tie_word_embeddings=False),
 }
+# The sizes whose released chat template thinks by default (the others answer directly).
+THINKING_SIZES = ("4B", "9B")
 VISION_COMMON = dict(model_type="qwen3_5", hidden_act="gelu_pytorch_tanh", in_channels=3,
                      patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
                      num_position_embeddings=2304, deepstack_visual_indexes=[],
@@ -292,7 +293,7 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
     try:
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_weights(config, partial, seed)
-        write_tokenizer(partial)
+        write_tokenizer_files(partial, thinking_by_default=size in THINKING_SIZES)
         if vision:
             for name, content in PROCESSOR_FILES.items():
                 (partial / name).write_text(json.dumps(content, indent=2) + "\n")
@@ -307,73 +308,3 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
         raise
     return directory
 
-
-# --- tokenizer -------------------------------------------------------------------------------
-
-PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# (content, special) at their released ids (ARCHITECTURE.md §5); the audio tokens are left out.
-SPECIAL_TOKENS = {
-    248044: ("<|endoftext|>", True), 248045: ("<|im_start|>", True),
-    248046: ("<|im_end|>", True), 248047: ("<|object_ref_start|>", True),
-    248048: ("<|object_ref_end|>", True), 248049: ("<|box_start|>", True),
-    248050: ("<|box_end|>", True), 248051: ("<|quad_start|>", True),
-    248052: ("<|quad_end|>", True), 248053: ("<|vision_start|>", True),
-    248054: ("<|vision_end|>", True), 248055: ("<|vision_pad|>", True),
-    248056: ("<|image_pad|>", True), 248057: ("<|video_pad|>", True),
-    248058: ("<tool_call>", False), 248059: ("</tool_call>", False),
-    248060: ("<|fim_prefix|>", False), 248061: ("<|fim_middle|>", False),
-    248062: ("<|fim_suffix|>", False), 248063: ("<|fim_pad|>", False),
-    248064: ("<|repo_name|>", False), 248065: ("<|file_sep|>", False),
-    248066: ("<tool_response>", False), 248067: ("</tool_response>", False),
-    248068: ("<think>", False), 248069: ("</think>", False),
-}
-
-
-def _byte_symbols() -> tuple[list[str], list[str]]:
-    """GPT-2's byte -> printable character table: (indexed by byte, in vocabulary order)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in printable]
-    table = dict(zip(printable + shifted,
-                     [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]))
-    return [table[b] for b in range(256)], [table[b] for b in printable + shifted]
-
-
-def _vocab() -> dict[str, int]:
-    # Every id below the specials is a token, so detokenizers that index a dense table
-    # (mlx-lm's) accept anything a random model emits. Ids >= 256 spell the 2 or 3 bytes of
-    # their own number: unique, decodable, never produced by encoding (there are no merges).
-    by_byte, ordered = _byte_symbols()
-    vocab = {symbol: i for i, symbol in enumerate(ordered)}
-    for i in range(256, min(SPECIAL_TOKENS)):
-        vocab["".join(by_byte[b] for b in i.to_bytes(2 if i < 65536 else 3, "big"))] = i
-    vocab.update({content: i for i, (content, _) in SPECIAL_TOKENS.items()})
-    return vocab
-
-
-def write_tokenizer(directory: Path) -> None:
-    """tokenizer.json (byte-level BPE, the Qwen3.5 normalizer and pre-split regex, the special
-    tokens at their released ids) and tokenizer_config.json, as the release names them."""
-    tokenizer = Tokenizer(BPE(vocab=_vocab(), merges=[], unk_token=None, fuse_unk=False,
-                              byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False,
-                                                    use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_tokens([AddedToken(content, special=special, normalized=False)
-                          for content, special in SPECIAL_TOKENS.values()])
-    tokenizer.save(str(directory / "tokenizer.json"))
-    decoder = {str(i): {"content": content, "lstrip": False, "normalized": False,
-                        "rstrip": False, "single_word": False, "special": special}
-               for i, (content, special) in SPECIAL_TOKENS.items()}
-    config = {"add_prefix_space": False, "added_tokens_decoder": decoder, "bos_token": None,
-              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>",
-              "errors": "replace", "model_max_length": 262144, "pad_token": "<|endoftext|>",
-              "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
-              "unk_token": None}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

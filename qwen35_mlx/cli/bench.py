@@ -42,7 +42,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     make = commands.add_parser(
         "make-checkpoint", help="write a random-weight checkpoint in the released layout",
         description="Random weights with the real shapes of a Qwen3.5 size, Hugging Face "
-                    "layout, and a byte-level tokenizer: a stand-in for benchmarks.")
+                    "layout, and a byte-level tokenizer with the released special tokens and "
+                    "chat template: a stand-in for benchmarks and offline trials.")
     make.add_argument("--size", choices=sorted(SIZES), default="0.8B", help="model size")
     make.add_argument("--out", required=True, help="new (or empty) output folder")
     make.add_argument("--num-layers", type=int, help="decoder layers (a multiple of 4)")
