@@ -11,9 +11,11 @@ accepts every flag it names.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,9 @@ README = Path(__file__).parent.parent / "README.md"
 HUB_REPO = "Qwen/Qwen3.5-0.8B"
 SET_UP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
 MAX_TOKENS = "2"
+# As after `. .venv/bin/activate`: this interpreter's scripts (qwen35-mlx) come first on PATH.
+ACTIVATED = {**os.environ,
+             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
 # A stand-in for the hub model: the released vocabulary and tokenizer, a tiny decoder.
 HUB_STAND_IN = {"text_config": {**TINY_TEXT, "vocab_size": TEXT_COMMON["vocab_size"],
                                 "linear_num_value_heads": 2},
@@ -94,8 +99,8 @@ def hub_stand_in(tmp_path_factory) -> Path:
 def test_commands_run(block, hub_stand_in, tmp_path):
     for command in block:
         command = as_run_here(command, hub_stand_in, tmp_path)
-        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=ACTIVATED,
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
 
 
