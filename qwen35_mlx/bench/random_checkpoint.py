@@ -204,12 +204,12 @@ def _vision_specs(v: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
 def _draw(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
     if kind == A_LOG:
         return np.log(rng.uniform(1.0, 16.0, size=shape)).astype(np.float32)
+    # In place: a copy of each large matrix costs as much time as drawing it.
     noise = rng.standard_normal(shape, dtype=np.float32)
-    if kind == MATRIX or kind == BIAS:
-        return noise * np.float32(0.02)
-    if kind == SHIFTED_NORM:
-        return noise * np.float32(0.1)
-    return noise * np.float32(0.1) + np.float32(1.0)  # PLAIN_NORM, DT_BIAS: around 1
+    noise *= np.float32(0.02 if kind == MATRIX or kind == BIAS else 0.1)
+    if kind != MATRIX and kind != BIAS and kind != SHIFTED_NORM:
+        noise += np.float32(1.0)  # PLAIN_NORM, DT_BIAS: around 1
+    return noise
 
 
 def _disk_dtype(name: str, kind: str, dtype: str) -> str:
@@ -220,8 +220,12 @@ def _disk_dtype(name: str, kind: str, dtype: str) -> str:
 def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (no NaNs here)."""
     bits = x.view(np.uint32)
-    bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    return (bits >> np.uint32(16)).astype(np.uint16)
+    carry = bits >> np.uint32(16)  # one temporary, updated in place (the arrays are large)
+    carry &= np.uint32(1)
+    carry += np.uint32(0x7FFF)
+    bits += carry
+    bits >>= np.uint32(16)
+    return bits.astype(np.uint16)
 
 
 def _save(tensors: dict[str, tuple[str, np.ndarray]], file: Path) -> None:
