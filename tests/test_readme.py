@@ -1,10 +1,10 @@
 """The README's shell commands work as written, so the README cannot drift from the code.
 
 Every ```sh block is read from README.md. Runnable commands run in a shell as a newcomer would
-type them, with three changes that keep them offline and quick: set-up steps (virtual
-environments, pip install, the test suite itself) are left out, the hub repo id is swapped for a
-small local random checkpoint, and generation is cut to a few tokens (`bench make-checkpoint`
-writes 4 decoder layers instead of the size's full depth). A usage block (`[--flag ...]`
+type them, changed only to stay offline and quick: set-up steps (virtual environments, pip
+install, the test suite itself) are left out, the hub repo id is swapped for a small local random
+checkpoint, /tmp/ paths move into the test's folder, generation is cut to a few tokens and
+`bench make-checkpoint` writes 4 decoder layers instead of the size's full depth. A usage block (`[--flag ...]`
 placeholders) is checked against the command line itself: each command it shows exists and
 accepts every flag it names.
 """
@@ -62,9 +62,8 @@ def is_set_up(command: str) -> bool:
 
 
 BLOCKS = [commands(block) for block in sh_blocks(README.read_text(encoding="utf-8"))]
-RUNNABLE = [[c for c in block if not is_set_up(c)] for block in BLOCKS
-            if not any(is_usage(c) for c in block)]
-RUNNABLE = [block for block in RUNNABLE if block]
+RUNNABLE = [run for block in BLOCKS if not any(is_usage(c) for c in block)
+            if (run := [c for c in block if not is_set_up(c)])]
 USAGE = [c for block in BLOCKS if any(is_usage(c) for c in block) for c in block]
 
 
@@ -95,7 +94,7 @@ def hub_stand_in(tmp_path_factory) -> Path:
     return write_random_checkpoint(directory, num_layers=4, overrides=HUB_STAND_IN)
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=[block[-1][:48] for block in RUNNABLE])
+@pytest.mark.parametrize("block", RUNNABLE, ids=[block[0][:48] for block in RUNNABLE])
 def test_commands_run(block, hub_stand_in, tmp_path):
     for command in block:
         command = as_run_here(command, hub_stand_in, tmp_path)
