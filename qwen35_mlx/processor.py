@@ -3,7 +3,7 @@
 Images reproduce transformers' PIL-backend `Qwen2VLImageProcessorPil` (5.23; the backend
 `AutoImageProcessor` picks when torchvision is absent): RGB on a white background, smart resize
 to multiples of 32 px, PIL bicubic, rescale 1/255, normalise, patches in 2×2 merge-block order
-(ARCHITECTURE.md §5). Videos follow `Qwen3VLVideoProcessor` for sampling, sizes and patch order,
+(docs/ARCHITECTURE.md §5). Videos follow `Qwen3VLVideoProcessor` for sampling, sizes and patch order,
 with frames resized by the same PIL path as images (transformers resizes video frames with
 torchvision, which differs after resizing by up to ~0.17 of the [-1, 1] range). Prompts get one
 `<t seconds>` marker and vision block per temporal group, as the original Qwen3-VL processor

@@ -5,7 +5,7 @@ template). Messages carry images and videos as OpenAI-style content items: the c
 renders each as a `<|vision_start|>…<|vision_end|>` placeholder, the processor expands the
 placeholders (one token per merged 2×2 patch block, timestamps per video frame group), and the
 vision tower's features replace those tokens' embeddings; M-RoPE positions follow
-ARCHITECTURE.md §3. Features are kept in a small LRU (`VisionCache`) keyed by the pixels, so
+docs/ARCHITECTURE.md §3. Features are kept in a small LRU (`VisionCache`) keyed by the pixels, so
 showing the same image again does not run the tower again.
 
 Token ids are plain `list[int]` here and everywhere above the model; `PromptInputs` carries

@@ -4,7 +4,7 @@ Encoding and decoding run on the `tokenizers` library (the Rust BPE that transfo
 reading the checkpoint's own pipeline (NFC, the Qwen3.5 pre-split regex, byte-level BPE). Chat
 templates render in a jinja2 sandbox set up like transformers' (`utils/chat_template_utils.py`,
 5.23), so a prompt equals `AutoTokenizer.apply_chat_template(..., tokenize=False)` without
-importing transformers or running checkpoint code. ARCHITECTURE.md §5 lists the tokens and the
+importing transformers or running checkpoint code. docs/ARCHITECTURE.md §5 lists the tokens and the
 template's logic.
 """
 

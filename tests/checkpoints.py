@@ -1,7 +1,7 @@
 """Tiny random Qwen3.5 checkpoints in the real Hugging Face layout, built by transformers.
 
 Every parameter matters: the (1+w) norms, the gated norm, A_log and dt_bias are perturbed
-away from their initial values (ARCHITECTURE.md §9), and the weights are scaled up so that
+away from their initial values (docs/ARCHITECTURE.md §9), and the weights are scaled up so that
 logits are far from uniform and greedy decoding is not decided by float noise.
 """
 

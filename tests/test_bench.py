@@ -20,8 +20,8 @@ from benchmarks import generate as generate_benchmark
 from benchmarks import kernels as kernels_benchmark
 from benchmarks import vision as vision_benchmark
 from metrics import relative_error
-from qwen35_mlx import cli, load
-from qwen35_mlx.bench import random_checkpoint
+from qwen35_mlx import cli, generate, load
+from qwen35_mlx.bench import random_checkpoint, tokenizer_files
 from qwen35_mlx.bench.random_checkpoint import config_json, tensor_specs, write_random_checkpoint
 from qwen35_mlx.gated_delta import SCAN_PATHS
 
@@ -55,7 +55,7 @@ def header(file) -> dict:
         return json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
 
 
-# Exact counts of the released checkpoints (ARCHITECTURE.md §1.4): (decoder, embeddings,
+# Exact counts of the released checkpoints (docs/ARCHITECTURE.md §1.4): (decoder, embeddings,
 # vision tower, MTP head), and the total = Hugging Face's safetensors.total.
 RELEASED = {"0.8B": ((498_113_344, 254_279_680, 100_592_896, 20_452_864), 873_438_784),
             "2B": ((1_373_265_728, 508_559_360, 331_416_576, 60_828_160), 2_274_069_824),
@@ -129,6 +129,28 @@ def test_large_checkpoints_are_sharded_with_an_index(tmp_path, monkeypatch, bf16
     sharded, _ = load(directory)
     single, _ = load(bf16_checkpoint)  # same seed, one file: the same model
     assert mx.array_equal(sharded(ids), single(ids))
+
+
+@pytest.mark.parametrize("variant, thinking", [("0.8B-tied", False), ("9B-untied", True)])
+def test_it_carries_the_released_tokenizer_and_chat_template(tmp_path, variant, thinking):
+    directory = write_random_checkpoint(tmp_path / "ckpt", **tiny(variant))
+    model, tokenizer = load(directory)
+    config = json.loads((directory / "config.json").read_text())
+    for name, key in [("<|image_pad|>", "image_token_id"), ("<|video_pad|>", "video_token_id"),
+                      ("<|vision_start|>", "vision_start_token_id"),
+                      ("<|vision_end|>", "vision_end_token_id")]:
+        assert tokenizer.encode(name) == [config[key]]
+    assert tokenizer.encode("<|im_end|>") == [248046]
+    assert tokenizer.eos_token_ids == {248046, config["text_config"]["eos_token_id"]}
+    template = (tokenizer_files.THINKING_TEMPLATE if thinking
+                else tokenizer_files.NON_THINKING_TEMPLATE)
+    assert (directory / "chat_template.jinja").read_bytes() == template.read_bytes()
+    assert tokenizer.thinking_by_default is thinking
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
+    generation_prompt = "<|im_start|>assistant\n<think>\n"
+    assert prompt.endswith(generation_prompt + ("" if thinking else "\n</think>\n\n"))
+    result = generate(model, tokenizer, [{"role": "user", "content": "Hello"}], max_tokens=3)
+    assert result.generation_tokens >= 1
 
 
 def test_bench_generate_times_our_setup(bf16_checkpoint, capsys):

@@ -7,7 +7,7 @@ import pytest
 from qwen35_mlx.bench.random_checkpoint import SIZES, config_json
 from qwen35_mlx.models.config import ConfigError, ModelConfig
 
-# ARCHITECTURE.md §1.2, derived values
+# docs/ARCHITECTURE.md §1.2, derived values
 EXPECTED = {"0.8B": (24, 6144, 64, True), "2B": (24, 6144, 64, True),
             "4B": (32, 8192, 64, True), "9B": (32, 8192, 64, False)}
 

@@ -285,7 +285,7 @@ def test_force_replaces_existing_output(make_checkpoint, converted, tmp_path):
 # 4. Vision tower and MTP head: kept whole, float unless asked.
 
 H, I, NH, NKV, HD = 64, 128, 4, 2, 32  # the tiny decoder's dims (tests/checkpoints.py)
-# ARCHITECTURE.md §6, scaled down: fc [H, 2H]; q_proj [2·nh·hd, H] (query and gate).
+# docs/ARCHITECTURE.md §6, scaled down: fc [H, 2H]; q_proj [2·nh·hd, H] (query and gate).
 MTP_SHAPES = {
     "mtp.fc.weight": (H, 2 * H), "mtp.pre_fc_norm_embedding.weight": (H,),
     "mtp.pre_fc_norm_hidden.weight": (H,), "mtp.norm.weight": (H,),

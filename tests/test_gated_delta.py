@@ -17,7 +17,7 @@ def softplus(x):
 
 
 def gated_delta_reference(q, k, v, a, b, A_log, dt_bias, state=None):
-    """ARCHITECTURE.md §2.4 steps 5-7 in float64, one token at a time; state [B, Hv, Dk, Dv]."""
+    """docs/ARCHITECTURE.md §2.4 steps 5-7 in float64, one token at a time; state [B, Hv, Dk, Dv]."""
     q, k, v, a, b = (np.asarray(x, dtype=np.float64) for x in (q, k, v, a, b))
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]

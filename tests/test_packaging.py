@@ -1,5 +1,6 @@
-"""The installed package is whole: a wheel built from the tree carries every module and the
-Metal kernel sources the specs read at run time (an editable install would hide their absence)."""
+"""The installed package is whole: a wheel built from the tree carries every module, the Metal
+kernel sources the specs read at run time and the chat templates random checkpoints are written
+with (an editable install would hide their absence)."""
 
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
-def test_wheel_carries_modules_and_kernel_sources(tmp_path):
+def test_wheel_carries_modules_kernel_sources_and_templates(tmp_path):
     source = tmp_path / "source"  # a clean copy: no egg-info left by an earlier build
     source.mkdir()
     for part in ("pyproject.toml", "README.md"):
@@ -25,7 +26,9 @@ def test_wheel_carries_modules_and_kernel_sources(tmp_path):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     package = ROOT / "qwen35_mlx"
     expected = {f"qwen35_mlx/{f.relative_to(package)}" for f in package.rglob("*")
-                if f.suffix in (".py", ".metal") and "__pycache__" not in f.parts}
+                if f.suffix in (".py", ".metal", ".jinja") and "__pycache__" not in f.parts}
     expected |= {f"qwen35_mlx/convert/{f.name}" for f in (ROOT / "convert").glob("*.py")}
     assert any(name.endswith(".metal") for name in expected)
+    assert {"qwen35_mlx/bench/templates/qwen3_5_chat_template_thinking.jinja",
+            "qwen35_mlx/bench/templates/qwen3_5_chat_template_nonthinking.jinja"} <= expected
     assert expected <= shipped, sorted(expected - shipped)

@@ -31,7 +31,7 @@ SOURCES = {"untied": Spec(layout="conditional"), "tied": Spec(layout="conditiona
 Q4 = dict(quantize=True, q_bits=4, q_group_size=32)
 RECIPES = {"float": {}, "q4-hybrid": Q4, "q4-uniform": {**Q4, "recipe": "uniform"},
            "q4-vision-mtp": {**Q4, "quantize_vision": True, "quantize_mtp": True}}
-# The 15 MTP tensors of ARCHITECTURE.md §6 at the tiny dims (H=64, I=128, 4 heads x 32, 2 KV).
+# The 15 MTP tensors of docs/ARCHITECTURE.md §6 at the tiny dims (H=64, I=128, 4 heads x 32, 2 KV).
 H, I, NH, NKV, HD = 64, 128, 4, 2, 32
 MTP_SHAPES = {
     "fc": (H, 2 * H), "pre_fc_norm_embedding": (H,), "pre_fc_norm_hidden": (H,), "norm": (H,),

@@ -101,7 +101,7 @@ def test_image_modes_match_transformers(processor, checkpoint, mode):
 
 
 def test_released_bounds_give_the_documented_grids(processor):
-    # ARCHITECTURE.md §5: 300×500 -> 288×512, 40×60 -> 224×320 (upscaled to >= 65536 pixels)
+    # docs/ARCHITECTURE.md §5: 300×500 -> 288×512, 40×60 -> 224×320 (upscaled to >= 65536 pixels)
     grids = processor.images([Image.new("RGB", (500, 300)), Image.new("RGB", (60, 40))]).grid_thw
     assert grids.tolist() == [[1, 18, 32], [1, 14, 20]]
 

@@ -1,13 +1,14 @@
 """Random-weight Qwen3.5 checkpoints in the released Hugging Face layout, for benchmarks.
 
 `write_random_checkpoint` writes what a `Qwen3_5ForConditionalGeneration` release holds for the
-text path (ARCHITECTURE.md §1.2, §2.1): config.json with the real field values of a size,
+text path (docs/ARCHITECTURE.md §1.2, §2.1): config.json with the real field values of a size,
 `model.language_model.*` tensors (A_log and the gated norm in float32 as the release stores
 them, the rest in the checkpoint dtype), the vision tower of §4 unless `vision=False`, the MTP
 head of §6 unless `mtp=False` (with both, the parameter count is the release's, §1.4), the
-released preprocessor_config.json and video_preprocessor_config.json with the tower, and a
-byte-level BPE tokenizer whose vocabulary covers every id the model can emit, so that
-`qwen35_mlx.load`, `mlx_lm.load` and transformers (which ignore `mtp.*`) all accept the folder.
+released preprocessor_config.json and video_preprocessor_config.json with the tower, and the
+tokenizer files of `tokenizer_files.py` (the released special-token ids, a byte-level vocabulary
+dense up to them, the size's released chat template), so that `qwen35_mlx.load`, `mlx_lm.load`
+and transformers (which ignore `mtp.*`) all accept the folder and can chat with it.
 
 Only numpy and safetensors are used (no torch): `safetensors.numpy.save_file` cannot name
 bfloat16 without the ml_dtypes package, so the tensors go through the serializer it wraps,
@@ -25,11 +26,9 @@ from typing import Iterator
 
 import numpy as np
 from safetensors import TensorSpec, serialize_file
-from tokenizers import (AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers,
-                        processors)
-from tokenizers.models import BPE
 
 from ..processor import PROCESSOR_FILES
+from .tokenizer_files import SPECIAL_TOKENS, write_tokenizer_files
 
 LINEAR, FULL = "linear_attention", "full_attention"
 ROPE = {"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
@@ -42,7 +41,7 @@ TEXT_COMMON = dict(
     attn_output_gate=True, bos_token_id=248044, eos_token_id=248044, initializer_range=0.02,
     mamba_ssm_dtype="float32", mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
     use_cache=True, rope_parameters=ROPE)
-SIZES = {  # ARCHITECTURE.md §1.2
+SIZES = {  # docs/ARCHITECTURE.md §1.2
     "0.8B": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
                  num_attention_heads=8, num_key_value_heads=2, linear_num_value_heads=16,
                  tie_word_embeddings=True),
@@ -56,11 +55,13 @@ SIZES = {  # ARCHITECTURE.md §1.2
                num_attention_heads=16, num_key_value_heads=4, linear_num_value_heads=32,
                tie_word_embeddings=False),
 }
+# The sizes whose released chat template thinks by default (the others answer directly).
+THINKING_SIZES = ("4B", "9B")
 VISION_COMMON = dict(model_type="qwen3_5", hidden_act="gelu_pytorch_tanh", in_channels=3,
                      patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
                      num_position_embeddings=2304, deepstack_visual_indexes=[],
                      initializer_range=0.02)
-VISION_SIZES = {  # ARCHITECTURE.md §1.3
+VISION_SIZES = {  # docs/ARCHITECTURE.md §1.3
     "0.8B": dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12),
     "2B": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16),
     "4B": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16),
@@ -108,7 +109,7 @@ def config_json(size: str = "0.8B", num_layers: int | None = None, dtype: str = 
 
 
 def tensor_specs(config: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, kind) of every tensor the checkpoint holds (ARCHITECTURE.md §2.1, §4, §6)."""
+    """(name, shape, kind) of every tensor the checkpoint holds (docs/ARCHITECTURE.md §2.1, §4, §6)."""
     t = config["text_config"]
     H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
     Hv = t["linear_num_value_heads"]
@@ -157,7 +158,7 @@ def _attention_specs(attn: str, t: dict) -> Iterator[tuple[str, tuple[int, ...],
 
 
 def _mtp_specs(t: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
-    """The MTP head (ARCHITECTURE.md §6): fc over [embedding ‖ hidden], full-attention decoder
+    """The MTP head (docs/ARCHITECTURE.md §6): fc over [embedding ‖ hidden], full-attention decoder
     layers, (1+w) norms; it shares the embedding and lm_head, so it has none of its own."""
     H, I = t["hidden_size"], t["intermediate_size"]
     layers = t.get("mtp_num_hidden_layers", 0)
@@ -203,24 +204,28 @@ def _vision_specs(v: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
 def _draw(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
     if kind == A_LOG:
         return np.log(rng.uniform(1.0, 16.0, size=shape)).astype(np.float32)
+    # In place: a copy of each large matrix costs as much time as drawing it.
     noise = rng.standard_normal(shape, dtype=np.float32)
-    if kind == MATRIX or kind == BIAS:
-        return noise * np.float32(0.02)
-    if kind == SHIFTED_NORM:
-        return noise * np.float32(0.1)
-    return noise * np.float32(0.1) + np.float32(1.0)  # PLAIN_NORM, DT_BIAS: around 1
+    noise *= np.float32(0.02 if kind == MATRIX or kind == BIAS else 0.1)
+    if kind != MATRIX and kind != BIAS and kind != SHIFTED_NORM:
+        noise += np.float32(1.0)  # PLAIN_NORM, DT_BIAS: around 1
+    return noise
 
 
 def _disk_dtype(name: str, kind: str, dtype: str) -> str:
-    # The release stores A_log and the DeltaNet gated norm in F32 (ARCHITECTURE.md §1.4).
+    # The release stores A_log and the DeltaNet gated norm in F32 (docs/ARCHITECTURE.md §1.4).
     return "float32" if kind == A_LOG or name.endswith("linear_attn.norm.weight") else dtype
 
 
 def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (no NaNs here)."""
     bits = x.view(np.uint32)
-    bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    return (bits >> np.uint32(16)).astype(np.uint16)
+    carry = bits >> np.uint32(16)  # one temporary, updated in place (the arrays are large)
+    carry &= np.uint32(1)
+    carry += np.uint32(0x7FFF)
+    bits += carry
+    bits >>= np.uint32(16)
+    return bits.astype(np.uint16)
 
 
 def _save(tensors: dict[str, tuple[str, np.ndarray]], file: Path) -> None:
@@ -270,14 +275,14 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
     Args:
         directory: where to write; must not exist or be empty. Files are written into a
             temporary sibling folder that is renamed into place when complete.
-        size: "0.8B", "2B", "4B" or "9B" (ARCHITECTURE.md §1.2 shapes).
+        size: "0.8B", "2B", "4B" or "9B" (docs/ARCHITECTURE.md §1.2 shapes).
         num_layers: fewer (or more) decoder layers, a multiple of 4, for quick runs.
         dtype: "bfloat16" (as released) or "float32" for the matrices and (1+w) norms.
         seed: numpy seed; the same arguments give the same bytes.
         overrides: config.json overrides, e.g. {"text_config": {"hidden_size": 64, ...}}
             for tiny test models.
         vision: also write the vision tower and its vision_config (the text bench ignores it).
-        mtp: also write the MTP head (`mtp.*`, ARCHITECTURE.md §6), as every release has.
+        mtp: also write the MTP head (`mtp.*`, docs/ARCHITECTURE.md §6), as every release has.
 
     Returns:
         The checkpoint directory.
@@ -292,7 +297,7 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
     try:
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_weights(config, partial, seed)
-        write_tokenizer(partial)
+        write_tokenizer_files(partial, thinking_by_default=size in THINKING_SIZES)
         if vision:
             for name, content in PROCESSOR_FILES.items():
                 (partial / name).write_text(json.dumps(content, indent=2) + "\n")
@@ -307,73 +312,3 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
         raise
     return directory
 
-
-# --- tokenizer -------------------------------------------------------------------------------
-
-PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# (content, special) at their released ids (ARCHITECTURE.md §5); the audio tokens are left out.
-SPECIAL_TOKENS = {
-    248044: ("<|endoftext|>", True), 248045: ("<|im_start|>", True),
-    248046: ("<|im_end|>", True), 248047: ("<|object_ref_start|>", True),
-    248048: ("<|object_ref_end|>", True), 248049: ("<|box_start|>", True),
-    248050: ("<|box_end|>", True), 248051: ("<|quad_start|>", True),
-    248052: ("<|quad_end|>", True), 248053: ("<|vision_start|>", True),
-    248054: ("<|vision_end|>", True), 248055: ("<|vision_pad|>", True),
-    248056: ("<|image_pad|>", True), 248057: ("<|video_pad|>", True),
-    248058: ("<tool_call>", False), 248059: ("</tool_call>", False),
-    248060: ("<|fim_prefix|>", False), 248061: ("<|fim_middle|>", False),
-    248062: ("<|fim_suffix|>", False), 248063: ("<|fim_pad|>", False),
-    248064: ("<|repo_name|>", False), 248065: ("<|file_sep|>", False),
-    248066: ("<tool_response>", False), 248067: ("</tool_response>", False),
-    248068: ("<think>", False), 248069: ("</think>", False),
-}
-
-
-def _byte_symbols() -> tuple[list[str], list[str]]:
-    """GPT-2's byte -> printable character table: (indexed by byte, in vocabulary order)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in printable]
-    table = dict(zip(printable + shifted,
-                     [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]))
-    return [table[b] for b in range(256)], [table[b] for b in printable + shifted]
-
-
-def _vocab() -> dict[str, int]:
-    # Every id below the specials is a token, so detokenizers that index a dense table
-    # (mlx-lm's) accept anything a random model emits. Ids >= 256 spell the 2 or 3 bytes of
-    # their own number: unique, decodable, never produced by encoding (there are no merges).
-    by_byte, ordered = _byte_symbols()
-    vocab = {symbol: i for i, symbol in enumerate(ordered)}
-    for i in range(256, min(SPECIAL_TOKENS)):
-        vocab["".join(by_byte[b] for b in i.to_bytes(2 if i < 65536 else 3, "big"))] = i
-    vocab.update({content: i for i, (content, _) in SPECIAL_TOKENS.items()})
-    return vocab
-
-
-def write_tokenizer(directory: Path) -> None:
-    """tokenizer.json (byte-level BPE, the Qwen3.5 normalizer and pre-split regex, the special
-    tokens at their released ids) and tokenizer_config.json, as the release names them."""
-    tokenizer = Tokenizer(BPE(vocab=_vocab(), merges=[], unk_token=None, fuse_unk=False,
-                              byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False,
-                                                    use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_tokens([AddedToken(content, special=special, normalized=False)
-                          for content, special in SPECIAL_TOKENS.values()])
-    tokenizer.save(str(directory / "tokenizer.json"))
-    decoder = {str(i): {"content": content, "lstrip": False, "normalized": False,
-                        "rstrip": False, "single_word": False, "special": special}
-               for i, (content, special) in SPECIAL_TOKENS.items()}
-    config = {"add_prefix_space": False, "added_tokens_decoder": decoder, "bos_token": None,
-              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>",
-              "errors": "replace", "model_max_length": 262144, "pad_token": "<|endoftext|>",
-              "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
-              "unk_token": None}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

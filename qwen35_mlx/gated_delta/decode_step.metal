@@ -1,4 +1,4 @@
-// Fused Gated DeltaNet decode step for one token (ARCHITECTURE.md §2.4 steps 3-8):
+// Fused Gated DeltaNet decode step for one token (docs/ARCHITECTURE.md §2.4 steps 3-8):
 // causal depthwise conv + SiLU, q/k L2 norm, decay and beta, the delta-rule update of the state
 // and the gated RMSNorm of the output, in one dispatch.
 // One threadgroup per (batch, value head): SG simdgroups take the state rows (value dims) in turn,

@@ -1,6 +1,6 @@
 """The one entry point the model calls for the Gated DeltaNet scan.
 
-`gated_delta_update` turns the layer's raw projections into the scan inputs (ARCHITECTURE.md
+`gated_delta_update` turns the layer's raw projections into the scan inputs (docs/ARCHITECTURE.md
 §2.4 steps 5-6, in float32 as transformers does) and hands them to a scan path chosen by
 `pick_path`: on Metal the chunked kernel (chunked_scan.metal); elsewhere the plain-MLX per-token
 recurrence for short inputs and the chunked form for prefill. On Metal a DeltaNet layer decodes

@@ -1,4 +1,4 @@
-"""Plain-MLX gated delta rule, one token at a time (ARCHITECTURE.md §2.4 step 7).
+"""Plain-MLX gated delta rule, one token at a time (docs/ARCHITECTURE.md §2.4 step 7).
 
 Runs on every backend; it is the decode path and the reference the faster paths are tested
 against. Layout follows mlx-lm and `mx.fast.gated_delta_update`: state is [B, Hv, Dv, Dk].

@@ -134,7 +134,7 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower (ARCHITECTURE.md §1.3, §4)."""
+    """The vision tower (docs/ARCHITECTURE.md §1.3, §4)."""
 
     depth: int
     hidden_size: int

@@ -4,7 +4,7 @@ Per sequence, text tokens count up on all three rows (T, H, W). A vision grid (t
 patches becomes (t, h/M, w/M) placeholder tokens in row-major order with positions
 T = cur + frame, H = cur + row, W = cur + col, after which cur advances by max(h/M, w/M).
 A video is split into its t temporal groups, each its own run: the prompt writes each group as
-`<{ts} seconds><|vision_start|><|video_pad|>...<|vision_end|>`. ARCHITECTURE.md §3.
+`<{ts} seconds><|vision_start|><|video_pad|>...<|vision_end|>`. docs/ARCHITECTURE.md §3.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Positions have three rows (T, H, W); rotary frequency i takes its position from H when
 i % 3 == 1 and i < 3 * mrope_section[1], from W when i % 3 == 2 and i < 3 * mrope_section[2],
-else from T (ARCHITECTURE.md §3). For text positions (T = H = W) this is exactly 1-D RoPE on
+else from T (docs/ARCHITECTURE.md §3). For text positions (T = H = W) this is exactly 1-D RoPE on
 the first `rotary_dim` dims with rotate-half pairs (i, i + rotary_dim/2): the fast path.
 """
 

@@ -1,7 +1,7 @@
 """Qwen3.5 text decoder: 3 Gated DeltaNet layers per gated full-attention layer.
 
 Maths from transformers' `models/qwen3_5/modeling_qwen3_5.py` (the oracle the tests compare
-against) and ARCHITECTURE.md §2. The module tree keeps Hugging Face weight names under
+against) and docs/ARCHITECTURE.md §2. The module tree keeps Hugging Face weight names under
 `language_model.model.*` / `language_model.lm_head`, the layout mlx-lm and mlx-vlm also use.
 Weights are held in run-time form: (1+w) norm weights already shifted (kept float32), conv1d
 weights as [C, K, 1]; `loading.py` converts a Hugging Face checkpoint once, at load.

@@ -1,7 +1,7 @@
 """Qwen3.5 vision tower: a pre-LN ViT over 16-px patches, then a 2x2 patch merger.
 
 Maths from transformers' `Qwen3_5VisionModel` (the oracle of tests/test_vision.py) and
-ARCHITECTURE.md §4. The module tree keeps Hugging Face's names under `vision_tower.*`, the
+docs/ARCHITECTURE.md §4. The module tree keeps Hugging Face's names under `vision_tower.*`, the
 layout mlx-vlm also uses; the Conv3d patch weight is held channels-last [O, Tp, P, P, C] as
 mlx-vlm holds it (`loading.hf_to_mlx` transposes a Hugging Face checkpoint once).
 
