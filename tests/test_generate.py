@@ -169,20 +169,42 @@ class CountingModel:
         return self.model(tokens, cache=cache, **kwargs)
 
 
-def test_chat_reuses_its_cache(tiny):
+def test_chat_turn_is_a_fresh_render_and_feeds_only_what_is_new(tiny):
     *_, model, tokenizer = tiny
     counting = CountingModel(model)
     session = ChatSession(counting, tokenizer, max_tokens=6)
-    list(session.send("Hello"))
-    after_turn_one = list(session.tokens)  # ends with <|im_end|>, fed or not
+    first = [r.token for r in session.send("Hello")]
+    assert first == [r.token for r in stream_generate(model, tokenizer, session.messages[:1],
+                                                      max_tokens=6)]
     counting.fed.clear()
     second = [r.token for r in session.send("And now?")]
-    user_turn = tokenizer.apply_chat_template([{"role": "user", "content": "And now?"}])
-    history = after_turn_one + tokenizer.encode("\n" + user_turn)
-    # the first pass feeds at most the new turn and the previous reply's end
-    assert counting.fed[0] <= len(history) - len(after_turn_one) + 2
-    assert sum(counting.fed) < len(history)
-    # the cached conversation gives the same tokens as a fresh run over the whole history
-    fresh = [r.token for r in stream_generate(model, tokenizer, history, max_tokens=6)]
-    assert second == fresh
+    history = session.messages[:3]
+    # what a stateless client gets for the whole history, rendered by the chat template
+    assert second == [r.token for r in stream_generate(model, tokenizer, history, max_tokens=6)]
+    # the history up to the last reply's start came from the cache
+    ids = tokenizer.encode(tokenizer.apply_chat_template(history))
+    reply_start = len(tokenizer.encode(tokenizer.apply_chat_template(history[:1])))
+    message_start = tokenizer.encode("<|im_start|>")[0]
+    reply_start = max(i for i in range(reply_start) if ids[i] == message_start)
+    assert sum(counting.fed) <= len(ids) - reply_start + len(second)
     assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2
+
+
+def test_undo_and_retry_roll_the_conversation_back(tiny):
+    *_, model, tokenizer = tiny
+    session = ChatSession(model, tokenizer, max_tokens=5, temp=1.0, seed=3)
+    list(session.send("Hello"))
+    list(session.send("More"))
+    assert session.undo()["content"] == "More"
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    retried = "".join(r.text for r in session.retry())
+    assert session.messages[-1]["content"] == retried
+    fresh = "".join(r.text for r in stream_generate(model, tokenizer, session.messages[:1],
+                                                    max_tokens=5, temp=1.0, seed=3))
+    assert retried == fresh  # the same seed from the same rendered prompt
+    session.messages[0]["content"] = "Goodbye"  # edit an earlier message, then reply again
+    del session.messages[1:]
+    edited = [r.token for r in session.reply()]
+    assert edited == [r.token for r in stream_generate(
+        model, tokenizer, [{"role": "user", "content": "Goodbye"}], max_tokens=5, temp=1.0,
+        seed=3)]

@@ -107,8 +107,8 @@ def test_a_reply_closed_early_still_ends_the_turn(tiny):
     replies.close()
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
     assert session.messages[-1]["content"] == partial
-    assert session.tokens[-1] == tokenizer.encode("<|im_end|>")[0]
     assert len(list(session.send("Again"))) >= 1  # the conversation goes on
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2
 
 
 def run_chat(directory, monkeypatch, capsys, interrupts: int):

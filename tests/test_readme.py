@@ -11,6 +11,7 @@ accepts every flag it names.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -84,8 +85,9 @@ def test_the_readme_is_read_as_expected():
     runnable = [c for block in RUNNABLE for c in block]
     assert any("bench make-checkpoint" in c for c in runnable)
     assert sum(c.startswith("qwen35-mlx generate") for c in runnable) >= 2
-    assert any(c.startswith("qwen35-mlx bench kernels") for c in USAGE)
-    assert all(c.startswith("qwen35-mlx ") for c in runnable + USAGE)
+    assert any(c.startswith("qwen35-mlx bench startup") for c in USAGE)
+    assert any(c.startswith("python -m benchmarks.kernels") for c in USAGE)
+    assert all(c.startswith(("qwen35-mlx ", "python -m benchmarks.")) for c in runnable + USAGE)
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +106,26 @@ def test_commands_run(block, hub_stand_in, tmp_path):
 
 
 def subcommand(command: str) -> list[str]:
-    """`qwen35-mlx bench generate --model DIR ...` -> ["bench", "generate"]."""
+    """`qwen35-mlx bench generate --model DIR ...` -> ["bench", "generate"];
+    `python -m benchmarks.kernels ...` -> ["benchmarks.kernels"]."""
     words = shlex.split(command, comments=True)[1:]
+    if words[:1] == ["-m"]:
+        return words[1:2]
     return [w for w in words[: next(i for i, w in enumerate(words + ["-"]) if w[0] in "-[")]]
+
+
+def main_of(command: str):
+    """The `main(argv)` a usage line runs: the qwen35-mlx command or a benchmark module."""
+    if command.startswith("python -m "):
+        return importlib.import_module(subcommand(command)[0]).main, []
+    return cli.main, subcommand(command)
 
 
 @pytest.mark.parametrize("command", USAGE, ids=[" ".join(subcommand(c)) for c in USAGE])
 def test_usage_lines_name_real_commands_and_flags(command, capsys):
+    main, words = main_of(command)
     with pytest.raises(SystemExit) as exited:
-        cli.main([*subcommand(command), "--help"])
+        main([*words, "--help"])
     assert exited.value.code == 0
     accepted = flags(capsys.readouterr().out)
     shown = flags(command.split("#")[0])

@@ -13,7 +13,8 @@ from .options import (add_generation_args, add_media_args, add_model_args, gener
                       load_kwargs, media_kwargs)
 
 HELP = ("Type a message. Commands: /image PATH, /video PATH (show it with your next message), "
-        "/reset (new conversation), /quit (or Ctrl-D). Ctrl-C stops a reply.")
+        "/undo (take back your last message), /retry (a new reply to it), /reset (new "
+        "conversation), /quit (or Ctrl-D). Ctrl-C stops a reply.")
 ATTACH = {"/image": "images", "/video": "videos"}
 
 
@@ -72,15 +73,25 @@ def converse(args: argparse.Namespace) -> int:
         if message == "/reset":
             session.reset()
             print("(new conversation)")
+        elif message == "/undo":
+            removed = session.undo()
+            print("(nothing to undo)" if removed is None else "(took back your last message)")
+        elif message == "/retry":
+            stream(session.retry)
         elif command in ATTACH and argument.strip():
             attached[ATTACH[command]].append(argument.strip())
             print(f"({command[1:]} {argument.strip()} goes with your next message)")
         elif command in ATTACH:
             print(f"(usage: {command} PATH)")
         elif message:
-            try:
-                with ReplyInterrupt() as interrupt:
-                    print_stream(session.send(message, **attached), lambda: interrupt.requested)
-            except (ValueError, OSError) as error:  # a bad file: say so and keep chatting
-                print(f"error: {error}")
+            stream(lambda: session.send(message, **attached))
             attached = {name: [] for name in attached}
+
+
+def stream(reply) -> None:
+    """Print the reply `reply()` streams; Ctrl-C stops it, an error is printed, not raised."""
+    try:
+        with ReplyInterrupt() as interrupt:
+            print_stream(reply(), lambda: interrupt.requested)
+    except (ValueError, OSError) as error:  # a bad file: say so and keep chatting
+        print(f"error: {error}")
