@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, chat, convert, generate, upload
+from . import bench, chat, convert, generate, perplexity, upload
 
 COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "upload": upload,
-            "bench": bench}
+            "bench": bench, "perplexity": perplexity}
 
 
 def main(argv: list[str] | None = None) -> int:
