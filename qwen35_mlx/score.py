@@ -108,16 +108,19 @@ def score(
 
 def next_token_logprobs(logits: mx.array, targets: mx.array, top_k: int) -> tuple[mx.array, ...]:
     """(log-probabilities of `targets` [T], and when top_k > 0 the top tokens [T, k] and their
-    log-probabilities [T, k], best first) from `logits` [T, vocab]."""
+    log-probabilities [T, k], best first) from `logits` [T, vocab].
+
+    Only the gathered logits are normalised, so no [T, vocab] log-softmax is built beside the
+    float32 logits."""
     logits = logits.astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # [T, vocab]
-    picked = mx.take_along_axis(logprobs, targets[:, None], axis=-1).squeeze(-1)  # [T]
+    normalizer = mx.logsumexp(logits, axis=-1, keepdims=True)  # [T, 1]
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1) - normalizer  # [T, 1]
     if top_k == 0:
-        return (picked,)
-    top = mx.argpartition(-logprobs, kth=top_k - 1, axis=-1)[:, :top_k]  # [T, k], any order
-    top_logprobs = mx.take_along_axis(logprobs, top, axis=-1)
+        return (picked.squeeze(-1),)
+    top = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[:, :top_k]  # [T, k], any order
+    top_logprobs = mx.take_along_axis(logits, top, axis=-1) - normalizer
     order = mx.argsort(-top_logprobs, axis=-1)
-    return (picked, mx.take_along_axis(top, order, axis=-1),
+    return (picked.squeeze(-1), mx.take_along_axis(top, order, axis=-1),
             mx.take_along_axis(top_logprobs, order, axis=-1))
 
 
