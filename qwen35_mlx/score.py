@@ -10,7 +10,7 @@ before it and is context only: a text of N tokens scores N - 1 of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Callable, Sequence
 
@@ -23,7 +23,7 @@ Progress = Callable[[int, int], None]
 class Score:
     """What `score` returns for a text of N tokens; position i scores tokens[i + 1]."""
 
-    tokens: list[int]  # the N token ids of the text
+    tokens: list[int] = field(repr=False)  # the N token ids of the text
     logprobs: mx.array  # [N - 1] float32: log p(tokens[i + 1] | tokens[: i + 1])
     nll: float  # negative log-likelihood of tokens[1:], summed, in nats
     top_tokens: mx.array | None = None  # [N - 1, k] the k likeliest next tokens, best first
