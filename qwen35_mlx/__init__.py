@@ -9,6 +9,7 @@
 from .generate import Completion, GenerationResponse, generate, generate_step, stream_generate
 from .loading import load
 from .prompt import VisionCache
+from .score import Score, score
 
-__all__ = ["Completion", "GenerationResponse", "VisionCache", "generate", "generate_step",
-           "load", "stream_generate"]
+__all__ = ["Completion", "GenerationResponse", "Score", "VisionCache", "generate",
+           "generate_step", "load", "score", "stream_generate"]
