@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral
 from typing import Callable, Sequence
 
 import mlx.core as mx
+
+from .prompt import prompt_tokens
 
 Progress = Callable[[int, int], None]
 
@@ -82,7 +83,8 @@ def score(
     ids = token_ids(tokenizer, text_or_ids)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    check_ids(ids, config.vocab_size, config.max_position_embeddings)
+    check_length(ids, config.max_position_embeddings)
+    model.check_token_ids(ids)
 
     inputs, targets = mx.array(ids[:-1]), mx.array(ids[1:])  # [N - 1] each
     total = targets.size
@@ -96,7 +98,7 @@ def score(
         logits = model(inputs[None, start:end], cache=cache)[0]  # [T, vocab]
         chunk = next_token_logprobs(logits, targets[start:end], top_k)
         chunk_nll = -chunk[0].sum()
-        mx.eval(chunk, chunk_nll, [c.state for c in cache])  # frees this chunk's logits
+        mx.eval(chunk, chunk_nll, cache.state)  # frees this chunk's logits
         nll += chunk_nll.item()  # summed in Python floats: no float32 drift over long texts
         chunks.append(chunk)
         if progress:
@@ -126,16 +128,9 @@ def next_token_logprobs(logits: mx.array, targets: mx.array, top_k: int) -> tupl
 
 def token_ids(tokenizer, text_or_ids) -> list[int]:
     """The text's ids (encoded as is), or the given ids as Python ints."""
-    if isinstance(text_or_ids, str):
-        if tokenizer is None:
-            raise ValueError("scoring text needs the tokenizer; pass it, or pass token ids")
-        return tokenizer.encode(text_or_ids)
-    ids = text_or_ids.tolist() if hasattr(text_or_ids, "tolist") else list(text_or_ids)
-    for token in ids:
-        if not isinstance(token, Integral) or isinstance(token, bool):
-            raise ValueError(f"token ids must be integers in one flat sequence [N]; got "
-                             f"{token!r}")
-    return [int(token) for token in ids]
+    if isinstance(text_or_ids, str) and tokenizer is None:
+        raise ValueError("scoring text needs the tokenizer; pass it, or pass token ids")
+    return prompt_tokens(tokenizer, text_or_ids)
 
 
 def check_options(prefill_step_size: int, max_tokens: int | None, top_k: int,
@@ -149,7 +144,7 @@ def check_options(prefill_step_size: int, max_tokens: int | None, top_k: int,
         raise ValueError(f"top_k must be in [0, {vocab_size}] (the vocabulary size), got {top_k}")
 
 
-def check_ids(ids: list[int], vocab_size: int, context: int) -> None:
+def check_length(ids: list[int], context: int) -> None:
     if len(ids) < 2:
         raise ValueError(f"the text has {len(ids)} token(s); scoring needs at least 2 (the first "
                          "is context only, Qwen3.5 has no BOS token)")
@@ -157,8 +152,3 @@ def check_ids(ids: list[int], vocab_size: int, context: int) -> None:
         raise ValueError(f"the text has {len(ids)} tokens but the model's context window is "
                          f"{context}; score its first {context} (max_tokens={context}, "
                          "--max-tokens) or split it")
-    for position, token in enumerate(ids):
-        if not 0 <= token < vocab_size:
-            raise ValueError(f"token id {token} at position {position} is outside the "
-                             f"vocabulary [0, {vocab_size}); pass ids from this model's "
-                             "tokenizer")

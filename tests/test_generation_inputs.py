@@ -29,13 +29,13 @@ def tiny(make_checkpoint):
 def test_token_ids_outside_the_vocabulary_are_refused(tiny, bad):
     _, model, tokenizer = tiny
     cache = model.make_cache()
-    with pytest.raises(ValueError, match=f"token id {bad} is outside the model's vocabulary "
-                                         rf"\[0, {VOCAB}\)"):
+    with pytest.raises(ValueError, match=f"token id {bad} at position 2 is outside the model's "
+                                         rf"vocabulary \[0, {VOCAB}\)"):
         next(stream_generate(model, tokenizer, [1, 2, bad], cache=cache))
     assert all(not c.state for c in cache)  # nothing ran
-    with pytest.raises(ValueError, match=f"token id {bad} is outside"):
+    with pytest.raises(ValueError, match=f"token id {bad} at position 1 is outside"):
         model(mx.array([[3, bad]]))
-    with pytest.raises(ValueError, match=f"token id {bad} is outside"):
+    with pytest.raises(ValueError, match=f"token id {bad} at position 0 is outside"):
         model.embed_inputs(mx.array([[bad]]))
 
 

@@ -91,8 +91,8 @@ def test_ids_outside_the_vocabulary_are_refused(tiny, bad):
 
 
 @pytest.mark.parametrize("ids, message", [([], "has 0 token"), ([7], "has 1 token"),
-                                          ([1.5, 2], "must be integers"),
-                                          ([[1, 2]], "must be integers")])
+                                          ([1.5, 2], "a list of token ids"),
+                                          ([[1, 2]], "a list of token ids")])
 def test_unscorable_inputs_are_refused(tiny, ids, message):
     _, _, model, tokenizer = tiny
     with pytest.raises(ValueError, match=message):

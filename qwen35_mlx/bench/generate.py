@@ -22,7 +22,7 @@ import numpy as np
 
 from ..generate import stream_generate
 from ..loading import load
-from .random_checkpoint import SPECIAL_TOKENS
+from .tokenizer_files import SPECIAL_TOKENS
 from .report import print_rows, progress
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from safetensors import TensorSpec, serialize_file
 
 from ..processor import PROCESSOR_FILES
-from .tokenizer_files import SPECIAL_TOKENS, write_tokenizer_files
+from .tokenizer_files import write_tokenizer_files
 
 LINEAR, FULL = "linear_attention", "full_attention"
 ROPE = {"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,

@@ -61,10 +61,12 @@ class Model(nn.Module):
         and would read memory outside the table."""
         vocab = self.config.text.vocab_size
         ids = np.asarray(ids)
-        outside = ids[(ids < 0) | (ids >= vocab)]
+        outside = np.argwhere((ids < 0) | (ids >= vocab))
         if outside.size:
-            raise ValueError(f"token id {int(outside[0])} is outside the model's vocabulary "
-                             f"[0, {vocab}); the ids come from another tokenizer or model")
+            where = tuple(outside[0])
+            raise ValueError(f"token id {int(ids[where])} at position {where[-1]} is outside "
+                             f"the model's vocabulary [0, {vocab}); the ids come from another "
+                             "tokenizer or model")
 
     def encode_vision(self, pixel_values: mx.array, grid_thw) -> mx.array:
         """Vision features [N_features, H] for the patches of images or videos.
