@@ -64,6 +64,20 @@ def test_config_not_json(make_checkpoint, tmp_path):
     assert_rejected(directory, f"{directory / 'config.json'} is not valid JSON", "re-download it")
 
 
+def test_config_not_utf8(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    file = directory / "config.json"
+    file.write_bytes(file.read_bytes().replace(b"qwen3_5_text", b"qwen3_5_\xff"))
+    assert_rejected(directory, f"{file} is not UTF-8 text", "re-download it")
+
+
+def test_config_a_list(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    file = directory / "config.json"
+    file.write_text(json.dumps([json.loads(file.read_text())]))
+    assert_rejected(directory, f"{file}: holds a JSON list, not an object of fields")
+
+
 def edit_config(directory: Path, edit) -> None:
     file = directory / "config.json"
     config = json.loads(file.read_text())
@@ -76,6 +90,23 @@ def test_unknown_model_type(make_checkpoint, tmp_path):
     edit_config(directory, lambda c: c.update(model_type="llama"))
     assert_rejected(directory, "config.json", "model_type 'llama' is not a Qwen3.5 model",
                     "Qwen3.5 checkpoints only")
+
+
+@pytest.mark.parametrize("spec, where", [(CAUSAL, ""), (CONDITIONAL, " text_config")],
+                         ids=["causal", "conditional"])
+def test_bad_config_value_names_file_and_field(make_checkpoint, tmp_path, spec, where):
+    directory = copy_checkpoint(make_checkpoint, tmp_path, spec)
+    edit_config(directory, lambda c: c.get("text_config", c).update(rms_norm_eps=-1e-6))
+    assert_rejected(directory, f"{directory / 'config.json'}{where}: rms_norm_eps = -1e-06 "
+                    "must be > 0", "correct it in config.json")
+
+
+def test_tie_word_embeddings_as_a_string(make_checkpoint, tmp_path):
+    # bool("false") is True: the head would silently be tied to the embeddings
+    directory = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
+    edit_config(directory, lambda c: c.update(tie_word_embeddings="false"))
+    assert_rejected(directory, f"{directory / 'config.json'}: tie_word_embeddings = 'false' "
+                    "must be true or false (a JSON boolean, not a string)")
 
 
 @pytest.mark.parametrize("spec, where", [(CAUSAL, None), (CONDITIONAL, None),
