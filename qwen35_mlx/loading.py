@@ -61,7 +61,8 @@ def load(path_or_repo: str | Path, *, dtype: str | None = None, revision: str | 
         image and video processor (as a Hugging Face processor wraps the tokenizer).
     """
     directory = resolve(path_or_repo, revision)
-    model, tokenizer = load_model(directory, dtype=dtype), Tokenizer.from_pretrained(directory)
+    tokenizer = Tokenizer.from_pretrained(directory)  # first: it fails faster than the weights
+    model = load_model(directory, dtype=dtype)
     if model.vision_tower is not None:
         tokenizer.processor = Processor.from_pretrained(directory, **(processor_options or {}))
     return model, tokenizer

@@ -326,6 +326,14 @@ def test_missing_tokenizer(make_checkpoint, tmp_path):
     (directory / "tokenizer.json").unlink()
     assert_rejected(directory, f"{directory / 'tokenizer.json'} not found", "hf download",
                     call=load, error=FileNotFoundError)
+    assert_rejected(directory, f"{directory / 'tokenizer.json'} not found", call=load)
+
+
+def test_corrupt_tokenizer(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    (directory / "tokenizer.json").write_text("")
+    assert_rejected(directory, f"{directory / 'tokenizer.json'} cannot be read as a tokenizer",
+                    "Download it again", call=load)
 
 
 # ---------------------------------------------------------------------------------------------
