@@ -101,8 +101,8 @@ def read_config(directory: Path) -> ModelConfig:
         raise CheckpointError(f"{file} is not valid JSON ({error}); re-download it") from None
     try:
         return ModelConfig.from_hf(fields)
-    except ConfigError as error:  # its message starts with "config.json": give the full path
-        raise CheckpointError(f"{directory}{os.sep}{error}") from None
+    except ConfigError as error:  # its message starts with "config.json"
+        raise CheckpointError(f"{directory}: {error}") from None
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -62,8 +62,8 @@ BAD_TEXT_VALUES = {
                        "rope_theta = -10000000.0 must be > 0"),
     "string-bias": ({"attention_bias": "false"}, "attention_bias = 'false' must be true or "
                                                  "false"),
-    "layer-types-string": ({"layer_types": "linear_attention"}, "layer_types = "
-                                                                "'linear_attention' must be a list"),
+    "layer-types-string": ({"layer_types": "linear_attention"},
+                           "layer_types = 'linear_attention' must be a list"),
     "mrope-strings": ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e7,
                                            "mrope_section": ["11", 11, 10]}},
                       "mrope_section = \\['11', 11, 10\\] must be a list of integers"),
@@ -94,7 +94,8 @@ BAD_TOP_VALUES = {
                          "config.json vision_config: depth = 0 must be an integer from 1"),
     "quantization-bits": ({"quantization": {"group_size": 64, "bits": "4"}},
                           "config.json quantization: bits = '4' must be an integer from 1 to 8"),
-    "text-config-list": ({"text_config": []}, "config.json: text_config = \\[\\] must be an object"),
+    "text-config-list": ({"text_config": []},
+                         "config.json: text_config = \\[\\] must be an object"),
 }
 
 
