@@ -58,7 +58,12 @@ def load(path_or_repo: str | Path, *, dtype: str | None = None, revision: str | 
 
     Returns:
         (model, tokenizer). For a checkpoint with a vision tower, `tokenizer.processor` is its
-        image and video processor (as a Hugging Face processor wraps the tokenizer).
+        image and video processor (as a Hugging Face processor wraps the tokenizer). The model
+        serves any thread; its vision tower's weights are read on first use.
+
+    Raises:
+        CheckpointError: a checkpoint that cannot be loaded, naming the file and the fix (a
+            missing file is also a FileNotFoundError).
     """
     directory = resolve(path_or_repo, revision)
     tokenizer = Tokenizer.from_pretrained(directory)  # first: it fails faster than the weights

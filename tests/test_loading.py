@@ -137,6 +137,18 @@ def test_misshapen_tensor(make_checkpoint, tmp_path):
                     "but config.json implies (128, 64)", "do not belong together")
 
 
+@pytest.mark.parametrize("damage", ["missing", "misshapen"])
+def test_bad_vision_tensor_fails_at_load(make_checkpoint, tmp_path, damage):
+    # the vision tower is read on first use, but checked at load (from the headers)
+    directory = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
+    name = "model.visual.blocks.1.mlp.linear_fc1.weight"  # [64, 32]
+    edit = {"missing": lambda t: t.pop(name),
+            "misshapen": lambda t: t.update({name: t[name][:63]})}[damage]
+    rewrite_weights(directory / "model.safetensors", edit)
+    assert_rejected(directory, "vision_tower.blocks.1.mlp.linear_fc1.weight",
+                    {"missing": "1 tensor(s) missing", "misshapen": "has shape (63, 32)"}[damage])
+
+
 def test_unexpected_tensor(make_checkpoint, tmp_path):
     directory = copy_checkpoint(make_checkpoint, tmp_path)
     rewrite_weights(directory / "model.safetensors",
