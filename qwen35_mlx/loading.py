@@ -321,7 +321,8 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
     _quantize(model, config, weights)
     _check_weights(model, weights, origin, directory)
     _check_mtp_dtypes(mtp, origin, directory)
-    model.load_weights(list(_cast(weights, target_dtype).items()), strict=True)
+    # strict=False: _check_weights has done mlx's strict checks, with file names
+    model.load_weights(list(_cast(weights, target_dtype).items()), strict=False)
     model.set_mtp_weights(_cast(mtp, target_dtype))
     if model.vision_tower is not None:
         model.defer_vision_weights(lambda: _vision_weights(directory, config, target_dtype))
