@@ -90,13 +90,13 @@ def convert(
     quant_config, float_weights = None, {}
     if dequantize:
         dequantize_model(model)
-        model.set_pending_weights(_dequantize_pending(model.pending_weights,
-                                                      config.raw["quantization"]))
+        model.set_mtp_weights(_dequantize_pending(model.mtp_weights,
+                                                  config.raw["quantization"]))
     elif quantize:
         float_weights = _matrices(model) if report else {}
         quant_config = _quantize(model, recipe, q_bits, q_group_size, quantize_vision,
                                  quantize_mtp)
-    weights = {**dict(tree_flatten(model.parameters())), **model.pending_weights}
+    weights = {**dict(tree_flatten(model.parameters())), **model.mtp_weights}
     mx.eval(weights)
     write_checkpoint(target, weights, _output_config(config.raw, quant_config), source,
                      model_card(hf_path, quant_config, recipe, quantize_vision, quantize_mtp,
@@ -140,8 +140,8 @@ def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: boo
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
     prefixes = ("mtp.",) if mtp else ()
-    model.set_pending_weights(_quantize_pending(model.pending_weights, prefixes, bits,
-                                                group_size))
+    model.set_mtp_weights(_quantize_pending(model.mtp_weights, prefixes, bits,
+                                            group_size))
     return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
 
 

@@ -19,6 +19,8 @@ import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import CheckpointError, MissingFileError
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -27,6 +29,7 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 # Turn end and document end: generation stops at either (generation_config's eos ids).
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+TURN_END = STOP_TOKENS[0]  # one token: chat sessions append it after each reply
 # Names a message's reasoning arrives under; the first is the one chat templates read.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -115,22 +118,21 @@ class Tokenizer:
         chat_template.jinja (optional; the .jinja file wins over the config's `chat_template`).
 
         Raises:
-            FileNotFoundError: the folder has no tokenizer.json.
+            MissingFileError (a CheckpointError and FileNotFoundError): no tokenizer.json.
+            CheckpointError: a file that cannot be read, or a tokenizer without `<|im_end|>`.
         """
         path = Path(path)
         tokenizer_file = path / TOKENIZER_FILE
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{tokenizer_file} not found: a checkpoint needs the tokenizer.json of its "
                 f"Hugging Face repository. Download it next to config.json, e.g. "
                 f"`hf download <repo> {TOKENIZER_FILE} --local-dir {path}`."
             )
-        config_file = path / CONFIG_FILE
-        config = (
-            json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        )
+        config = _read_config(path / CONFIG_FILE)
+        backend = _read_backend(tokenizer_file)
         return cls(
-            tokenizers.Tokenizer.from_file(str(tokenizer_file)),
+            backend,
             chat_template=_read_chat_template(path, config),
             special_tokens=_named_special_tokens(config),
         )
@@ -265,13 +267,53 @@ def _template_message(message: Mapping) -> dict:
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
+def _read_config(file: Path) -> dict:
+    """tokenizer_config.json as a dict; {} when the checkpoint has none."""
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise CheckpointError(
+            f"{file} is not valid JSON ({error}); download it again from the checkpoint's "
+            "repository"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{file}: holds a JSON {type(config).__name__}, not an object of settings; "
+            "download it again from the checkpoint's repository"
+        )
+    return config
+
+
+def _read_backend(file: Path) -> tokenizers.Tokenizer:
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as error:  # tokenizers raises a bare Exception ("Model missing." etc.)
+        raise CheckpointError(
+            f"{file} cannot be read as a tokenizer ({error}); it is empty, truncated or not a "
+            "Hugging Face tokenizers file. Download it again from the checkpoint's repository"
+        ) from None
+    _check_turn_end(backend, file)
+    return backend
+
+
+def _check_turn_end(backend: tokenizers.Tokenizer, file: Path) -> None:
+    if len(backend.encode(TURN_END, add_special_tokens=False).ids) != 1:
+        raise CheckpointError(
+            f"{file} has no {TURN_END} token (the end of a chat turn, where generation stops): "
+            "it is not a Qwen3.5 tokenizer. Use the tokenizer.json of the checkpoint's own "
+            "repository"
+        )
+
+
 def _read_chat_template(path: Path, config: Mapping) -> str | None:
     template_file = path / TEMPLATE_FILE
     if template_file.is_file():
         return template_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if template is not None and not isinstance(template, str):
-        raise ValueError(
+        raise CheckpointError(
             f"{path / CONFIG_FILE}: `chat_template` holds named templates, which are not "
             f"supported; save the one to use as {TEMPLATE_FILE}."
         )

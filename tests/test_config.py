@@ -43,3 +43,77 @@ def test_fields_seen_in_real_configs_are_accepted():
 def test_bad_configs_name_the_problem(fields, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf(with_text(**fields))
+
+
+BAD_TEXT_VALUES = {
+    "string-size": ({"vocab_size": "248320"}, "vocab_size = '248320' must be an integer"),
+    "float-size": ({"num_hidden_layers": 24.0}, "num_hidden_layers = 24.0 must be an integer"),
+    "bool-size": ({"head_dim": True}, "head_dim = True must be an integer"),
+    "zero-size": ({"hidden_size": 0}, "hidden_size = 0 must be an integer from 1 to 16777216"),
+    "negative-heads": ({"num_key_value_heads": -2}, "num_key_value_heads = -2 must be"),
+    "huge-vocab": ({"vocab_size": 10**12}, "vocab_size = 1000000000000 must be an integer"),
+    "zero-eps": ({"rms_norm_eps": 0}, "rms_norm_eps = 0 must be > 0"),
+    "negative-eps": ({"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 must be > 0"),
+    "string-eps": ({"rms_norm_eps": "1e-6"}, "rms_norm_eps = '1e-6' must be a finite number"),
+    "zero-theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": 0,
+                                        "mrope_section": [11, 11, 10]}},
+                   "rope_parameters: rope_theta = 0 must be > 0"),
+    "negative-theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": -1e7}},
+                       "rope_theta = -10000000.0 must be > 0"),
+    "string-bias": ({"attention_bias": "false"}, "attention_bias = 'false' must be true or "
+                                                 "false"),
+    "layer-types-string": ({"layer_types": "linear_attention"},
+                           "layer_types = 'linear_attention' must be a list"),
+    "mrope-strings": ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e7,
+                                           "mrope_section": ["11", 11, 10]}},
+                      "mrope_section = \\['11', 11, 10\\] must be a list of integers"),
+    "eos-outside-vocab": ({"eos_token_id": 248320}, r"eos_token_id \[248320\] is outside the "
+                                                    "vocabulary"),
+}
+
+
+@pytest.mark.parametrize("fields, message", BAD_TEXT_VALUES.values(), ids=BAD_TEXT_VALUES)
+def test_bad_values_name_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        ModelConfig.from_hf(with_text(**fields))
+    assert "correct it in config.json" in str(raised.value)
+
+
+def with_top(**fields):
+    config = copy.deepcopy(config_json("0.8B"))
+    config.update(fields)
+    return config
+
+
+BAD_TOP_VALUES = {
+    "string-tie": ({"tie_word_embeddings": "false"},
+                   "config.json: tie_word_embeddings = 'false' must be true or false"),
+    "token-id-outside-vocab": ({"image_token_id": 10**6},
+                               r"image_token_id \[1000000\] is outside the vocabulary"),
+    "vision-zero-size": ({"vision_config": {**config_json("0.8B")["vision_config"], "depth": 0}},
+                         "config.json vision_config: depth = 0 must be an integer from 1"),
+    "quantization-bits": ({"quantization": {"group_size": 64, "bits": "4"}},
+                          "config.json quantization: bits = '4' must be an integer from 1 to 8"),
+    "text-config-list": ({"text_config": []},
+                         "config.json: text_config = \\[\\] must be an object"),
+}
+
+
+@pytest.mark.parametrize("fields, message", BAD_TOP_VALUES.values(), ids=BAD_TOP_VALUES)
+def test_bad_top_level_values_name_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(with_top(**fields))
+
+
+@pytest.mark.parametrize("value", [[], "qwen3_5", 3], ids=["list", "string", "number"])
+def test_config_that_is_not_an_object(value):
+    with pytest.raises(ConfigError, match=f"config.json: holds a JSON {type(value).__name__}, "
+                                          "not an object"):
+        ModelConfig.from_hf(value)
+
+
+def test_null_means_absent():
+    # transformers writes null for unset optional fields: the defaults apply
+    plain = ModelConfig.from_hf(config_json("0.8B"))
+    nulls = with_text(rope_scaling=None, rms_norm_eps=None, attention_bias=None)
+    assert ModelConfig.from_hf(nulls).text == plain.text

@@ -117,8 +117,8 @@ def test_float_round_trip_matches_transformers(make_checkpoint, converted, spec)
     assert relative_error(logits(target, ids), reference_logits(reference, ids)) <= 1e-5
     # the stored weights are the run-time ones: loading transforms nothing a second time
     ours, theirs = load_model(source), load_model(target)
-    expected = {**dict(tree_flatten(ours.parameters())), **ours.pending_weights}
-    stored = {**dict(tree_flatten(theirs.parameters())), **theirs.pending_weights}
+    expected = {**dict(tree_flatten(ours.parameters())), **ours.mtp_weights}
+    stored = {**dict(tree_flatten(theirs.parameters())), **theirs.mtp_weights}
     assert stored.keys() == expected.keys()
     for name, value in expected.items():
         assert mx.array_equal(stored[name], value).item(), name
@@ -323,7 +323,7 @@ def mtp_source(make_checkpoint, tmp_path_factory):
 def test_vision_and_mtp_quantized_only_when_asked(converted, mtp_source, vision, mtp):
     model = load_model(mtp_source)
     expected = {k: v for k, v in {**dict(tree_flatten(model.parameters())),
-                                  **model.pending_weights}.items()
+                                  **model.mtp_weights}.items()
                 if k.startswith(("vision_tower.", "mtp."))}  # run-time layout, float
     assert {n for n in expected if n.startswith("mtp.")} == set(MTP_SHAPES)
     weights = tensors(converted(mtp_source, **quantized(8, quantize_vision=vision,

@@ -64,6 +64,20 @@ def test_config_not_json(make_checkpoint, tmp_path):
     assert_rejected(directory, f"{directory / 'config.json'} is not valid JSON", "re-download it")
 
 
+def test_config_not_utf8(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    file = directory / "config.json"
+    file.write_bytes(file.read_bytes().replace(b"qwen3_5_text", b"qwen3_5_\xff"))
+    assert_rejected(directory, f"{file} is not UTF-8 text", "re-download it")
+
+
+def test_config_a_list(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    file = directory / "config.json"
+    file.write_text(json.dumps([json.loads(file.read_text())]))
+    assert_rejected(directory, f"{directory}: config.json: holds a JSON list, not an object")
+
+
 def edit_config(directory: Path, edit) -> None:
     file = directory / "config.json"
     config = json.loads(file.read_text())
@@ -76,6 +90,23 @@ def test_unknown_model_type(make_checkpoint, tmp_path):
     edit_config(directory, lambda c: c.update(model_type="llama"))
     assert_rejected(directory, "config.json", "model_type 'llama' is not a Qwen3.5 model",
                     "Qwen3.5 checkpoints only")
+
+
+@pytest.mark.parametrize("spec, where", [(CAUSAL, ""), (CONDITIONAL, " text_config")],
+                         ids=["causal", "conditional"])
+def test_bad_config_value_names_file_and_field(make_checkpoint, tmp_path, spec, where):
+    directory = copy_checkpoint(make_checkpoint, tmp_path, spec)
+    edit_config(directory, lambda c: c.get("text_config", c).update(rms_norm_eps=-1e-6))
+    assert_rejected(directory, f"{directory}: config.json{where}: rms_norm_eps = -1e-06 "
+                    "must be > 0", "correct it in config.json")
+
+
+def test_tie_word_embeddings_as_a_string(make_checkpoint, tmp_path):
+    # bool("false") is True: the head would silently be tied to the embeddings
+    directory = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
+    edit_config(directory, lambda c: c.update(tie_word_embeddings="false"))
+    assert_rejected(directory, f"{directory}: config.json: tie_word_embeddings = 'false' "
+                    "must be true or false (a JSON boolean, not a string)")
 
 
 @pytest.mark.parametrize("spec, where", [(CAUSAL, None), (CONDITIONAL, None),
@@ -104,6 +135,18 @@ def test_misshapen_tensor(make_checkpoint, tmp_path):
     assert_rejected(directory, f"{directory / 'model.safetensors'}: tensor "
                     "'language_model.model.layers.0.mlp.up_proj.weight' has shape (127, 64) "
                     "but config.json implies (128, 64)", "do not belong together")
+
+
+@pytest.mark.parametrize("damage", ["missing", "misshapen"])
+def test_bad_vision_tensor_fails_at_load(make_checkpoint, tmp_path, damage):
+    # the vision tower is read on first use, but checked at load (from the headers)
+    directory = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
+    name = "model.visual.blocks.1.mlp.linear_fc1.weight"  # [64, 32]
+    edit = {"missing": lambda t: t.pop(name),
+            "misshapen": lambda t: t.update({name: t[name][:63]})}[damage]
+    rewrite_weights(directory / "model.safetensors", edit)
+    assert_rejected(directory, "vision_tower.blocks.1.mlp.linear_fc1.weight",
+                    {"missing": "1 tensor(s) missing", "misshapen": "has shape (63, 32)"}[damage])
 
 
 def test_unexpected_tensor(make_checkpoint, tmp_path):
@@ -151,6 +194,139 @@ def test_corrupt_shard_index(make_checkpoint, tmp_path):
                     "download it again")
 
 
+def edit_index(directory: Path, edit) -> Path:
+    index = directory / "model.safetensors.index.json"
+    fields = json.loads(index.read_text())
+    edit(fields["weight_map"])
+    index.write_text(json.dumps(fields))
+    return index
+
+
+def point_first_tensor_at(name: str):
+    return lambda weight_map: weight_map.update({next(iter(weight_map)): name})
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_shard_outside_the_folder(make_checkpoint, tmp_path, where):
+    # a real, readable safetensors file outside the checkpoint: it must not be read
+    directory = copy_checkpoint(make_checkpoint, tmp_path, SHARDED)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(sorted(directory.glob("model-*.safetensors"))[0], outside)
+    name = "../outside.safetensors" if where == "parent" else str(outside)
+    index = edit_index(directory, point_first_tensor_at(name))
+    assert_rejected(directory, f"{index}: shard {name!r} lies outside {directory}",
+                    "Download model.safetensors.index.json again")
+
+
+def test_shard_in_a_subfolder_is_inside(make_checkpoint, tmp_path):
+    source, reference = make_checkpoint(SHARDED)
+    directory = copy_checkpoint(make_checkpoint, tmp_path, SHARDED)
+    shard = sorted(directory.glob("model-*.safetensors"))[0]
+    (directory / "sub").mkdir()
+    shard.rename(directory / "sub" / shard.name)
+    edit_index(directory, lambda weight_map: weight_map.update(
+        {k: f"sub/../sub/{v}" for k, v in weight_map.items() if v == shard.name}))
+    ids = prompt()
+    logits = np.array(load_model(directory)(mx.array(ids)))
+    assert relative_error(logits, reference_logits(reference, ids)) <= 1e-4
+
+
+def test_shard_not_safetensors(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path, SHARDED)
+    (directory / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    index = edit_index(directory, point_first_tensor_at("model.gguf"))
+    assert_rejected(directory, f"{index}: shard 'model.gguf' is not a .safetensors file")
+
+
+def test_float_weight_stored_as_int32(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    rewrite_weights(directory / "model.safetensors",
+                    lambda t: t.update({name: t[name].view(mx.int32)}))
+    assert_rejected(directory, f"{directory / 'model.safetensors'}: tensor "
+                    "'language_model.model.layers.0.mlp.up_proj.weight' is stored as "
+                    "mlx.core.int32 but the model needs a floating-point dtype")
+
+
+def test_mtp_weight_stored_as_int32(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    rewrite_weights(directory / "model.safetensors",
+                    lambda t: t.update({"mtp.fc.weight": mx.zeros((64, 128), mx.int32)}))
+    assert_rejected(directory, "'mtp.fc.weight' is stored as mlx.core.int32")
+
+
+def test_tensor_in_two_shards(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path, SHARDED)
+    first, second = sorted(directory.glob("model-*.safetensors"))[:2]
+    name = sorted(mx.load(str(first)))[0]
+    copy = mx.load(str(first))[name]
+    rewrite_weights(second, lambda t: t.update({name: copy}))
+    assert_rejected(directory, f"{second}: tensor(s) [{name!r}] are also stored in {first.name}",
+                    "download it again")
+
+
+def rewrite_header(file: Path, edit) -> None:
+    """Rewrites a safetensors file's JSON header with `edit(header)`, data bytes unchanged."""
+    data = file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+
+
+def two_tensors(header: dict) -> tuple[dict, dict]:
+    """Two tensors of the same dtype and byte size, in offset order."""
+    def size(entry: dict) -> int:
+        return entry["data_offsets"][1] - entry["data_offsets"][0]
+
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    return next((a, b) for a in entries for b in entries
+                if a["dtype"] == b["dtype"] and size(a) == size(b) > 0
+                and a["data_offsets"] < b["data_offsets"])
+
+
+def share_bytes(header: dict) -> None:
+    first, second = two_tensors(header)
+    second["data_offsets"] = list(first["data_offsets"])
+
+
+def past_the_end(header: dict) -> None:
+    _, second = two_tensors(header)
+    second["data_offsets"] = [o + 10**6 for o in second["data_offsets"]]
+
+
+def short_data(header: dict) -> None:
+    _, second = two_tensors(header)
+    second["data_offsets"][1] -= 2
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (share_bytes, "share data bytes"), (past_the_end, "outside the"),
+    (short_data, "bytes but its dtype")], ids=["overlap", "out-of-range", "size"])
+def test_bad_data_offsets(make_checkpoint, tmp_path, edit, problem):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    file = directory / "model.safetensors"
+    rewrite_header(file, edit)
+    assert_rejected(directory, f"{file}: cannot be read as safetensors", problem,
+                    "download it again")
+
+
+def test_name_twice_in_one_header(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    file = directory / "model.safetensors"
+    data = file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    text = data[8:8 + length].decode()
+    first = json.loads(text)
+    name = next(k for k in first if k != "__metadata__")
+    repeated = f", {json.dumps(name)}: {json.dumps(first[name])}}}"
+    twice = (text.rstrip().removesuffix("}") + repeated).encode()
+    file.write_bytes(len(twice).to_bytes(8, "little") + twice + data[8 + length:])
+    assert_rejected(directory, f"{file}: cannot be read as safetensors",
+                    f"names [{name!r}] more than once")
+
+
 def test_no_weights(make_checkpoint, tmp_path):
     directory = copy_checkpoint(make_checkpoint, tmp_path)
     (directory / "model.safetensors").unlink()
@@ -163,6 +339,14 @@ def test_missing_tokenizer(make_checkpoint, tmp_path):
     (directory / "tokenizer.json").unlink()
     assert_rejected(directory, f"{directory / 'tokenizer.json'} not found", "hf download",
                     call=load, error=FileNotFoundError)
+    assert_rejected(directory, f"{directory / 'tokenizer.json'} not found", call=load)
+
+
+def test_corrupt_tokenizer(make_checkpoint, tmp_path):
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    (directory / "tokenizer.json").write_text("")
+    assert_rejected(directory, f"{directory / 'tokenizer.json'} cannot be read as a tokenizer",
+                    "Download it again", call=load)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +423,7 @@ def test_vision_tensors_loaded(make_checkpoint):
     visual = {k: v.detach().numpy() for k, v in reference.model.visual.state_dict().items()}
     visual["patch_embed.proj.weight"] = visual["patch_embed.proj.weight"].transpose(0, 2, 3, 4, 1)
     loaded = dict(tree_flatten(model.vision_tower.parameters()))
-    assert visual and set(loaded) == set(visual) and not model.pending_weights
+    assert visual and set(loaded) == set(visual) and not model.mtp_weights
     for name, value in visual.items():
         assert np.array_equal(np.array(loaded[name]), value), name
 
@@ -254,10 +438,10 @@ def test_mtp_tensors_kept(make_checkpoint, tmp_path):
     rewrite_weights(directory / "model.safetensors",
                     lambda t: t.update({k: mx.array(v) for k, v in mtp.items()}))
     model = load_model(directory)
-    assert set(model.pending_weights) == set(mtp)
+    assert set(model.mtp_weights) == set(mtp)
     for name, value in mtp.items():
         expected = value + 1.0 if "norm" in name else value  # all MTP norms are (1+w)
-        assert np.array_equal(np.array(model.pending_weights[name]), expected), name
+        assert np.array_equal(np.array(model.mtp_weights[name]), expected), name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def test_mtp_drafter_from_hf_source(source, converted):
 def test_mtp_drafter_from_conversion(converted, recipe):
     out, ours = converted("untied", recipe)
     tensors, drafter = drafter_tensors(out)
-    expected = {k[len("mtp."):]: v for k, v in ours.pending_weights.items() if k.startswith("mtp.")}
+    expected = {k[len("mtp."):]: v for k, v in ours.mtp_weights.items() if k.startswith("mtp.")}
     assert_same_tensors(tensors, expected)
     quantized = quantized_layers(drafter)
     if recipe.endswith("vision-mtp"):  # the 8 MTP matrices

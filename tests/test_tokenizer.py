@@ -12,6 +12,7 @@ import jinja2
 import pytest
 from tokenizer_files import write_tokenizer_files
 
+from qwen35_mlx.errors import CheckpointError
 from qwen35_mlx.tokenizer import Tokenizer, split_reasoning
 
 TEMPLATE_VARIANTS = pytest.mark.parametrize(
@@ -424,3 +425,42 @@ SPLITS = {
 @pytest.mark.parametrize("text, prompt_opened_think, expected", SPLITS.values(), ids=SPLITS.keys())
 def test_split_reasoning(text, prompt_opened_think, expected):
     assert split_reasoning(text, prompt_opened_think=prompt_opened_think) == expected
+
+
+def test_missing_tokenizer_json_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'tokenizer.json'} not found"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"{}", b'{"version": "1.0", "model": {"type": "BPE"'],
+                         ids=["empty", "no-model", "truncated"])
+def test_unreadable_tokenizer_json(tmp_path, content):
+    write_tokenizer_files(tmp_path, thinking_by_default=False)
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(CheckpointError) as raised:
+        Tokenizer.from_pretrained(tmp_path)
+    message = str(raised.value)
+    assert f"{tmp_path / 'tokenizer.json'} cannot be read as a tokenizer" in message
+    assert "Download it again" in message
+
+
+@pytest.mark.parametrize("content, problem", [("[]", "holds a JSON list, not an object"),
+                                              ("{not json", "is not valid JSON")],
+                         ids=["list", "not-json"])
+def test_unreadable_tokenizer_config(tmp_path, content, problem):
+    write_tokenizer_files(tmp_path, thinking_by_default=False)
+    (tmp_path / "tokenizer_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=f"tokenizer_config.json:? {problem}"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_tokenizer_without_turn_end(tmp_path):
+    # <|im_end|> as plain text is many byte tokens: a chat could never end its turns
+    write_tokenizer_files(tmp_path, thinking_by_default=False)
+    file = tmp_path / "tokenizer.json"
+    fields = json.loads(file.read_text(encoding="utf-8"))
+    fields["added_tokens"] = [t for t in fields["added_tokens"] if t["content"] != "<|im_end|>"]
+    file.write_text(json.dumps(fields), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=f"{file} has no <\\|im_end\\|> token .* not a "
+                                              "Qwen3.5 tokenizer"):
+        Tokenizer.from_pretrained(tmp_path)

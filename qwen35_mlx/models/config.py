@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -53,6 +53,115 @@ MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
 
 class ConfigError(ValueError):
     """A config.json that this package cannot run, with what to do about it."""
+
+
+# --- What each field read from config.json must hold: field -> rule (None: fine, else the
+# problem). JSON null counts as absent everywhere (the default applies).
+Rule = Callable[[Any], "str | None"]
+# Bounds every size: beyond it no model fits in memory, and shapes overflow.
+MAX_SIZE = 1 << 24
+
+
+def _integer(low: int, high: int = MAX_SIZE) -> Rule:
+    def check(value: Any) -> str | None:
+        if type(value) is not int or not low <= value <= high:  # type(): true is no integer
+            return f"must be an integer from {low} to {high}"
+        return None
+
+    return check
+
+
+def _number(low: float, high: float = math.inf) -> Rule:
+    """A finite JSON number with low < value <= high."""
+    def check(value: Any) -> str | None:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            return "must be a finite number"
+        if not low < value <= high:
+            return f"must be > {low}" + ("" if high == math.inf else f" and <= {high}")
+        return None
+
+    return check
+
+
+def _kind(types: type | tuple[type, ...], description: str) -> Rule:
+    def check(value: Any) -> str | None:
+        return None if type(value) in (types if isinstance(types, tuple) else (types,)) \
+            else f"must be {description}"
+
+    return check
+
+
+def _list_of(rule: Rule, description: str) -> Rule:
+    def check(value: Any) -> str | None:
+        if type(value) is not list or any(rule(v) for v in value):
+            return f"must be a list of {description}"
+        return None
+
+    return check
+
+
+_SIZE = _integer(1)
+_TOKEN_ID = _integer(0)
+_BOOL = _kind(bool, "true or false (a JSON boolean, not a string)")
+_STRING = _kind(str, "a string")
+_OBJECT = _kind(dict, "an object")
+_ANY_NUMBER = _number(-math.inf)
+
+
+def _token_ids(value: Any) -> str | None:
+    ok = _TOKEN_ID(value) is None or _list_of(_TOKEN_ID, "")(value) is None
+    return None if ok else "must be a token id (integer >= 0) or a list of them"
+
+
+_TEXT_RULES: dict[str, Rule] = {
+    **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                     "linear_value_head_dim", "linear_conv_kernel_dim",
+                     "max_position_embeddings", "full_attention_interval"], _SIZE),
+    "rms_norm_eps": _number(0, 1), "hidden_act": _STRING, "output_gate_type": _STRING,
+    "attention_bias": _BOOL, "tie_word_embeddings": _BOOL, "eos_token_id": _token_ids,
+    "layer_types": _list_of(_STRING, "strings"), "rope_parameters": _OBJECT,
+    "rope_scaling": _OBJECT, "rope_theta": _number(0), "partial_rotary_factor": _number(0, 1),
+    "quantization": _OBJECT,
+}
+_ROPE_RULES: dict[str, Rule] = {
+    "rope_theta": _number(0), "partial_rotary_factor": _number(0, 1),
+    "mrope_section": _list_of(_integer(0), "integers >= 0"), "rope_type": _STRING,
+    "type": _STRING, "factor": _number(0), "original_max_position_embeddings": _SIZE,
+    "beta_fast": _ANY_NUMBER, "beta_slow": _ANY_NUMBER, "attention_factor": _number(0),
+    "truncate": _BOOL, "mrope_interleaved": _BOOL,
+}
+_TOP_RULES: dict[str, Rule] = {
+    "tie_word_embeddings": _BOOL, "text_config": _OBJECT, "vision_config": _OBJECT,
+    "eos_token_id": _token_ids, "quantization": _OBJECT,
+    **dict.fromkeys(["image_token_id", "video_token_id", "vision_start_token_id",
+                     "vision_end_token_id"], _TOKEN_ID),
+}
+_VISION_RULES: dict[str, Rule] = {
+    **dict.fromkeys(["depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+                     "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
+                     "num_position_embeddings"], _SIZE),
+    "hidden_act": _STRING, "rope_parameters": _OBJECT,
+}
+# loading.py's nn.quantize arguments (per-layer entries are checked by MLX)
+_QUANTIZATION_RULES: dict[str, Rule] = {"group_size": _SIZE, "bits": _integer(1, 8),
+                                        "mode": _STRING}
+
+
+def _check_fields(fields: dict[str, Any], rules: dict[str, Rule], where: str) -> None:
+    for name, rule in rules.items():
+        value = fields.get(name)
+        problem = None if value is None else rule(value)
+        if problem:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ConfigError(f"config.json{where}: {name} = {shown} {problem}; correct it in "
+                              "config.json (or download it again)")
+
+
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields that hold a value: JSON null means absent (the default applies)."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -124,6 +233,8 @@ class TextConfig:
         check(not self.attention_bias, "attention_bias=true is not supported by Qwen3.5")
         check(self.rope.rope_type in _ROPE_TYPES,
               f"rope_type {self.rope.rope_type!r} is not supported; use one of {_ROPE_TYPES}")
+        check(self.rotary_dim >= 2, f"head_dim {self.head_dim} * partial_rotary_factor "
+              f"{self.rope.partial_rotary_factor} leaves no rotary dims; raise either")
         check(sum(self.rope.mrope_section) * 2 == self.rotary_dim,
               f"mrope_section {list(self.rope.mrope_section)} must sum to rotary dim / 2 = "
               f"{self.rotary_dim // 2}")
@@ -198,6 +309,11 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> "ModelConfig":
         """Build from a parsed `config.json`; raises ConfigError naming any problem."""
+        if not isinstance(config, dict):
+            raise ConfigError(
+                f"config.json: holds a JSON {type(config).__name__}, not an object of "
+                "fields; this is not a model config, download it again")
+        raw, config = config, _present(config)
         model_type = config.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(
@@ -205,20 +321,22 @@ class ModelConfig:
                 f"(expected one of {MODEL_TYPES}); qwen35-mlx runs Qwen3.5 checkpoints only")
         if model_type == "qwen3_5":
             _reject_unknown(config, _TOP_UNUSED, "")
-            text_fields = config.get("text_config")
-            if not isinstance(text_fields, dict):
+            _check_fields(config, _TOP_RULES, "")
+            if "text_config" not in config:
                 raise ConfigError("config.json: model_type 'qwen3_5' needs a 'text_config' object")
-            # HF ties the conditional-generation head on the top-level flag only.
-            tie = bool(config.get("tie_word_embeddings", False))
+            text_fields = _present(config["text_config"])
         else:
             text_fields = config
-            tie = bool(config.get("tie_word_embeddings", False))
+        # HF ties the conditional-generation head on the top-level flag only.
+        tie = config.get("tie_word_embeddings", False)
+        _check_quantization(config.get("quantization"))
         text = _text_config(text_fields, " text_config" if text_fields is not config else "")
         eos = text_fields.get("eos_token_id", config.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         token_ids = {k: config[k] for k in ("image_token_id", "video_token_id",
                                             "vision_start_token_id", "vision_end_token_id")
                      if k in config}
+        _check_token_ids({**token_ids, "eos_token_id": eos_ids}, text.vocab_size)
         vision = _vision_config(config.get("vision_config"))
         if vision is not None and vision.out_hidden_size != text.hidden_size:
             raise ConfigError(
@@ -226,7 +344,24 @@ class ModelConfig:
                 f"the text hidden_size {text.hidden_size} (features replace token embeddings)")
         return cls(model_type=model_type, text=text, tie_word_embeddings=tie,
                    eos_token_ids=eos_ids, vision=vision,
-                   token_ids=token_ids, raw=config)
+                   token_ids=token_ids, raw=raw)
+
+
+def _check_quantization(quantization: dict[str, Any] | None) -> None:
+    if quantization is not None:
+        _check_fields(quantization, _QUANTIZATION_RULES, " quantization")
+        missing = [k for k in ("group_size", "bits") if k not in quantization]
+        if missing:
+            raise ConfigError(f"config.json: quantization lacks {missing}; the converter that "
+                              "wrote it is not supported, convert the checkpoint again")
+
+
+def _check_token_ids(token_ids: dict[str, int | tuple[int, ...]], vocab_size: int) -> None:
+    for name, ids in token_ids.items():
+        outside = [i for i in (ids if isinstance(ids, tuple) else (ids,)) if i >= vocab_size]
+        if outside:
+            raise ConfigError(f"config.json: {name} {outside} is outside the vocabulary "
+                              f"(vocab_size {vocab_size}); correct it in config.json")
 
 
 def _reject_unknown(fields: dict[str, Any], known: frozenset[str], where: str) -> None:
@@ -242,6 +377,7 @@ def _text_config(fields: dict[str, Any], where: str) -> TextConfig:
     names = {f.name for f in dataclasses.fields(TextConfig)} - {"rope", "layer_types"}
     _reject_unknown(fields, frozenset(names) | _TEXT_UNUSED | {"layer_types", "rope_parameters"},
                     where)
+    _check_fields(fields, _TEXT_RULES, where)
     required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "linear_num_key_heads",
                 "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"]
@@ -267,11 +403,11 @@ def _text_config(fields: dict[str, Any], where: str) -> TextConfig:
 def _vision_config(fields: dict[str, Any] | None) -> VisionConfig | None:
     if fields is None:
         return None
-    if not isinstance(fields, dict):
-        raise ConfigError("config.json: vision_config must be an object")
+    fields = _present(fields)
     names = {f.name for f in dataclasses.fields(VisionConfig)} - {"rope_theta"}
     _reject_unknown(fields, frozenset(names) | _VISION_UNUSED | {"rope_parameters"},
                     " vision_config")
+    _check_fields(fields, _VISION_RULES, " vision_config")
     if fields.get("deepstack_visual_indexes"):
         raise ConfigError("config.json vision_config: deepstack_visual_indexes "
                           f"{fields['deepstack_visual_indexes']} is not supported (Qwen3.5 has "
@@ -280,7 +416,9 @@ def _vision_config(fields: dict[str, Any] | None) -> VisionConfig | None:
     missing = [k for k in required if k not in fields]
     if missing:
         raise ConfigError(f"config.json: missing required vision_config field(s) {missing}")
-    rope = dict(fields.get("rope_parameters") or {})
+    rope = _present(fields.get("rope_parameters", {}))
+    _check_fields(rope, {"rope_theta": _number(0), "rope_type": _STRING},
+                  " vision_config rope_parameters")
     unknown = sorted(set(rope) - {"rope_type", "rope_theta"})
     if unknown or rope.get("rope_type", "axial") != "axial":
         raise ConfigError(f"config.json vision_config: rope_parameters {rope} not supported; "
@@ -293,14 +431,15 @@ def _vision_config(fields: dict[str, Any] | None) -> VisionConfig | None:
 
 def _rope_parameters(fields: dict[str, Any]) -> RopeConfig:
     # transformers >= 5 writes `rope_parameters`; 4.x files used rope_theta + rope_scaling.
-    params = dict(fields.get("rope_scaling") or {})
-    params.update(fields.get("rope_parameters") or {})
+    params = _present(fields.get("rope_scaling", {}))
+    params.update(_present(fields.get("rope_parameters", {})))
     for legacy in ("rope_theta", "partial_rotary_factor"):
         if legacy in fields:
             params.setdefault(legacy, fields[legacy])
     unknown = sorted(set(params) - _ROPE_KEYS)
     if unknown:
         raise ConfigError(f"config.json: unknown rope_parameters field(s) {unknown}")
+    _check_fields(params, _ROPE_RULES, " rope_parameters")
     return RopeConfig(
         theta=float(params.get("rope_theta", 10_000.0)),
         partial_rotary_factor=float(params.get("partial_rotary_factor", 0.25)),
@@ -311,5 +450,5 @@ def _rope_parameters(fields: dict[str, Any]) -> RopeConfig:
         beta_fast=float(params.get("beta_fast", 32.0)),
         beta_slow=float(params.get("beta_slow", 1.0)),
         attention_factor=params.get("attention_factor"),
-        truncate=bool(params.get("truncate", True)),
+        truncate=params.get("truncate", True),
     )

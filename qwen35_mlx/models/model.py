@@ -1,5 +1,5 @@
 """The whole Qwen3.5 model as users load it: the text decoder and, for multimodal checkpoints,
-the vision tower. MTP tensors are held in `pending_weights` until the MTP head joins.
+the vision tower. The MTP head's tensors are held in `mtp_weights` until the head joins.
 
 A prompt with images or videos runs as: `encode_vision` (pixels -> features), `embed_inputs`
 (features scattered at the placeholder tokens), `position_ids` (M-RoPE), then `__call__`
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from types import MappingProxyType
 from typing import Callable, Mapping
 
@@ -36,7 +37,9 @@ class Model(nn.Module):
         # what snapshots of its caches are tied to; `load` adds the weights' identity
         self.fingerprint = hashlib.sha256(
             json.dumps(config.raw, sort_keys=True).encode()).hexdigest()
-        self.set_pending_weights({})
+        self.set_mtp_weights({})
+        self._read_vision_weights = None  # see defer_vision_weights
+        self._vision_lock = threading.Lock()
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
                  rope_delta: int | mx.array = 0, check_ids: bool = True) -> mx.array:
@@ -78,6 +81,7 @@ class Model(nn.Module):
         if self.vision_tower is None:
             raise ValueError("this checkpoint has no vision tower (a text-only model); load a "
                              "Qwen3.5 checkpoint with its vision weights to pass images or videos")
+        self._load_deferred_vision_weights()
         return self.vision_tower(pixel_values, grid_thw)
 
     def embed_inputs(self, input_ids: mx.array, image_features: mx.array | None = None,
@@ -117,11 +121,28 @@ class Model(nn.Module):
                           video_token_id=ids["video_token_id"],
                           spatial_merge_size=self.config.vision.spatial_merge_size)
 
-    def set_pending_weights(self, weights: Mapping[str, mx.array]) -> None:
-        """MTP tensors, unused until the MTP head joins but kept (not silently dropped) so
-        that conversion writes them out. Held read-only: nn.Module would take a dict for
+    def set_mtp_weights(self, weights: Mapping[str, mx.array]) -> None:
+        """The MTP head's tensors, unused until the head joins but kept (not silently dropped)
+        so that conversion writes them out. Held read-only: nn.Module would take a dict for
         parameters."""
-        self.pending_weights: Mapping[str, mx.array] = MappingProxyType(dict(weights))
+        self.mtp_weights: Mapping[str, mx.array] = MappingProxyType(dict(weights))
+
+    def defer_vision_weights(self, read: Callable[[], Mapping[str, mx.array]]) -> None:
+        """Evaluate the vision tower's weights on its first use, not at load. The tower holds
+        lazy arrays, which only the thread that built them can evaluate (MLX streams are per
+        thread); first used on another thread, `read()` builds them again there (under the
+        tower's own names, from the checkpoint files)."""
+        self._read_vision_weights = read
+        self._loading_thread = threading.get_ident()
+
+    def _load_deferred_vision_weights(self) -> None:
+        with self._vision_lock:
+            if self._read_vision_weights is None:
+                return
+            if threading.get_ident() != self._loading_thread:
+                self.vision_tower.load_weights(list(self._read_vision_weights().items()))
+            mx.eval(self.vision_tower.parameters())
+            self._read_vision_weights = None
 
     @property
     def layers(self) -> list:

@@ -82,6 +82,9 @@ class Rotary:
         tail = config.head_dim - self.dims
         self._dim_scale = (None if self.scale == 1.0 else
                            mx.concatenate([mx.full((self.dims,), self.scale), mx.ones((tail,))]))
+        # computed now: a lazy array can only be evaluated on the thread that built it, and
+        # the model must serve any thread
+        mx.eval(self._inv_freq, self._periods, self._axes, self._dim_scale)
 
     def __call__(self, q: mx.array, k: mx.array, offset: int | mx.array = 0,
                  position_ids: mx.array | None = None) -> tuple[mx.array, mx.array]:
