@@ -10,6 +10,7 @@ turned into run-time form once, in `hf_to_mlx`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -326,8 +327,29 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
     model.set_mtp_weights(_cast(mtp, target_dtype))
     if model.vision_tower is not None:
         model.defer_vision_weights(lambda: _vision_weights(directory, config, target_dtype))
+    model.fingerprint = weights_fingerprint(directory, model.fingerprint, target_dtype)
     mx.eval(model.language_model.parameters())
     return model
+
+
+FINGERPRINT_SAMPLE = 1 << 16  # bytes read from each end of each shard
+
+
+def weights_fingerprint(directory: Path, config_fingerprint: str,
+                        dtype: mx.Dtype | None) -> str:
+    """What cached states of this model are tied to: its config, the dtype it runs in, and for
+    each shard its name, size, header and the bytes at both ends of its data (cheap, and it
+    tells apart two fine-tunes of one architecture)."""
+    digest = hashlib.sha256(f"{config_fingerprint} {dtype}".encode())
+    for file in weight_files(directory):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header = f.read(int.from_bytes(f.read(8), "little"))
+            ends = f.read(FINGERPRINT_SAMPLE)
+            f.seek(max(size - FINGERPRINT_SAMPLE, f.tell()))
+            ends += f.read(FINGERPRINT_SAMPLE)
+        digest.update(f"{file.name} {size}".encode() + header + ends)
+    return digest.hexdigest()
 
 
 def _vision_weights(directory: Path, config: ModelConfig,

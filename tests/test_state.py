@@ -248,3 +248,14 @@ def test_the_byte_budget_drops_the_least_recently_used(tiny):
     fingerprint = snapshots[0].fingerprint
     assert prefixes.lookup(fingerprint, [10, 2, 3, 4, 5], limit=4) is None  # dropped first
     assert prefixes.lookup(fingerprint, [12, 2, 3, 4, 5], limit=4) is snapshots[2]
+
+
+def test_snapshots_are_tied_to_the_weights_not_only_the_config(make_checkpoint):
+    same_config = [load(make_checkpoint(Spec(seed=seed))[0])[0] for seed in (0, 1)]
+    assert same_config[0].config == same_config[1].config
+    cache = same_config[0].make_cache()
+    logits(same_config[0], cache, [1, 2, 3])
+    with pytest.raises(ValueError, match="taken from another model"):
+        same_config[1].make_cache().restore(cache.snapshot())
+    again = load(make_checkpoint(Spec(seed=0))[0])[0]  # the same files: the same model
+    again.make_cache().restore(cache.snapshot())
