@@ -14,12 +14,18 @@ so the bytes counted are an upper bound.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
+from .models.cache import KVBuffer, KVCache
 from .models.state import PromptCache, Snapshot
 
 MESSAGE_START = "<|im_start|>"
@@ -29,15 +35,22 @@ class PrefixCache:
     """Snapshots of prompt prefixes, shared by any number of calls (and threads).
 
     Args:
-        max_bytes: most state kept (default 2 GiB).
+        max_bytes: most state kept in memory (default 2 GiB).
         interval: also snapshot every this many prompt tokens (long documents in one message).
+        directory: a folder that also keeps every snapshot on disk, so that a later run
+            resumes a long conversation at once. Files are keyed by the model's fingerprint and
+            a hash of the tokens, written atomically; one that is corrupt or not a prompt cache
+            is skipped with a warning and removed. A folder that cannot be written is skipped
+            with a warning (generation goes on without it).
     """
 
-    def __init__(self, max_bytes: int = 2 << 30, interval: int = 4096):
+    def __init__(self, max_bytes: int = 2 << 30, interval: int = 4096,
+                 directory: str | Path | None = None):
         if max_bytes < 0 or interval < 1:
             raise ValueError(f"max_bytes must be >= 0 and interval >= 1, got {max_bytes} and "
                              f"{interval}")
         self.max_bytes, self.interval = max_bytes, interval
+        self.directory = None if directory is None else _usable_folder(Path(directory))
         self._entries: OrderedDict[tuple[str, int, str], Snapshot] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -55,6 +68,8 @@ class PrefixCache:
             return
         key = (snapshot.fingerprint, snapshot.offset,
                prefix_digests(snapshot.fingerprint, snapshot.keys, [snapshot.offset])[0])
+        if self.directory is not None:
+            self._write(key, snapshot)
         with self._lock:
             self._entries[key] = snapshot
             self._entries.move_to_end(key)
@@ -80,9 +95,55 @@ class PrefixCache:
         least one token to feed (the last prompt token's logits are never cached)."""
         cache = model.make_cache()
         snapshot = self.lookup(cache.fingerprint, keys, limit=len(keys) - 1)
+        if self.directory is not None:
+            stored = self._read_longer(cache, keys, len(keys) - 1,
+                                       0 if snapshot is None else snapshot.offset)
+            snapshot = stored or snapshot
         if snapshot is not None:
             cache.restore(snapshot)
         return cache
+
+    def _file(self, key: tuple[str, int, str]) -> Path:
+        fingerprint, offset, digest = key
+        return self.directory / f"{fingerprint[:16]}-{offset}-{digest[:32]}.safetensors"
+
+    def _write(self, key: tuple[str, int, str], snapshot: Snapshot) -> None:
+        file = self._file(key)
+        if file.exists():
+            return
+        try:
+            save_prompt_cache(file, snapshot)
+        except (OSError, RuntimeError) as error:  # full disk, permissions: go on without it
+            warnings.warn(f"prompt cache folder {self.directory}: cannot write {file.name} "
+                          f"({error}); the disk tier is off for this run", stacklevel=2)
+            self.directory = None
+
+    def _read_longer(self, cache: PromptCache, keys: Sequence[int], limit: int,
+                     shorter: int) -> Snapshot | None:
+        """The longest snapshot on disk for `keys` longer than `shorter` tokens, if any."""
+        fingerprint = cache.fingerprint
+        stored = {}
+        for file in self.directory.glob(f"{fingerprint[:16]}-*-*.safetensors"):
+            _, offset, digest = file.stem.split("-")
+            if offset.isdigit() and shorter < int(offset) <= min(limit, len(keys)):
+                stored[(int(offset), digest)] = file
+        lengths = sorted({offset for offset, _ in stored})
+        for length, digest in reversed(list(zip(lengths, prefix_digests(fingerprint, keys,
+                                                                         lengths)))):
+            file = stored.get((length, digest[:32]))
+            if file is None:
+                continue
+            try:
+                snapshot = read_snapshot(file, cache)
+            except ValueError as error:
+                warnings.warn(f"skipping and removing prompt cache file {file} ({error})",
+                              stacklevel=2)
+                file.unlink(missing_ok=True)
+                continue
+            if tuple(keys[:length]) == snapshot.keys:
+                self.insert(snapshot)
+                return snapshot
+        return None
 
     def snapshot_points(self, tokenizer, ids: Sequence[int], start: int) -> list[int]:
         """Prompt lengths after `start` to snapshot at: each message start, every `interval`
@@ -95,6 +156,20 @@ class PrefixCache:
         return sorted(n for n in {*starts, *regular, len(ids) - 1, len(ids)} if n > start)
 
 
+def _usable_folder(directory: Path) -> Path | None:
+    """`directory`, created if needed, or None with a warning when it cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        warnings.warn(f"prompt cache folder {directory} cannot be written ({error}); going on "
+                      "without a disk tier", stacklevel=3)
+        return None
+    return directory
+
+
 def prefix_digests(fingerprint: str, keys: Sequence[int], lengths: Sequence[int]) -> list[str]:
     """sha256 of the model and keys[:n] for each n of the increasing `lengths`, in one pass."""
     hasher = hashlib.sha256(fingerprint.encode())
@@ -104,3 +179,100 @@ def prefix_digests(fingerprint: str, keys: Sequence[int], lengths: Sequence[int]
         digests.append(hasher.copy().hexdigest())
         done = length
     return digests
+
+
+FILE_FORMAT = "qwen35-mlx-prompt-cache"
+FILE_VERSION = "1"
+
+
+def save_prompt_cache(path: str | Path, cache: PromptCache | Snapshot) -> None:
+    """Write a conversation's state (a cache or a snapshot) to a safetensors file, atomically
+    (a temporary file renamed into place). Only arrays and JSON are stored: nothing in it is
+    executed when it is read."""
+    snapshot = cache.snapshot() if isinstance(cache, PromptCache) else cache
+    arrays = {}
+    for index, layer in enumerate(snapshot.layers):
+        if isinstance(layer[1], int):  # a KVCache's (buffer, offset)
+            buffer, offset = layer
+            if buffer is not None:
+                arrays[f"{index}.keys"] = buffer.keys[..., :offset, :]
+                arrays[f"{index}.values"] = buffer.values[..., :offset, :]
+        else:  # a DeltaNetCache's (conv state, recurrent state)
+            for name, array in zip(("conv", "recurrent"), layer):
+                if array is not None:
+                    arrays[f"{index}.{name}"] = array
+    metadata = {"format": FILE_FORMAT, "version": FILE_VERSION,
+                "fingerprint": snapshot.fingerprint, "tokens": json.dumps(snapshot.tokens),
+                "keys": json.dumps(snapshot.keys), "rope_delta": str(snapshot.rope_delta)}
+    path = Path(path)
+    # MLX adds .safetensors to a name that lacks it
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.partial"
+                             ".safetensors")
+    try:
+        mx.save_safetensors(str(partial), arrays, metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_prompt_cache(path: str | Path, model) -> PromptCache:
+    """A cache of `model` holding the state saved in `path` by `save_prompt_cache`.
+
+    Raises:
+        ValueError: the file is not a prompt cache, is truncated or corrupt, or was saved from
+            another model (another checkpoint, config or dtype).
+    """
+    cache = model.make_cache()
+    cache.restore(read_snapshot(path, cache))
+    return cache
+
+
+def read_snapshot(path: str | Path, cache: PromptCache) -> Snapshot:
+    """The snapshot saved in `path`, checked against `cache`'s model and layers."""
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as error:  # mlx raises RuntimeError/ValueError for unreadable files
+        raise ValueError(f"{path} cannot be read as a prompt cache ({error}); it is truncated "
+                         "or corrupt: delete it") from None
+    if (metadata or {}).get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not a qwen35-mlx prompt cache (saved by "
+                         "save_prompt_cache); point to one")
+    if metadata.get("fingerprint") != cache.fingerprint:
+        raise ValueError(f"{path} was saved from another model (or another checkpoint, config "
+                         "or dtype); load it with the model that saved it")
+    try:
+        tokens = tuple(json.loads(metadata["tokens"]))
+        keys = tuple(json.loads(metadata["keys"]))
+        layers = tuple(_layer_snapshot(layer, index, arrays, len(tokens))
+                       for index, layer in enumerate(cache.layers))
+        rope_delta = int(metadata["rope_delta"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a whole prompt cache ({error}); delete it") from None
+    if len(keys) != len(tokens) or set(arrays) - _expected_names(cache):
+        raise ValueError(f"{path} does not match this model's layers; delete it")
+    nbytes = sum(array.nbytes for array in arrays.values())
+    return Snapshot(cache.fingerprint, layers, tokens, keys, rope_delta, nbytes)
+
+
+def _layer_snapshot(layer, index: int, arrays: dict, tokens: int) -> tuple:
+    if isinstance(layer, KVCache):
+        keys, values = arrays.get(f"{index}.keys"), arrays.get(f"{index}.values")
+        if keys is None or values is None:
+            if tokens:
+                raise ValueError(f"layer {index} has no keys and values")
+            return None, 0
+        if keys.ndim != 4 or keys.shape[2] != tokens or values.shape[:3] != keys.shape[:3]:
+            raise ValueError(f"layer {index} holds keys {keys.shape} for {tokens} tokens")
+        return KVBuffer(keys, values), tokens
+    state = tuple(arrays.get(f"{index}.{name}") for name in ("conv", "recurrent"))
+    if tokens and any(array is None for array in state):
+        raise ValueError(f"layer {index} has no DeltaNet state")
+    return state
+
+
+def _expected_names(cache: PromptCache) -> set[str]:
+    names = set()
+    for index, layer in enumerate(cache.layers):
+        parts = ("keys", "values") if isinstance(layer, KVCache) else ("conv", "recurrent")
+        names.update(f"{index}.{part}" for part in parts)
+    return names

@@ -14,7 +14,7 @@ from checkpoints import Spec
 from metrics import relative_error
 from qwen35_mlx import generate, load, stream_generate
 from qwen35_mlx.generate import ContextLengthError
-from qwen35_mlx.prompt_cache import PrefixCache
+from qwen35_mlx.prompt_cache import PrefixCache, load_prompt_cache, save_prompt_cache
 
 LAYOUTS = {"causal": Spec(), "conditional": Spec(layout="conditional")}
 VOCAB = 496  # ids below the tiny tokenizer's special tokens
@@ -259,3 +259,63 @@ def test_snapshots_are_tied_to_the_weights_not_only_the_config(make_checkpoint):
         same_config[1].make_cache().restore(cache.snapshot())
     again = load(make_checkpoint(Spec(seed=0))[0])[0]  # the same files: the same model
     again.make_cache().restore(cache.snapshot())
+
+
+def test_a_saved_conversation_loads_and_continues_exactly(tiny, tmp_path):
+    model, _ = tiny
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+    fresh = logits(model, model.make_cache(), ids)
+    cache = model.make_cache()
+    logits(model, cache, ids[:7])
+    save_prompt_cache(tmp_path / "chat.safetensors", cache)
+    loaded = load_prompt_cache(tmp_path / "chat.safetensors", model)
+    assert loaded.tokens == ids[:7]
+    assert relative_error(logits(model, loaded, ids[7:]), fresh[7:]) <= 1e-5
+
+
+def test_a_saved_state_from_elsewhere_is_refused(tiny, make_checkpoint, tmp_path):
+    model, _ = tiny
+    cache = model.make_cache()
+    logits(model, cache, [1, 2, 3])
+    save_prompt_cache(tmp_path / "state.safetensors", cache)
+    other, _ = load(make_checkpoint(Spec(seed=1))[0])
+    with pytest.raises(ValueError, match="saved from another model"):
+        load_prompt_cache(tmp_path / "state.safetensors", other)
+    data = (tmp_path / "state.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="cannot be read as a prompt cache"):
+        load_prompt_cache(tmp_path / "cut.safetensors", model)
+    mx.save_safetensors(str(tmp_path / "weights.safetensors"), {"w": mx.zeros(3)})
+    with pytest.raises(ValueError, match="is not a qwen35-mlx prompt cache"):
+        load_prompt_cache(tmp_path / "weights.safetensors", model)
+
+
+def test_the_disk_tier_resumes_a_conversation_in_a_later_run(tiny, tmp_path):
+    model, tokenizer = tiny
+    folder = tmp_path / "prompt-cache"
+    first = [{"role": "user", "content": "Read this long document about tides."}]
+    reply = generate(model, tokenizer, first, max_tokens=6,
+                     prompt_cache=PrefixCache(directory=folder))
+    files = sorted(folder.glob("*.safetensors"))
+    assert files
+    follow_up = first + [{"role": "assistant", "content": reply.text},
+                         {"role": "user", "content": "And the moon?"}]
+    expected = generate(model, tokenizer, follow_up, max_tokens=6)
+    later_run = generate(model, tokenizer, follow_up, max_tokens=6,
+                         prompt_cache=PrefixCache(directory=folder))  # nothing in memory
+    assert later_run.text == expected.text and later_run.cached_tokens > 0
+    for file in folder.glob("*.safetensors"):  # every file truncated: skipped and removed
+        file.write_bytes(file.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="skipping and removing prompt cache file"):
+        again = generate(model, tokenizer, follow_up, max_tokens=6,
+                         prompt_cache=PrefixCache(directory=folder))
+    assert again.text == expected.text and again.cached_tokens == 0
+
+
+def test_a_folder_that_cannot_be_written_is_skipped(tiny, tmp_path):
+    model, tokenizer = tiny
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.warns(UserWarning, match="cannot be written"):
+        prefixes = PrefixCache(directory=tmp_path / "a-file" / "cache")
+    result = generate(model, tokenizer, "Hello", max_tokens=3, prompt_cache=prefixes)
+    assert result.text == generate(model, tokenizer, "Hello", max_tokens=3).text
