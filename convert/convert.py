@@ -3,7 +3,8 @@
 The weight transforms are those of `qwen35_mlx.loading` (done once, at load); this module only
 decides what to quantize, writes the result safely (`writer.py`) and checks it (`verify.py`).
 The output keeps the whole model, vision tower and MTP head included, in the layout mlx-lm and
-mlx-vlm read.
+mlx-vlm read. Weights stay lazy until the writer evaluates them one output shard at a time
+(`lazy.py`), so memory holds about one shard, not the whole model.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import dequantize_model
 
-from qwen35_mlx.loading import is_converted, load_model, read_config, resolve
+from qwen35_mlx.loading import is_converted, read_config, resolve
 from qwen35_mlx.models.model import QUANT_RECIPES, Model
 from qwen35_mlx.tokenizer import Tokenizer
 
 from .card import model_card
+from .lazy import dequantize_modules, lazy_model
 from .upload import upload
 from .verify import print_report, quantization_errors, verify
 from .writer import check_target, write_checkpoint
@@ -69,7 +70,8 @@ def convert(
         dequantize: turn a quantized MLX checkpoint back into float weights.
         force: replace an existing output directory.
         verify_output: load the result and compare its logits with the source's.
-        report: print the per-tensor quantization error table.
+        report: print the per-tensor quantization error table (holds the float matrices
+            while converting: more memory).
         upload_repo: upload the result to this Hugging Face repo.
     """
     _check_options(quantize, q_bits, q_group_size, recipe, dequantize)
@@ -86,26 +88,27 @@ def convert(
         raise ConvertError(f"{source} is not quantized; there is nothing to dequantize")
 
     start = time.perf_counter()
-    model = load_model(source, dtype=dtype)
-    quant_config, float_weights = None, {}
+    model = lazy_model(source, dtype=dtype)
+    quant_config, rows = None, []
     if dequantize:
-        dequantize_model(model)
+        dequantize_modules(model)
         model.set_pending_weights(_dequantize_pending(model.pending_weights,
                                                       config.raw["quantization"]))
     elif quantize:
         float_weights = _matrices(model) if report else {}
         quant_config = _quantize(model, recipe, q_bits, q_group_size, quantize_vision,
                                  quantize_mtp)
+        rows = quantization_errors(float_weights, model)
+        del float_weights
     weights = {**dict(tree_flatten(model.parameters())), **model.pending_weights}
-    mx.eval(weights)
+    del model  # `weights` alone holds the arrays now: the writer frees each shard once written
     write_checkpoint(target, weights, _output_config(config.raw, quant_config), source,
                      model_card(hf_path, quant_config, recipe, quantize_vision, quantize_mtp,
                                 dtype), force)
     print(f"[convert] wrote {target} ({_size(target) / 1e9:.3f} GB) in "
           f"{time.perf_counter() - start:.1f} s")
-    if report and float_weights:
-        print_report(quantization_errors(float_weights, model))
-    del model, weights, float_weights
+    if rows:
+        print_report(rows)
     if verify_output:
         verify(source, target, Tokenizer.from_pretrained(source))
     if upload_repo:

@@ -2,8 +2,10 @@
 output folder carries, vision tower and MTP head, dequantization, writing that leaves nothing
 behind on error, interruption or a full disk, verification output, upload and the CLI."""
 
+import ast
 import collections
 import errno
+import importlib
 import json
 import math
 import re
@@ -20,13 +22,13 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
-from mlx_lm.utils import make_shards
 
 from checkpoints import Spec, build_reference
 from helpers import contents, copy_checkpoint, rewrite_weights
 from metrics import relative_error
 from qwen35_mlx.cli import main
 from qwen35_mlx.convert import ConvertError, convert, writer
+from qwen35_mlx.convert.lazy import dequantize_modules, lazy_model
 from qwen35_mlx.convert.verify import PROMPT
 from qwen35_mlx.convert.writer import HEADROOM, WriteError
 from qwen35_mlx.loading import CheckpointError, is_converted, load_model
@@ -440,10 +442,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(make_checkpoint, converte
 KILLED_WHILE_WRITING = """
 import os, signal, sys
 import mlx.core as mx
-from mlx_lm.utils import make_shards
 from qwen35_mlx.convert import convert, writer
 
-writer.make_shards = lambda weights, _: make_shards(weights, 0)  # SHARD_GB must be an int
+writer.SHARD_BYTES = 0  # one tensor per shard
 save, saved = mx.save_safetensors, []
 
 def save_then_die(path, *args, **kwargs):
@@ -510,7 +511,7 @@ def test_too_little_free_space_is_an_error_before_writing(make_checkpoint, conve
 
 def test_disk_filling_up_while_writing_leaves_nothing(make_checkpoint, tmp_path, monkeypatch):
     source, _ = make_checkpoint(CONDITIONAL)
-    monkeypatch.setattr(writer, "make_shards", lambda weights, _: make_shards(weights, 0))
+    monkeypatch.setattr(writer, "SHARD_BYTES", 0)  # one tensor per shard
     save, saved = mx.save_safetensors, []
 
     def save_until_full(path, *args, **kwargs):
@@ -528,6 +529,83 @@ def test_disk_filling_up_while_writing_leaves_nothing(make_checkpoint, tmp_path,
         convert(str(source), str(target), dtype="float32", verify_output=False)
     assert raised.value.errno == errno.ENOSPC
     assert len(saved) == 1 and not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# 7b. Shard by shard, in our own code: what is held while writing, sharding and dequantization
+# against mlx-lm's.
+
+
+def test_conversion_holds_at_most_one_shard(make_checkpoint, converted, tmp_path, monkeypatch):
+    """Weights stay on disk until their shard is written, and leave memory with it: when each
+    shard is about to be written, MLX holds less than one shard's worth of tensors (before,
+    the whole float model was read first)."""
+    source, _ = make_checkpoint(CONDITIONAL)
+    index = converted(CONDITIONAL, dtype="float32") / "model.safetensors.index.json"
+    total = json.loads(index.read_text())["metadata"]["total_size"]
+    monkeypatch.setattr(writer, "SHARD_BYTES", total // 8)
+    save, held = mx.save_safetensors, []
+
+    def save_noting_memory(path, shard, *args, **kwargs):
+        held.append(mx.get_active_memory() - baseline)
+        save(path, shard, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "save_safetensors", save_noting_memory)
+    baseline = mx.get_active_memory()
+    target = convert(str(source), str(tmp_path / "out"), dtype="float32", verify_output=False)
+    assert len(held) == len(list(target.glob("*.safetensors"))) >= 8
+    assert max(held) < total // 8, (held, total)
+    expected = tensors(converted(CONDITIONAL, dtype="float32"))
+    written = tensors(target)
+    assert written.keys() == expected.keys()
+    for name, value in expected.items():
+        assert mx.array_equal(written[name], value).item(), name
+
+
+def test_convert_package_does_not_import_mlx_lm():
+    """Importing anything from mlx_lm imports transformers and torch (seconds)."""
+    package = Path(importlib.import_module("qwen35_mlx.convert").__file__).parent
+    commands = Path(importlib.import_module("qwen35_mlx.cli").__file__).parent
+    for file in [*package.glob("*.py"), commands / "convert.py", commands / "upload.py"]:
+        nodes = list(ast.walk(ast.parse(file.read_text())))
+        modules = [node.module or "" for node in nodes if isinstance(node, ast.ImportFrom)]
+        modules += [alias.name for node in nodes if isinstance(node, ast.Import)
+                    for alias in node.names]
+        assert not [m for m in modules if m.split(".")[0] == "mlx_lm"], file
+
+
+def test_shards_are_cut_by_byte_size():
+    sizes = {"a": 4, "b": 4, "c": 10, "d": 1, "e": 3, "f": 5}
+    assert writer.plan_shards(sizes, 8) == [["a", "b"], ["c"], ["d", "e"], ["f"]]
+    assert writer.plan_shards(sizes, 0) == [[name] for name in sizes]
+    assert writer.plan_shards(sizes, 100) == [list(sizes)]
+
+
+@pytest.mark.parametrize("gigabytes", [0, 1])
+def test_shards_match_mlx_lm(converted, gigabytes):
+    from mlx_lm.utils import make_shards
+
+    weights = tensors(converted(CONDITIONAL, **quantized(4)))
+    ours = writer.plan_shards({k: v.nbytes for k, v in weights.items()}, gigabytes << 30)
+    assert ours == [list(shard) for shard in make_shards(weights, gigabytes)]
+
+
+def test_dequantize_modules_matches_mlx_lm(converted, mtp_source):
+    from mlx_lm.utils import dequantize_model
+
+    source = converted(mtp_source, **quantized(4, quantize_vision=True))
+    ours, theirs = lazy_model(source), load_model(source)
+    dequantize_modules(ours)
+    dequantize_model(theirs)
+    expected = dict(tree_flatten(theirs.parameters()))
+    found = dict(tree_flatten(ours.parameters()))
+    assert found.keys() == expected.keys()
+    assert any(name.endswith(".scales") for name in tensors(source))
+    for name, value in expected.items():
+        assert found[name].dtype == value.dtype, name
+        assert mx.array_equal(found[name], value).item(), name
+    assert [type(m).__name__ for _, m in ours.named_modules()] == [
+        type(m).__name__ for _, m in theirs.named_modules()]
 
 
 # ---------------------------------------------------------------------------------------------
