@@ -76,8 +76,9 @@ def convert(
     """
     _check_options(quantize, q_bits, q_group_size, recipe, dequantize)
     target = Path(mlx_path)
-    check_target(target, force)
     source = resolve(hf_path, revision)
+    _check_apart(target, source)
+    check_target(target, force)
     config = read_config(source)
     quantized_source = bool(config.raw.get("quantization"))
     if is_converted(source) and not dequantize:
@@ -125,6 +126,23 @@ def _check_options(quantize, bits, group_size, recipe, dequantize) -> None:
         raise ConvertError(f"--q-group-size {group_size} is not supported; use one of {GROUP_SIZES}")
     if recipe not in QUANT_RECIPES:
         raise ConvertError(f"--recipe {recipe!r} is not known; use one of {QUANT_RECIPES}")
+
+
+def _check_apart(target: Path, source: Path) -> None:
+    """The output must not overlap the source: --force would delete it, and verification would
+    compare the output with itself."""
+    out, src = target.resolve(), source.resolve()  # symlinks resolved
+    if out == src:
+        problem = "is the source checkpoint"
+    elif out in src.parents:
+        problem = "contains the source checkpoint"
+    elif src in out.parents:
+        problem = "lies inside the source checkpoint"
+    else:
+        return
+    raise ConvertError(f"--mlx-path {target} {problem} {source}; writing there could overwrite "
+                       f"or delete the weights being converted. Choose an --mlx-path outside "
+                       f"{source}")
 
 
 def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: bool,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from qwen35_mlx.loading import CheckpointError, is_converted
+
 MLX_METADATA = {"format": "mlx"}
 SHARD_BYTES = 5 << 30  # mlx-lm's limit too, so both tools cut a model into the same files
 # Files a checkpoint carries besides config and weights, copied when the source has them.
@@ -33,9 +35,29 @@ def staging_dir(target: Path) -> Path:
 
 
 def check_target(target: Path, force: bool) -> None:
-    if target.exists() and not force:
+    """An existing target is replaced only with `force`, and only if losing it loses no data:
+    an empty folder or a converted checkpoint (what this tool writes)."""
+    if not target.exists():
+        return
+    if not force:
         raise FileExistsError(
             f"{target} already exists; choose another --mlx-path or pass --force to replace it")
+    if not replaceable(target):
+        raise FileExistsError(
+            f"{target} exists and is not a converted MLX checkpoint (config.json and safetensors "
+            "marked {'format': 'mlx'}); --force only replaces one of those. Choose another "
+            f"--mlx-path, or move or delete {target} yourself")
+
+
+def replaceable(target: Path) -> bool:
+    if not target.is_dir():
+        return False
+    if not any(target.iterdir()):
+        return True
+    try:
+        return (target / "config.json").is_file() and is_converted(target)
+    except CheckpointError:  # no weights, or an unreadable shard: not ours to delete
+        return False
 
 
 def check_free_space(target: Path, nbytes: int) -> None:

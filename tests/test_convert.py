@@ -283,6 +283,61 @@ def test_force_replaces_existing_output(make_checkpoint, converted, tmp_path):
     assert load_model(target).layers[0].mlp.up_proj.bits == 8
 
 
+def test_force_replaces_an_empty_folder(make_checkpoint, tmp_path):
+    source, _ = make_checkpoint(CONDITIONAL)
+    (tmp_path / "out").mkdir()
+    convert(str(source), str(tmp_path / "out"), force=True, verify_output=False, dtype="float32")
+    assert is_converted(tmp_path / "out")
+
+
+def overlap(source: Path, where: str) -> tuple[Path, str]:
+    """An --mlx-path that overlaps `source`, and how the error names the overlap."""
+    if where == "symlink":
+        link = source.parent / "link"
+        link.symlink_to(source, target_is_directory=True)
+        return link, "is the source checkpoint"
+    return {"source": (source, "is the source checkpoint"),
+            "parent": (source.parent, "contains the source checkpoint"),
+            "inside": (source / "mlx", "lies inside the source checkpoint")}[where]
+
+
+@pytest.mark.parametrize("where", ["source", "symlink", "parent", "inside"])
+def test_output_overlapping_the_source_is_refused(make_checkpoint, tmp_path, where):
+    source = copy_checkpoint(make_checkpoint, tmp_path / "parent", CONDITIONAL)
+    target, problem = overlap(source, where)
+    before = tree(tmp_path)
+    with pytest.raises(ConvertError, match=re.escape(
+            f"--mlx-path {target} {problem} {source}; writing there could overwrite or delete "
+            f"the weights being converted. Choose an --mlx-path outside {source}")):
+        convert(str(source), str(target), force=True, verify_output=False)
+    assert tree(tmp_path) == before  # nothing deleted, nothing written
+
+
+def unconverted_output(make_checkpoint, target: Path, kind: str) -> None:
+    if kind == "hf-checkpoint":
+        shutil.copytree(make_checkpoint(CONDITIONAL)[0], target)
+    elif kind == "other-folder":
+        target.mkdir()
+        (target / "config.json").write_text("{}")  # a config alone is not a checkpoint
+        (target / "notes.txt").write_text("keep me")
+    else:
+        target.write_text("a file")
+
+
+@pytest.mark.parametrize("kind", ["hf-checkpoint", "other-folder", "file"])
+def test_force_replaces_only_a_converted_checkpoint(make_checkpoint, tmp_path, kind):
+    source = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
+    target = tmp_path / "out"
+    unconverted_output(make_checkpoint, target, kind)
+    before = tree(tmp_path)
+    with pytest.raises(FileExistsError, match=re.escape(
+            f"{target} exists and is not a converted MLX checkpoint (config.json and safetensors "
+            "marked {'format': 'mlx'}); --force only replaces one of those. Choose another "
+            f"--mlx-path, or move or delete {target} yourself")):
+        convert(str(source), str(target), force=True, verify_output=False)
+    assert tree(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Vision tower and MTP head: kept whole, float unless asked.
 
