@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from .writer import check_target, write_checkpoint
 
 BITS = (4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+# Verification fails above this logit relative error: 4-bit quantization stays well below it,
+# a broken conversion (float16 overflow, wrong weights) does not.
+MAX_LOGIT_ERROR = 0.5
 
 
 class ConvertError(ValueError):
@@ -72,9 +76,10 @@ def convert(
         verify_output: load the result and compare its logits with the source's.
         report: print the per-tensor quantization error table (holds the float matrices
             while converting: more memory).
-        upload_repo: upload the result to this Hugging Face repo.
+        upload_repo: upload the result to this Hugging Face repo, once verified.
     """
-    _check_options(quantize, q_bits, q_group_size, recipe, dequantize)
+    _check_options(quantize, q_bits, q_group_size, recipe, dequantize, verify_output,
+                   upload_repo)
     target = Path(mlx_path)
     source = resolve(hf_path, revision)
     _check_apart(target, source)
@@ -111,15 +116,19 @@ def convert(
     if rows:
         print_report(rows)
     if verify_output:
-        verify(source, target, Tokenizer.from_pretrained(source))
+        _check_verified(target, *verify(source, target, Tokenizer.from_pretrained(source)),
+                        dtype)
     if upload_repo:
         upload(target, upload_repo)
     return target
 
 
-def _check_options(quantize, bits, group_size, recipe, dequantize) -> None:
+def _check_options(quantize, bits, group_size, recipe, dequantize, verify_output,
+                   upload_repo) -> None:
     if quantize and dequantize:
         raise ConvertError("--quantize and --dequantize exclude each other; choose one")
+    if upload_repo and not verify_output:
+        raise ConvertError("--upload-repo uploads only a verified checkpoint; drop --no-verify")
     if bits not in BITS:
         raise ConvertError(f"--q-bits {bits} is not supported; use one of {BITS}")
     if group_size not in GROUP_SIZES:
@@ -143,6 +152,17 @@ def _check_apart(target: Path, source: Path) -> None:
     raise ConvertError(f"--mlx-path {target} {problem} {source}; writing there could overwrite "
                        f"or delete the weights being converted. Choose an --mlx-path outside "
                        f"{source}")
+
+
+def _check_verified(target: Path, relative_error: float, kl: float, dtype: str | None) -> None:
+    if math.isfinite(relative_error) and relative_error <= MAX_LOGIT_ERROR:
+        return
+    fix = ("float16 overflows on Qwen3.5 activations: convert with --dtype bfloat16 or float32"
+           if dtype == "float16" else "convert with more --q-bits, or check the source")
+    raise ConvertError(
+        f"verification failed: the converted model's logits are {relative_error:.3e} (relative "
+        f"error; at most {MAX_LOGIT_ERROR} passes) from the source's, KL {kl:.3e}. {target} was "
+        f"written for inspection but not uploaded; {fix}")
 
 
 def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: bool,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import create_autospec
 
 import huggingface_hub
 import mlx.core as mx
@@ -21,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.utils import filter_repo_objects
 from mlx.utils import tree_flatten
 
 from checkpoints import Spec, build_reference
@@ -35,6 +37,8 @@ from qwen35_mlx.loading import CheckpointError, is_converted, load_model
 from qwen35_mlx.tokenizer import Tokenizer
 from tokenizer_files import write_tokenizer_files
 
+# the module, which the package's `convert` function shadows as an attribute
+convert_module = importlib.import_module("qwen35_mlx.convert.convert")
 CONDITIONAL = Spec(layout="conditional", hv_per_hk=2)  # with a vision tower; Hv = 2·Hk
 CAUSAL = Spec()
 SHARDED = Spec(max_shard_size="100KB")
@@ -725,48 +729,60 @@ def test_report_prints_every_quantized_matrix(make_checkpoint, tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Upload, through a fake hub client.
+# 9. Upload, through a hub client made from the installed huggingface_hub's HfApi.
 
 
 @pytest.fixture
 def hub(monkeypatch):
-    """Replaces huggingface_hub.HfApi; returns the list of (method, kwargs) it was called with."""
-    calls = []
-
-    class FakeHfApi:
-        def create_repo(self, *args, **kwargs):
-            assert not args
-            calls.append(("create_repo", kwargs))
-
-        def upload_large_folder(self, *args, **kwargs):
-            assert not args
-            calls.append(("upload_large_folder", kwargs))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
-    return calls
+    """huggingface_hub.HfApi replaced by a mock specced from the real class: calling a method it
+    lacks, or with arguments its signature refuses, fails. Returns the mock client."""
+    api_class = create_autospec(huggingface_hub.HfApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", api_class)
+    return api_class.return_value
 
 
-def assert_uploaded(calls, folder: Path, repo_id: str) -> None:
-    assert [method for method, _ in calls] == ["create_repo", "upload_large_folder"]
-    create, upload = calls[0][1], calls[1][1]
+def uploaded_files(api, folder: Path, repo_id: str) -> set[str]:
+    """The files the upload sends, picked from `folder` by huggingface_hub's own filter with
+    the patterns our upload_folder call passed (as upload_folder picks them)."""
+    assert [name for name, *_ in api.method_calls] == ["create_repo", "upload_folder"]
+    create, upload = api.create_repo.call_args.kwargs, api.upload_folder.call_args.kwargs
     assert create["repo_id"] == repo_id and create["exist_ok"] is True
     assert create.get("repo_type", "model") == "model"
     assert upload["repo_id"] == repo_id and Path(upload["folder_path"]) == folder
     assert upload.get("repo_type", "model") == "model"
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return set(filter_repo_objects(files, allow_patterns=upload.get("allow_patterns"),
+                                   ignore_patterns=upload.get("ignore_patterns")))
 
 
 def test_convert_uploads_when_asked(make_checkpoint, tmp_path, hub, capsys):
     source, _ = make_checkpoint(CONDITIONAL)
-    target = convert(str(source), str(tmp_path / "out"), upload_repo="me/x",
-                     verify_output=False, **quantized(4))
-    assert_uploaded(hub, target, "me/x")
-    assert "https://huggingface.co/me/x" in capsys.readouterr().out
+    target = convert(str(source), str(tmp_path / "out"), upload_repo="me/x", **quantized(4))
+    assert uploaded_files(hub, target, "me/x") == set(contents(target))
+    out = capsys.readouterr().out
+    assert out.index("[verify]") < out.index("https://huggingface.co/me/x")
 
 
 def test_upload_command(converted, hub):
     target = converted(CONDITIONAL, **quantized(4))
     assert main(["upload", "--path", str(target), "--upload-repo", "me/x"]) == 0
-    assert_uploaded(hub, target, "me/x")
+    assert uploaded_files(hub, target, "me/x") == set(contents(target))
+
+
+def test_upload_sends_only_the_checkpoint_files(converted, tmp_path, hub):
+    folder = Path(shutil.copytree(converted(CONDITIONAL, **quantized(4)), tmp_path / "mlx"))
+    checkpoint = set(contents(folder))
+    assert {"config.json", "model.safetensors.index.json", "README.md", "tokenizer.json",
+            "chat_template.jinja", "preprocessor_config.json"} <= checkpoint
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (folder / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (folder / "notes.txt").write_text("draft")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "config.json").write_text("{}")
+    shard = next(folder.glob("model-*.safetensors"))
+    shutil.copy(shard, folder / "old.safetensors")  # a stale shard the index does not list
+    assert main(["upload", "--path", str(folder), "--upload-repo", "me/x"]) == 0
+    assert uploaded_files(hub, folder, "me/x") == checkpoint
 
 
 @pytest.mark.parametrize("folder", ["hf-checkpoint", "empty"])
@@ -775,7 +791,86 @@ def test_upload_rejects_unconverted_folder(make_checkpoint, tmp_path, hub, capsy
     assert main(["upload", "--path", str(path), "--upload-repo", "me/x"]) == 2
     assert (f"qwen35-mlx upload: error: {path} is not a converted checkpoint; run `qwen35-mlx "
             "convert` first") in capsys.readouterr().err
-    assert hub == []
+    assert hub.method_calls == []
+
+
+def junk_shard(folder: Path) -> str:
+    """config.json beside one MLX-marked shard holding a tensor no model has."""
+    for file in folder.glob("model*.safetensors*"):
+        file.unlink()
+    mx.save_safetensors(str(folder / "model.safetensors"), {"x": mx.zeros((2,))},
+                        metadata={"format": "mlx"})
+    return "tensor(s) missing from the checkpoint"
+
+
+def wrong_config(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    return "but config.json implies"
+
+
+@pytest.mark.parametrize("damage", [junk_shard, wrong_config],
+                         ids=lambda case: case.__name__.replace("_", "-"))
+def test_upload_rejects_checkpoint_that_does_not_load(converted, tmp_path, hub, capsys, damage):
+    folder = Path(shutil.copytree(converted(CONDITIONAL, **quantized(4)), tmp_path / "mlx"))
+    problem = damage(folder)
+    with pytest.raises(CheckpointError):
+        load_model(folder)  # the reference: the loader refuses it too
+    assert main(["upload", "--path", str(folder), "--upload-repo", "me/x"]) == 2
+    error = capsys.readouterr().err
+    assert problem in error and "Not uploaded: convert the checkpoint again" in error
+    assert hub.method_calls == []
+
+
+def overflowing_in_float16(make_checkpoint, tmp_path) -> Path:
+    """CONDITIONAL with embeddings past float16's range (65504): float32 logits are fine,
+    float16 ones are NaN."""
+    source = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
+    name = "model.language_model.embed_tokens.weight"
+    rewrite_weights(source / "model.safetensors",
+                    lambda t: t.update({name: t[name].astype(mx.float32) * 1e6}))
+    return source
+
+
+def test_failed_verification_stops_the_upload(make_checkpoint, tmp_path, hub, capsys):
+    source = overflowing_in_float16(make_checkpoint, tmp_path)
+    ids = mx.array([Tokenizer.from_pretrained(source).encode(PROMPT)])
+    assert mx.isnan(load_model(source, dtype="float16")(ids)).any().item()
+    target = tmp_path / "out"
+    argv = ["convert", "--hf-path", str(source), "--mlx-path", str(target), "--dtype", "float16",
+            "--upload-repo", "me/x"]
+    assert main(argv) == 2
+    limit = convert_module.MAX_LOGIT_ERROR
+    assert ("qwen35-mlx convert: error: verification failed: the converted model's logits are "
+            f"nan (relative error; at most {limit} passes) from the source's") in \
+        capsys.readouterr().err
+    assert hub.method_calls == []
+    assert is_converted(target)  # kept for inspection
+
+    # the same source in float32 verifies and uploads
+    argv[argv.index("float16")] = "float32"
+    assert main(argv + ["--force"]) == 0
+    assert uploaded_files(hub, target, "me/x") == set(contents(target))
+
+
+def test_logit_error_above_the_threshold_stops_the_upload(make_checkpoint, tmp_path, hub,
+                                                          capsys, monkeypatch):
+    monkeypatch.setattr(convert_module, "MAX_LOGIT_ERROR", 1e-3)  # 4 bits are ~1e-1 off
+    source, _ = make_checkpoint(CONDITIONAL)
+    with pytest.raises(ConvertError, match="verification failed") as raised:
+        convert(str(source), str(tmp_path / "out"), upload_repo="me/x", **quantized(4))
+    reported = VERIFY_LINE.search(capsys.readouterr().out)[2]
+    assert f"logits are {reported} (relative error; at most 0.001 passes)" in str(raised.value)
+    assert hub.method_calls == []
+
+
+def test_upload_needs_verification(make_checkpoint, tmp_path, hub):
+    source, _ = make_checkpoint(CONDITIONAL)
+    with pytest.raises(ConvertError, match=re.escape(
+            "--upload-repo uploads only a verified checkpoint; drop --no-verify")):
+        convert(str(source), str(tmp_path / "out"), upload_repo="me/x", verify_output=False)
+    assert not any(tmp_path.iterdir()) and hub.method_calls == []
 
 
 # ---------------------------------------------------------------------------------------------
