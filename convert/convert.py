@@ -31,9 +31,10 @@ from .writer import check_target, write_checkpoint
 
 BITS = (4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-# Verification fails above this logit relative error: 4-bit quantization stays well below it,
-# a broken conversion (float16 overflow, wrong weights) does not.
-MAX_LOGIT_ERROR = 0.5
+# Verification fails past these logit relative errors. Float conversions only round (~1e-2 for
+# bfloat16); quantized random-weight models reach ~0.7 at 4 bits (`bench convert`), real ones
+# less; past 1.0 the logits are no closer to the source's than zeros are: a broken conversion.
+MAX_LOGIT_ERROR = {"float": 0.1, "quantized": 1.0}
 
 
 class ConvertError(ValueError):
@@ -117,7 +118,7 @@ def convert(
         print_report(rows)
     if verify_output:
         _check_verified(target, *verify(source, target, Tokenizer.from_pretrained(source)),
-                        dtype)
+                        dtype, quantize)
     if upload_repo:
         upload(target, upload_repo)
     return target
@@ -154,14 +155,16 @@ def _check_apart(target: Path, source: Path) -> None:
                        f"{source}")
 
 
-def _check_verified(target: Path, relative_error: float, kl: float, dtype: str | None) -> None:
-    if math.isfinite(relative_error) and relative_error <= MAX_LOGIT_ERROR:
+def _check_verified(target: Path, relative_error: float, kl: float, dtype: str | None,
+                    quantized: bool) -> None:
+    limit = MAX_LOGIT_ERROR["quantized" if quantized else "float"]
+    if math.isfinite(relative_error) and relative_error <= limit:
         return
     fix = ("float16 overflows on Qwen3.5 activations: convert with --dtype bfloat16 or float32"
            if dtype == "float16" else "convert with more --q-bits, or check the source")
     raise ConvertError(
         f"verification failed: the converted model's logits are {relative_error:.3e} (relative "
-        f"error; at most {MAX_LOGIT_ERROR} passes) from the source's, KL {kl:.3e}. {target} was "
+        f"error; at most {limit} passes) from the source's, KL {kl:.3e}. {target} was "
         f"written for inspection but not uploaded; {fix}")
 
 

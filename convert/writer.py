@@ -122,6 +122,8 @@ def _write_weights(directory: Path, weights: dict[str, mx.array]) -> None:
     for i, names in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         shard = {name: weights.pop(name) for name in names}
+        for value in shard.values():
+            mx.eval(value)  # one at a time: each source tensor is freed once its output exists
         mx.save_safetensors(str(directory / file), shard, metadata=MLX_METADATA)
         del shard  # its tensors are freed here, before the next shard is computed
         weight_map.update(dict.fromkeys(names, file))

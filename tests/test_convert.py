@@ -597,8 +597,8 @@ def test_disk_filling_up_while_writing_leaves_nothing(make_checkpoint, tmp_path,
 
 def test_conversion_holds_at_most_one_shard(make_checkpoint, converted, tmp_path, monkeypatch):
     """Weights stay on disk until their shard is written, and leave memory with it: when each
-    shard is about to be written, MLX holds less than one shard's worth of tensors (before,
-    the whole float model was read first)."""
+    shard is written, MLX holds that shard and next to nothing else (before, the whole float
+    model was read first)."""
     source, _ = make_checkpoint(CONDITIONAL)
     index = converted(CONDITIONAL, dtype="float32") / "model.safetensors.index.json"
     total = json.loads(index.read_text())["metadata"]["total_size"]
@@ -606,14 +606,14 @@ def test_conversion_holds_at_most_one_shard(make_checkpoint, converted, tmp_path
     save, held = mx.save_safetensors, []
 
     def save_noting_memory(path, shard, *args, **kwargs):
-        held.append(mx.get_active_memory() - baseline)
+        held.append(mx.get_active_memory() - baseline - sum(v.nbytes for v in shard.values()))
         save(path, shard, *args, **kwargs)
 
     monkeypatch.setattr(mx, "save_safetensors", save_noting_memory)
     baseline = mx.get_active_memory()
     target = convert(str(source), str(tmp_path / "out"), dtype="float32", verify_output=False)
     assert len(held) == len(list(target.glob("*.safetensors"))) >= 8
-    assert max(held) < total // 8, (held, total)
+    assert max(held) < total // 100, (held, total)  # besides the shard being written
     expected = tensors(converted(CONDITIONAL, dtype="float32"))
     written = tensors(target)
     assert written.keys() == expected.keys()
@@ -841,7 +841,7 @@ def test_failed_verification_stops_the_upload(make_checkpoint, tmp_path, hub, ca
     argv = ["convert", "--hf-path", str(source), "--mlx-path", str(target), "--dtype", "float16",
             "--upload-repo", "me/x"]
     assert main(argv) == 2
-    limit = convert_module.MAX_LOGIT_ERROR
+    limit = convert_module.MAX_LOGIT_ERROR["float"]
     assert ("qwen35-mlx convert: error: verification failed: the converted model's logits are "
             f"nan (relative error; at most {limit} passes) from the source's") in \
         capsys.readouterr().err
@@ -856,7 +856,7 @@ def test_failed_verification_stops_the_upload(make_checkpoint, tmp_path, hub, ca
 
 def test_logit_error_above_the_threshold_stops_the_upload(make_checkpoint, tmp_path, hub,
                                                           capsys, monkeypatch):
-    monkeypatch.setattr(convert_module, "MAX_LOGIT_ERROR", 1e-3)  # 4 bits are ~1e-1 off
+    monkeypatch.setitem(convert_module.MAX_LOGIT_ERROR, "quantized", 1e-3)  # 4 bits: ~1e-1
     source, _ = make_checkpoint(CONDITIONAL)
     with pytest.raises(ConvertError, match="verification failed") as raised:
         convert(str(source), str(tmp_path / "out"), upload_repo="me/x", **quantized(4))
