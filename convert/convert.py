@@ -151,8 +151,8 @@ def _check_apart(target: Path, source: Path) -> None:
     else:
         return
     raise ConvertError(f"--mlx-path {target} {problem} {source}; writing there could overwrite "
-                       f"or delete the weights being converted. Choose an --mlx-path outside "
-                       f"{source}")
+                       "or delete the weights being converted. Choose an --mlx-path apart from "
+                       "it: not the source, not a folder above it, not one inside it")
 
 
 def _check_verified(target: Path, relative_error: float, kl: float, dtype: str | None,

@@ -312,7 +312,8 @@ def test_output_overlapping_the_source_is_refused(make_checkpoint, tmp_path, whe
     before = tree(tmp_path)
     with pytest.raises(ConvertError, match=re.escape(
             f"--mlx-path {target} {problem} {source}; writing there could overwrite or delete "
-            f"the weights being converted. Choose an --mlx-path outside {source}")):
+            "the weights being converted. Choose an --mlx-path apart from it: not the source, "
+            "not a folder above it, not one inside it")):
         convert(str(source), str(target), force=True, verify_output=False)
     assert tree(tmp_path) == before  # nothing deleted, nothing written
 
