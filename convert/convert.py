@@ -133,7 +133,8 @@ def _check_options(quantize, bits, group_size, recipe, dequantize, verify_output
     if bits not in BITS:
         raise ConvertError(f"--q-bits {bits} is not supported; use one of {BITS}")
     if group_size not in GROUP_SIZES:
-        raise ConvertError(f"--q-group-size {group_size} is not supported; use one of {GROUP_SIZES}")
+        raise ConvertError(f"--q-group-size {group_size} is not supported; use one of "
+                           f"{GROUP_SIZES}")
     if recipe not in QUANT_RECIPES:
         raise ConvertError(f"--recipe {recipe!r} is not known; use one of {QUANT_RECIPES}")
 
