@@ -239,6 +239,10 @@ def print_table(outcomes: list[Outcome], baseline: tuple[float, float], source: 
           "qwen35_mlx computes them)")
     print(f"mlx-lm's model on the unconverted source: logit rel err {baseline[0]:.3e}, KL "
           f"{baseline[1]:.3e} nats/tok (implementation difference, not conversion)")
+    if any(o.vision or o.mtp for o in outcomes if o.job.tool == OURS and not o.returncode):
+        print("(ours keeps the vision tower and MTP head, mlx-lm drops them, so the ratios compare "
+              "different outputs; for like-for-like memory ratios convert a checkpoint written "
+              "by `qwen35-mlx bench make-checkpoint --no-vision --no-mtp`)")
 
 
 def row(o: Outcome) -> list[str]:

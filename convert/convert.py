@@ -3,32 +3,38 @@
 The weight transforms are those of `qwen35_mlx.loading` (done once, at load); this module only
 decides what to quantize, writes the result safely (`writer.py`) and checks it (`verify.py`).
 The output keeps the whole model, vision tower and MTP head included, in the layout mlx-lm and
-mlx-vlm read.
+mlx-vlm read. Weights stay lazy until the writer evaluates them one output shard at a time
+(`lazy.py`), so memory holds about one shard, not the whole model.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import dequantize_model
 
 from qwen35_mlx.loading import is_converted, load_model, read_config, resolve
 from qwen35_mlx.models.model import QUANT_RECIPES, Model
 from qwen35_mlx.tokenizer import Tokenizer
 
 from .card import model_card
+from .dequantize import dequantize_modules
 from .upload import upload
 from .verify import print_report, quantization_errors, verify
 from .writer import check_target, write_checkpoint
 
 BITS = (4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+# Verification fails past these logit relative errors. Float conversions only round (~1e-2 for
+# bfloat16); quantized random-weight models reach ~0.7 at 4 bits (`bench convert`), real ones
+# less; past 1.0 the logits are no closer to the source's than zeros are: a broken conversion.
+MAX_LOGIT_ERROR = {"float": 0.1, "quantized": 1.0}
 
 
 class ConvertError(ValueError):
@@ -69,13 +75,16 @@ def convert(
         dequantize: turn a quantized MLX checkpoint back into float weights.
         force: replace an existing output directory.
         verify_output: load the result and compare its logits with the source's.
-        report: print the per-tensor quantization error table.
-        upload_repo: upload the result to this Hugging Face repo.
+        report: print the per-tensor quantization error table (holds the float matrices
+            while converting: more memory).
+        upload_repo: upload the result to this Hugging Face repo, once verified.
     """
-    _check_options(quantize, q_bits, q_group_size, recipe, dequantize)
+    _check_options(quantize, q_bits, q_group_size, recipe, dequantize, verify_output,
+                   upload_repo)
     target = Path(mlx_path)
-    check_target(target, force)
     source = resolve(hf_path, revision)
+    _check_apart(target, source)
+    check_target(target, force)
     config = read_config(source)
     quantized_source = bool(config.raw.get("quantization"))
     if is_converted(source) and not dequantize:
@@ -86,42 +95,78 @@ def convert(
         raise ConvertError(f"{source} is not quantized; there is nothing to dequantize")
 
     start = time.perf_counter()
-    model = load_model(source, dtype=dtype)
-    quant_config, float_weights = None, {}
+    model = load_model(source, dtype=dtype, lazy=True)
+    quant_config, rows = None, []
     if dequantize:
-        dequantize_model(model)
+        dequantize_modules(model)
         model.set_mtp_weights(_dequantize_pending(model.mtp_weights,
                                                   config.raw["quantization"]))
     elif quantize:
         float_weights = _matrices(model) if report else {}
         quant_config = _quantize(model, recipe, q_bits, q_group_size, quantize_vision,
                                  quantize_mtp)
+        rows = quantization_errors(float_weights, model)
+        del float_weights
     weights = {**dict(tree_flatten(model.parameters())), **model.mtp_weights}
-    mx.eval(weights)
+    del model  # `weights` alone holds the arrays now: the writer frees each shard once written
     write_checkpoint(target, weights, _output_config(config.raw, quant_config), source,
                      model_card(hf_path, quant_config, recipe, quantize_vision, quantize_mtp,
                                 dtype), force)
     print(f"[convert] wrote {target} ({_size(target) / 1e9:.3f} GB) in "
           f"{time.perf_counter() - start:.1f} s")
-    if report and float_weights:
-        print_report(quantization_errors(float_weights, model))
-    del model, weights, float_weights
+    if rows:
+        print_report(rows)
     if verify_output:
-        verify(source, target, Tokenizer.from_pretrained(source))
+        _check_verified(target, *verify(source, target, Tokenizer.from_pretrained(source)),
+                        dtype, quantize)
     if upload_repo:
         upload(target, upload_repo)
     return target
 
 
-def _check_options(quantize, bits, group_size, recipe, dequantize) -> None:
+def _check_options(quantize, bits, group_size, recipe, dequantize, verify_output,
+                   upload_repo) -> None:
     if quantize and dequantize:
         raise ConvertError("--quantize and --dequantize exclude each other; choose one")
+    if upload_repo and not verify_output:
+        raise ConvertError("--upload-repo uploads only a verified checkpoint; drop --no-verify")
     if bits not in BITS:
         raise ConvertError(f"--q-bits {bits} is not supported; use one of {BITS}")
     if group_size not in GROUP_SIZES:
-        raise ConvertError(f"--q-group-size {group_size} is not supported; use one of {GROUP_SIZES}")
+        raise ConvertError(f"--q-group-size {group_size} is not supported; use one of "
+                           f"{GROUP_SIZES}")
     if recipe not in QUANT_RECIPES:
         raise ConvertError(f"--recipe {recipe!r} is not known; use one of {QUANT_RECIPES}")
+
+
+def _check_apart(target: Path, source: Path) -> None:
+    """The output must not overlap the source: --force would delete it, and verification would
+    compare the output with itself."""
+    out, src = target.resolve(), source.resolve()  # symlinks resolved
+    if out == src:
+        problem = "is the source checkpoint"
+    elif out in src.parents:
+        problem = "contains the source checkpoint"
+    elif src in out.parents:
+        problem = "lies inside the source checkpoint"
+    else:
+        return
+    raise ConvertError(f"--mlx-path {target} {problem} {source}; writing there could overwrite "
+                       "or delete the weights being converted. Choose an --mlx-path apart from "
+                       "it: not the source, not a folder above it, not one inside it")
+
+
+def _check_verified(target: Path, relative_error: float, kl: float, dtype: str | None,
+                    quantized: bool) -> None:
+    limit = MAX_LOGIT_ERROR["quantized" if quantized else "float"]
+    if math.isfinite(relative_error) and relative_error <= limit:
+        return
+    fix = ("float16 overflows on Qwen3.5 activations: convert with --dtype bfloat16 or float32"
+           if dtype == "float16" else "convert with more --q-bits, or check the source")
+    raise ConvertError(
+        f"verification failed: the converted model's logits are {relative_error:.3e} (relative "
+        f"error; at most {limit} passes) from the source's, KL {kl:.3e}. {target} was "
+        f"written for inspection but not uploaded; {fix}")
 
 
 def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: bool,

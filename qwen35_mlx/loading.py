@@ -304,10 +304,12 @@ def run_time_weights(directory: Path, config: ModelConfig) -> tuple[dict, dict[s
             {new: origin[old] for old, new in renamed.items() if new})
 
 
-def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
+def load_model(directory: str | Path, *, dtype: str | None = None, lazy: bool = False) -> Model:
     """Build the model from a checkpoint directory with strict weight loading. The text
     decoder is read now; the vision tower on first use, the MTP tensors when evaluated (both
-    are checked against the model now, from the safetensors headers)."""
+    are checked against the model now, from the safetensors headers). With `lazy`, no tensor
+    data is read: every weight stays on disk until evaluated (conversion writes shard by
+    shard from such a model)."""
     directory = Path(directory)
     config = read_config(directory)
     target_dtype = _dtype(dtype, config)
@@ -325,9 +327,11 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> Model:
     # strict=False: _check_weights has done mlx's strict checks, with file names
     model.load_weights(list(_cast(weights, target_dtype).items()), strict=False)
     model.set_mtp_weights(_cast(mtp, target_dtype))
+    model.fingerprint = weights_fingerprint(directory, model.fingerprint, target_dtype)
+    if lazy:
+        return model
     if model.vision_tower is not None:
         model.defer_vision_weights(lambda: _vision_weights(directory, config, target_dtype))
-    model.fingerprint = weights_fingerprint(directory, model.fingerprint, target_dtype)
     mx.eval(model.language_model.parameters())
     return model
 

@@ -2,8 +2,10 @@
 output folder carries, vision tower and MTP head, dequantization, writing that leaves nothing
 behind on error, interruption or a full disk, verification output, upload and the CLI."""
 
+import ast
 import collections
 import errno
+import importlib
 import json
 import math
 import re
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import create_autospec
 
 import huggingface_hub
 import mlx.core as mx
@@ -19,20 +22,23 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.utils import filter_repo_objects
 from mlx.utils import tree_flatten
-from mlx_lm.utils import make_shards
 
 from checkpoints import Spec, build_reference
 from helpers import contents, copy_checkpoint, rewrite_weights
 from metrics import relative_error
 from qwen35_mlx.cli import main
 from qwen35_mlx.convert import ConvertError, convert, writer
+from qwen35_mlx.convert.dequantize import dequantize_modules
 from qwen35_mlx.convert.verify import PROMPT
 from qwen35_mlx.convert.writer import HEADROOM, WriteError
 from qwen35_mlx.loading import CheckpointError, is_converted, load_model
 from qwen35_mlx.tokenizer import Tokenizer
 from tokenizer_files import write_tokenizer_files
 
+# the module, which the package's `convert` function shadows as an attribute
+convert_module = importlib.import_module("qwen35_mlx.convert.convert")
 CONDITIONAL = Spec(layout="conditional", hv_per_hk=2)  # with a vision tower; Hv = 2·Hk
 CAUSAL = Spec()
 SHARDED = Spec(max_shard_size="100KB")
@@ -281,6 +287,62 @@ def test_force_replaces_existing_output(make_checkpoint, converted, tmp_path):
     assert load_model(target).layers[0].mlp.up_proj.bits == 8
 
 
+def test_force_replaces_an_empty_folder(make_checkpoint, tmp_path):
+    source, _ = make_checkpoint(CONDITIONAL)
+    (tmp_path / "out").mkdir()
+    convert(str(source), str(tmp_path / "out"), force=True, verify_output=False, dtype="float32")
+    assert is_converted(tmp_path / "out")
+
+
+def overlap(source: Path, where: str) -> tuple[Path, str]:
+    """An --mlx-path that overlaps `source`, and how the error names the overlap."""
+    if where == "symlink":
+        link = source.parent / "link"
+        link.symlink_to(source, target_is_directory=True)
+        return link, "is the source checkpoint"
+    return {"source": (source, "is the source checkpoint"),
+            "parent": (source.parent, "contains the source checkpoint"),
+            "inside": (source / "mlx", "lies inside the source checkpoint")}[where]
+
+
+@pytest.mark.parametrize("where", ["source", "symlink", "parent", "inside"])
+def test_output_overlapping_the_source_is_refused(make_checkpoint, tmp_path, where):
+    source = copy_checkpoint(make_checkpoint, tmp_path / "parent", CONDITIONAL)
+    target, problem = overlap(source, where)
+    before = tree(tmp_path)
+    with pytest.raises(ConvertError, match=re.escape(
+            f"--mlx-path {target} {problem} {source}; writing there could overwrite or delete "
+            "the weights being converted. Choose an --mlx-path apart from it: not the source, "
+            "not a folder above it, not one inside it")):
+        convert(str(source), str(target), force=True, verify_output=False)
+    assert tree(tmp_path) == before  # nothing deleted, nothing written
+
+
+def unconverted_output(make_checkpoint, target: Path, kind: str) -> None:
+    if kind == "hf-checkpoint":
+        shutil.copytree(make_checkpoint(CONDITIONAL)[0], target)
+    elif kind == "other-folder":
+        target.mkdir()
+        (target / "config.json").write_text("{}")  # a config alone is not a checkpoint
+        (target / "notes.txt").write_text("keep me")
+    else:
+        target.write_text("a file")
+
+
+@pytest.mark.parametrize("kind", ["hf-checkpoint", "other-folder", "file"])
+def test_force_replaces_only_a_converted_checkpoint(make_checkpoint, tmp_path, kind):
+    source = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
+    target = tmp_path / "out"
+    unconverted_output(make_checkpoint, target, kind)
+    before = tree(tmp_path)
+    with pytest.raises(FileExistsError, match=re.escape(
+            f"{target} exists and is not a converted MLX checkpoint (config.json and safetensors "
+            "marked {'format': 'mlx'}); --force only replaces one of those. Choose another "
+            f"--mlx-path, or move or delete {target} yourself")):
+        convert(str(source), str(target), force=True, verify_output=False)
+    assert tree(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Vision tower and MTP head: kept whole, float unless asked.
 
@@ -440,10 +502,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(make_checkpoint, converte
 KILLED_WHILE_WRITING = """
 import os, signal, sys
 import mlx.core as mx
-from mlx_lm.utils import make_shards
 from qwen35_mlx.convert import convert, writer
 
-writer.make_shards = lambda weights, _: make_shards(weights, 0)  # SHARD_GB must be an int
+writer.SHARD_BYTES = 0  # one tensor per shard
 save, saved = mx.save_safetensors, []
 
 def save_then_die(path, *args, **kwargs):
@@ -510,7 +571,7 @@ def test_too_little_free_space_is_an_error_before_writing(make_checkpoint, conve
 
 def test_disk_filling_up_while_writing_leaves_nothing(make_checkpoint, tmp_path, monkeypatch):
     source, _ = make_checkpoint(CONDITIONAL)
-    monkeypatch.setattr(writer, "make_shards", lambda weights, _: make_shards(weights, 0))
+    monkeypatch.setattr(writer, "SHARD_BYTES", 0)  # one tensor per shard
     save, saved = mx.save_safetensors, []
 
     def save_until_full(path, *args, **kwargs):
@@ -528,6 +589,83 @@ def test_disk_filling_up_while_writing_leaves_nothing(make_checkpoint, tmp_path,
         convert(str(source), str(target), dtype="float32", verify_output=False)
     assert raised.value.errno == errno.ENOSPC
     assert len(saved) == 1 and not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# 7b. Shard by shard, in our own code: what is held while writing, sharding and dequantization
+# against mlx-lm's.
+
+
+def test_conversion_holds_at_most_one_shard(make_checkpoint, converted, tmp_path, monkeypatch):
+    """Weights stay on disk until their shard is written, and leave memory with it: when each
+    shard is written, MLX holds that shard and next to nothing else (before, the whole float
+    model was read first)."""
+    source, _ = make_checkpoint(CONDITIONAL)
+    index = converted(CONDITIONAL, dtype="float32") / "model.safetensors.index.json"
+    total = json.loads(index.read_text())["metadata"]["total_size"]
+    monkeypatch.setattr(writer, "SHARD_BYTES", total // 8)
+    save, held = mx.save_safetensors, []
+
+    def save_noting_memory(path, shard, *args, **kwargs):
+        held.append(mx.get_active_memory() - baseline - sum(v.nbytes for v in shard.values()))
+        save(path, shard, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "save_safetensors", save_noting_memory)
+    baseline = mx.get_active_memory()
+    target = convert(str(source), str(tmp_path / "out"), dtype="float32", verify_output=False)
+    assert len(held) == len(list(target.glob("*.safetensors"))) >= 8
+    assert max(held) < total // 100, (held, total)  # besides the shard being written
+    expected = tensors(converted(CONDITIONAL, dtype="float32"))
+    written = tensors(target)
+    assert written.keys() == expected.keys()
+    for name, value in expected.items():
+        assert mx.array_equal(written[name], value).item(), name
+
+
+def test_convert_package_does_not_import_mlx_lm():
+    """Importing anything from mlx_lm imports transformers and torch (seconds)."""
+    package = Path(importlib.import_module("qwen35_mlx.convert").__file__).parent
+    commands = Path(importlib.import_module("qwen35_mlx.cli").__file__).parent
+    for file in [*package.glob("*.py"), commands / "convert.py", commands / "upload.py"]:
+        nodes = list(ast.walk(ast.parse(file.read_text())))
+        modules = [node.module or "" for node in nodes if isinstance(node, ast.ImportFrom)]
+        modules += [alias.name for node in nodes if isinstance(node, ast.Import)
+                    for alias in node.names]
+        assert not [m for m in modules if m.split(".")[0] == "mlx_lm"], file
+
+
+def test_shards_are_cut_by_byte_size():
+    sizes = {"a": 4, "b": 4, "c": 10, "d": 1, "e": 3, "f": 5}
+    assert writer.plan_shards(sizes, 8) == [["a", "b"], ["c"], ["d", "e"], ["f"]]
+    assert writer.plan_shards(sizes, 0) == [[name] for name in sizes]
+    assert writer.plan_shards(sizes, 100) == [list(sizes)]
+
+
+@pytest.mark.parametrize("gigabytes", [0, 1])
+def test_shards_match_mlx_lm(converted, gigabytes):
+    from mlx_lm.utils import make_shards
+
+    weights = tensors(converted(CONDITIONAL, **quantized(4)))
+    ours = writer.plan_shards({k: v.nbytes for k, v in weights.items()}, gigabytes << 30)
+    assert ours == [list(shard) for shard in make_shards(weights, gigabytes)]
+
+
+def test_dequantize_modules_matches_mlx_lm(converted, mtp_source):
+    from mlx_lm.utils import dequantize_model
+
+    source = converted(mtp_source, **quantized(4, quantize_vision=True))
+    ours, theirs = load_model(source, lazy=True), load_model(source)
+    dequantize_modules(ours)
+    dequantize_model(theirs)
+    expected = dict(tree_flatten(theirs.parameters()))
+    found = dict(tree_flatten(ours.parameters()))
+    assert found.keys() == expected.keys()
+    assert any(name.endswith(".scales") for name in tensors(source))
+    for name, value in expected.items():
+        assert found[name].dtype == value.dtype, name
+        assert mx.array_equal(found[name], value).item(), name
+    assert [type(m).__name__ for _, m in ours.named_modules()] == [
+        type(m).__name__ for _, m in theirs.named_modules()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,48 +730,60 @@ def test_report_prints_every_quantized_matrix(make_checkpoint, tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Upload, through a fake hub client.
+# 9. Upload, through a hub client made from the installed huggingface_hub's HfApi.
 
 
 @pytest.fixture
 def hub(monkeypatch):
-    """Replaces huggingface_hub.HfApi; returns the list of (method, kwargs) it was called with."""
-    calls = []
-
-    class FakeHfApi:
-        def create_repo(self, *args, **kwargs):
-            assert not args
-            calls.append(("create_repo", kwargs))
-
-        def upload_large_folder(self, *args, **kwargs):
-            assert not args
-            calls.append(("upload_large_folder", kwargs))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
-    return calls
+    """huggingface_hub.HfApi replaced by a mock specced from the real class: calling a method it
+    lacks, or with arguments its signature refuses, fails. Returns the mock client."""
+    api_class = create_autospec(huggingface_hub.HfApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", api_class)
+    return api_class.return_value
 
 
-def assert_uploaded(calls, folder: Path, repo_id: str) -> None:
-    assert [method for method, _ in calls] == ["create_repo", "upload_large_folder"]
-    create, upload = calls[0][1], calls[1][1]
+def uploaded_files(api, folder: Path, repo_id: str) -> set[str]:
+    """The files the upload sends, picked from `folder` by huggingface_hub's own filter with
+    the patterns our upload_folder call passed (as upload_folder picks them)."""
+    assert [name for name, *_ in api.method_calls] == ["create_repo", "upload_folder"]
+    create, upload = api.create_repo.call_args.kwargs, api.upload_folder.call_args.kwargs
     assert create["repo_id"] == repo_id and create["exist_ok"] is True
     assert create.get("repo_type", "model") == "model"
     assert upload["repo_id"] == repo_id and Path(upload["folder_path"]) == folder
     assert upload.get("repo_type", "model") == "model"
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return set(filter_repo_objects(files, allow_patterns=upload.get("allow_patterns"),
+                                   ignore_patterns=upload.get("ignore_patterns")))
 
 
 def test_convert_uploads_when_asked(make_checkpoint, tmp_path, hub, capsys):
     source, _ = make_checkpoint(CONDITIONAL)
-    target = convert(str(source), str(tmp_path / "out"), upload_repo="me/x",
-                     verify_output=False, **quantized(4))
-    assert_uploaded(hub, target, "me/x")
-    assert "https://huggingface.co/me/x" in capsys.readouterr().out
+    target = convert(str(source), str(tmp_path / "out"), upload_repo="me/x", **quantized(4))
+    assert uploaded_files(hub, target, "me/x") == set(contents(target))
+    out = capsys.readouterr().out
+    assert out.index("[verify]") < out.index("https://huggingface.co/me/x")
 
 
 def test_upload_command(converted, hub):
     target = converted(CONDITIONAL, **quantized(4))
     assert main(["upload", "--path", str(target), "--upload-repo", "me/x"]) == 0
-    assert_uploaded(hub, target, "me/x")
+    assert uploaded_files(hub, target, "me/x") == set(contents(target))
+
+
+def test_upload_sends_only_the_checkpoint_files(converted, tmp_path, hub):
+    folder = Path(shutil.copytree(converted(CONDITIONAL, **quantized(4)), tmp_path / "mlx"))
+    checkpoint = set(contents(folder))
+    assert {"config.json", "model.safetensors.index.json", "README.md", "tokenizer.json",
+            "chat_template.jinja", "preprocessor_config.json"} <= checkpoint
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (folder / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (folder / "notes.txt").write_text("draft")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "config.json").write_text("{}")
+    shard = next(folder.glob("model-*.safetensors"))
+    shutil.copy(shard, folder / "old.safetensors")  # a stale shard the index does not list
+    assert main(["upload", "--path", str(folder), "--upload-repo", "me/x"]) == 0
+    assert uploaded_files(hub, folder, "me/x") == checkpoint
 
 
 @pytest.mark.parametrize("folder", ["hf-checkpoint", "empty"])
@@ -642,7 +792,86 @@ def test_upload_rejects_unconverted_folder(make_checkpoint, tmp_path, hub, capsy
     assert main(["upload", "--path", str(path), "--upload-repo", "me/x"]) == 2
     assert (f"qwen35-mlx upload: error: {path} is not a converted checkpoint; run `qwen35-mlx "
             "convert` first") in capsys.readouterr().err
-    assert hub == []
+    assert hub.method_calls == []
+
+
+def junk_shard(folder: Path) -> str:
+    """config.json beside one MLX-marked shard holding a tensor no model has."""
+    for file in folder.glob("model*.safetensors*"):
+        file.unlink()
+    mx.save_safetensors(str(folder / "model.safetensors"), {"x": mx.zeros((2,))},
+                        metadata={"format": "mlx"})
+    return "tensor(s) missing from the checkpoint"
+
+
+def wrong_config(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    return "but config.json implies"
+
+
+@pytest.mark.parametrize("damage", [junk_shard, wrong_config],
+                         ids=lambda case: case.__name__.replace("_", "-"))
+def test_upload_rejects_checkpoint_that_does_not_load(converted, tmp_path, hub, capsys, damage):
+    folder = Path(shutil.copytree(converted(CONDITIONAL, **quantized(4)), tmp_path / "mlx"))
+    problem = damage(folder)
+    with pytest.raises(CheckpointError):
+        load_model(folder)  # the reference: the loader refuses it too
+    assert main(["upload", "--path", str(folder), "--upload-repo", "me/x"]) == 2
+    error = capsys.readouterr().err
+    assert problem in error and "Not uploaded: convert the checkpoint again" in error
+    assert hub.method_calls == []
+
+
+def overflowing_in_float16(make_checkpoint, tmp_path) -> Path:
+    """CONDITIONAL with embeddings past float16's range (65504): float32 logits are fine,
+    float16 ones are NaN."""
+    source = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
+    name = "model.language_model.embed_tokens.weight"
+    rewrite_weights(source / "model.safetensors",
+                    lambda t: t.update({name: t[name].astype(mx.float32) * 1e6}))
+    return source
+
+
+def test_failed_verification_stops_the_upload(make_checkpoint, tmp_path, hub, capsys):
+    source = overflowing_in_float16(make_checkpoint, tmp_path)
+    ids = mx.array([Tokenizer.from_pretrained(source).encode(PROMPT)])
+    assert mx.isnan(load_model(source, dtype="float16")(ids)).any().item()
+    target = tmp_path / "out"
+    argv = ["convert", "--hf-path", str(source), "--mlx-path", str(target), "--dtype", "float16",
+            "--upload-repo", "me/x"]
+    assert main(argv) == 2
+    limit = convert_module.MAX_LOGIT_ERROR["float"]
+    assert ("qwen35-mlx convert: error: verification failed: the converted model's logits are "
+            f"nan (relative error; at most {limit} passes) from the source's") in \
+        capsys.readouterr().err
+    assert hub.method_calls == []
+    assert is_converted(target)  # kept for inspection
+
+    # the same source in float32 verifies and uploads
+    argv[argv.index("float16")] = "float32"
+    assert main(argv + ["--force"]) == 0
+    assert uploaded_files(hub, target, "me/x") == set(contents(target))
+
+
+def test_logit_error_above_the_threshold_stops_the_upload(make_checkpoint, tmp_path, hub,
+                                                          capsys, monkeypatch):
+    monkeypatch.setitem(convert_module.MAX_LOGIT_ERROR, "quantized", 1e-3)  # 4 bits: ~1e-1
+    source, _ = make_checkpoint(CONDITIONAL)
+    with pytest.raises(ConvertError, match="verification failed") as raised:
+        convert(str(source), str(tmp_path / "out"), upload_repo="me/x", **quantized(4))
+    reported = VERIFY_LINE.search(capsys.readouterr().out)[2]
+    assert f"logits are {reported} (relative error; at most 0.001 passes)" in str(raised.value)
+    assert hub.method_calls == []
+
+
+def test_upload_needs_verification(make_checkpoint, tmp_path, hub):
+    source, _ = make_checkpoint(CONDITIONAL)
+    with pytest.raises(ConvertError, match=re.escape(
+            "--upload-repo uploads only a verified checkpoint; drop --no-verify")):
+        convert(str(source), str(tmp_path / "out"), upload_repo="me/x", verify_output=False)
+    assert not any(tmp_path.iterdir()) and hub.method_calls == []
 
 
 # ---------------------------------------------------------------------------------------------

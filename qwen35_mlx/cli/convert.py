@@ -27,10 +27,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="turn a quantized MLX checkpoint back into float weights")
     parser.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     parser.add_argument("--no-verify", dest="verify_output", action="store_false",
-                        help="skip loading the result and comparing it with the source")
+                        help="skip loading the result and comparing it with the source "
+                             "(not with --upload-repo)")
     parser.add_argument("--report", action="store_true",
                         help="print the per-tensor quantization error table")
-    parser.add_argument("--upload-repo", help="upload the result to this Hugging Face repo")
+    parser.add_argument("--upload-repo",
+                        help="upload the result to this Hugging Face repo once it verified")
     parser.add_argument("--revision", help="hub revision of --hf-path")
 
 
