@@ -19,9 +19,9 @@ from .models.state import PromptCache, Snapshot
 from .prompt import Prompt, VisionCache, place, prepare_prompt
 from .prompt_cache import PrefixCache
 from .sampling import Penalties, check_seed, greedy, make_sampler
+from .tokenizer import THINK_CLOSE, THINK_OPEN
 
 LogitsProcessor = Callable[[list[int], mx.array], mx.array]
-THINK_END = "</think>"
 
 
 class ContextLengthError(ValueError):
@@ -255,7 +255,7 @@ def stream_generate(
     max_tokens = min(max_tokens, room_left(model, held, len(ids), max_tokens))
 
     stop_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
-    think_end = tokenizer.encode(THINK_END)
+    think_end = tokenizer.encode(THINK_CLOSE)
     think_end = think_end[0] if len(think_end) == 1 else None
     reasoning = opens_thinking(tokenizer, ids)
     answer_started = not reasoning
@@ -387,7 +387,7 @@ class StopStrings:
 def opens_thinking(tokenizer, ids: Sequence[int]) -> bool:
     """Whether the prompt ends inside an open <think> block (the model starts by reasoning)."""
     tail = tokenizer.decode(list(ids[-8:]))
-    return tail.rstrip().endswith("<think>")
+    return tail.rstrip().endswith(THINK_OPEN)
 
 
 def check_whole(name: str, value, low: int) -> None:

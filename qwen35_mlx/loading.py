@@ -15,7 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn

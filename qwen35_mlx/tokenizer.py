@@ -51,7 +51,6 @@ class StreamingDetokenizer:
         self._decode = decode
         self.tokens: list[int] = []
         self._read_offset = 0  # tokens before this one have been emitted
-        self._pieces: list[str] = []
         self._unread: list[str] = []
 
     def add_token(self, token: int) -> None:
@@ -71,11 +70,6 @@ class StreamingDetokenizer:
         self._unread.clear()
         return segment
 
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        return "".join(self._pieces)
-
     def _emit(self, force: bool) -> None:
         held = self.tokens[self._read_offset :]
         if not held:
@@ -83,7 +77,6 @@ class StreamingDetokenizer:
         piece = self._decode(held)
         if piece.endswith("\ufffd") and not force:
             return
-        self._pieces.append(piece)
         self._unread.append(piece)
         self._read_offset = len(self.tokens)
 
@@ -164,8 +157,7 @@ class Tokenizer:
                 as absent.
             add_generation_prompt: end with the assistant turn's opening, ready for generation.
             enable_thinking: True opens a `<think>` block, False closes an empty one; None leaves
-                it to the template (0.8B/2B: non-thinking, 4B/9B: thinking; see
-                `thinking_by_default`).
+                it to the template (0.8B/2B: non-thinking, 4B/9B: thinking).
             tools: JSON-schema tool definitions, rendered into the system turn.
             **template_kwargs: further template variables, e.g. `add_vision_id=True`.
 
@@ -188,14 +180,6 @@ class Tokenizer:
         )
 
     @cached_property
-    def thinking_by_default(self) -> bool:
-        """Whether a generation prompt rendered without `enable_thinking` leaves `<think>` open."""
-        if self._template is None:
-            return False
-        prompt = self.apply_chat_template([{"role": "user", "content": "Hi"}])
-        return prompt.endswith(THINK_OPEN + "\n")
-
-    @cached_property
     def eos_token_ids(self) -> frozenset[int]:
         """Ids that end generation: `<|im_end|>`, `<|endoftext|>` and the config's eos_token."""
         names = {*STOP_TOKENS, self._special_tokens.get("eos_token")}
@@ -207,27 +191,6 @@ class Tokenizer:
         return StreamingDetokenizer(
             lambda ids: self._backend.decode(ids, skip_special_tokens=False)
         )
-
-
-def split_reasoning(text: str, *, prompt_opened_think: bool) -> tuple[str, str]:
-    """Split generated text into (reasoning, answer).
-
-    Args:
-        text: the generated text, special tokens included.
-        prompt_opened_think: the prompt ended with an open `<think>` block (a thinking prompt, i.e.
-            `prompt.endswith("<think>\\n")`), so the text starts inside it.
-
-    Returns:
-        Reasoning up to `</think>` (stripped) and the answer after it (leading whitespace stripped).
-        Text that never closes its think block is all reasoning; text without one is all answer.
-    """
-    stripped = text.lstrip()
-    opened_here = stripped.startswith(THINK_OPEN)
-    if not (prompt_opened_think or opened_here):
-        return "", text
-    body = stripped.removeprefix(THINK_OPEN) if opened_here else text
-    reasoning, closed, answer = body.partition(THINK_CLOSE)
-    return reasoning.strip(), (answer.lstrip() if closed else "")
 
 
 @cache

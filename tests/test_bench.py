@@ -145,7 +145,6 @@ def test_it_carries_the_released_tokenizer_and_chat_template(tmp_path, variant, 
     template = (tokenizer_files.THINKING_TEMPLATE if thinking
                 else tokenizer_files.NON_THINKING_TEMPLATE)
     assert (directory / "chat_template.jinja").read_bytes() == template.read_bytes()
-    assert tokenizer.thinking_by_default is thinking
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
     generation_prompt = "<|im_start|>assistant\n<think>\n"
     assert prompt.endswith(generation_prompt + ("" if thinking else "\n</think>\n\n"))
