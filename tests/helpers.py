@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
+import torch
 
 from checkpoints import Spec
 
@@ -27,3 +29,15 @@ def rewrite_weights(file: Path, edit) -> None:
     mx.eval(tensors)  # read everything before the file is overwritten
     edit(tensors)
     mx.save_safetensors(str(file), tensors, metadata=metadata)
+
+
+def prompt(length=100, batch=1, seed=0) -> np.ndarray:
+    """Random ids [batch, length] below the tiny tokenizer's special tokens (100 by default:
+    longer than transformers' 64-token chunk)."""
+    return np.random.default_rng(seed).integers(0, 496, size=(batch, length))
+
+
+def reference_logits(torch_model, ids) -> np.ndarray:
+    """transformers' logits [B, T, vocab] in float32."""
+    with torch.no_grad():
+        return torch_model(torch.tensor(ids)).logits.float().numpy()

@@ -22,10 +22,12 @@ from benchmarks import vision as vision_benchmark
 from metrics import relative_error
 from qwen35_mlx import cli, generate, load
 from qwen35_mlx.bench import random_checkpoint, tokenizer_files
-from qwen35_mlx.bench.random_checkpoint import config_json, tensor_specs, write_random_checkpoint
+from qwen35_mlx.bench.random_checkpoint import (TEXT_COMMON, config_json, tensor_specs,
+                                                write_random_checkpoint)
 from qwen35_mlx.gated_delta import SCAN_PATHS
 
-TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+# the released vocabulary: the released tokenizer's special tokens (image pad, ...) are in it
+TINY_TEXT = dict(vocab_size=TEXT_COMMON["vocab_size"], hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
                  linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=4096,
                  rope_parameters={"rope_type": "default", "rope_theta": 10_000_000,

@@ -25,9 +25,6 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 from mlx.utils import tree_flatten
 
-from checkpoints import Spec, build_reference
-from helpers import contents, copy_checkpoint, rewrite_weights
-from metrics import relative_error
 from qwen35_mlx.cli import main
 from qwen35_mlx.convert import ConvertError, convert, writer
 from qwen35_mlx.convert.dequantize import dequantize_modules
@@ -35,6 +32,10 @@ from qwen35_mlx.convert.verify import PROMPT
 from qwen35_mlx.convert.writer import HEADROOM, WriteError
 from qwen35_mlx.loading import CheckpointError, is_converted, load_model
 from qwen35_mlx.tokenizer import Tokenizer
+
+from checkpoints import Spec, build_reference
+from helpers import contents, copy_checkpoint, prompt, reference_logits, rewrite_weights
+from metrics import relative_error
 from tokenizer_files import write_tokenizer_files
 
 # the module, which the package's `convert` function shadows as an attribute
@@ -48,13 +49,6 @@ GROUP = 32
 LINEAR_LAYERS = (0, 1, 2)  # layer 3 is full attention (full_attention_interval 4)
 
 
-def prompt(length=100, seed=0):
-    return np.random.default_rng(seed).integers(0, 496, size=(1, length))
-
-
-def reference_logits(torch_model, ids):
-    with torch.no_grad():
-        return torch_model(torch.tensor(ids)).logits.float().numpy()
 
 
 def logits(directory: Path, ids) -> np.ndarray:

@@ -12,27 +12,20 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-import torch
 from mlx.utils import tree_flatten
 
-from checkpoints import Spec
-from helpers import contents, copy_checkpoint, rewrite_weights
-from metrics import relative_error
 from qwen35_mlx import load
 from qwen35_mlx.loading import CheckpointError, load_model, resolve
+
+from checkpoints import Spec
+from helpers import contents, copy_checkpoint, prompt, reference_logits, rewrite_weights
+from metrics import relative_error
 
 CAUSAL = Spec()
 CONDITIONAL = Spec(layout="conditional")
 SHARDED = Spec(max_shard_size="100KB")  # the same spec as test_model's sharded test
 
 
-def prompt(length=100, seed=0):
-    return np.random.default_rng(seed).integers(0, 496, size=(1, length))
-
-
-def reference_logits(torch_model, ids):
-    with torch.no_grad():
-        return torch_model(torch.tensor(ids)).logits.float().numpy()
 
 
 def assert_rejected(directory: Path, *fragments: str, call=load_model,

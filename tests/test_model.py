@@ -5,26 +5,17 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
-from checkpoints import Spec
-from metrics import relative_error
-from qwen35_mlx.loading import load_model
 from qwen35_mlx.gated_delta import SCAN_PATHS
 from qwen35_mlx.gated_delta import dispatch as gated_delta
+from qwen35_mlx.loading import load_model
+
+from checkpoints import Spec
+from helpers import prompt, reference_logits
+from metrics import relative_error
 
 SPECS = [Spec(layout=layout, hv_per_hk=ratio, tied=tied)
          for layout, ratio, tied in itertools.product(("causal", "conditional"), (1, 2), (False, True))]
-PROMPT_LENGTH = 100  # longer than transformers' 64-token chunk
-
-
-def prompt(length=PROMPT_LENGTH, batch=1, seed=0):
-    return np.random.default_rng(seed).integers(0, 496, size=(batch, length))
-
-
-def reference_logits(torch_model, ids):
-    with torch.no_grad():
-        return torch_model(torch.tensor(ids)).logits.float().numpy()
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from qwen35_mlx import cli
-from qwen35_mlx.bench.random_checkpoint import TEXT_COMMON, write_random_checkpoint
+from qwen35_mlx.bench.random_checkpoint import write_random_checkpoint
 from test_bench import TINY_TEXT, TINY_VISION
 
 README = Path(__file__).parent.parent / "README.md"
@@ -33,8 +33,7 @@ MAX_TOKENS = "2"
 ACTIVATED = {**os.environ,
              "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
 # A stand-in for the hub model: the released vocabulary and tokenizer, a tiny decoder.
-HUB_STAND_IN = {"text_config": {**TINY_TEXT, "vocab_size": TEXT_COMMON["vocab_size"],
-                                "linear_num_value_heads": 2},
+HUB_STAND_IN = {"text_config": {**TINY_TEXT, "linear_num_value_heads": 2},
                 "vision_config": TINY_VISION}
 
 
