@@ -45,6 +45,8 @@ def commands(block: str) -> list[str]:
     """The block's commands: indented lines continue the one above, `&&` chains are split."""
     lines: list[str] = []
     for line in block.splitlines():
+        if line.lstrip().startswith("#"):  # a comment
+            continue
         if line[:1].isspace() and lines:
             lines[-1] += " " + line.strip()
         elif line.strip():

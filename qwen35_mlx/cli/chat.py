@@ -8,6 +8,7 @@ import signal
 
 from ..chat import ChatSession
 from ..loading import load
+from ..prompt_cache import PrefixCache
 from .generate import print_stream
 from .options import (add_generation_args, add_media_args, add_model_args, generation_kwargs,
                       load_kwargs, media_kwargs)
@@ -22,6 +23,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--system-prompt", help="a system message for the conversation")
     add_media_args(parser, chat=True)
+    parser.add_argument("--prompt-cache-dir", metavar="DIR",
+                        help="keep the conversation's cached prefixes in this folder too, so "
+                             "that a long document conversation resumes at once in a later "
+                             "run (PrefixCache(directory=DIR))")
     parser.epilog = HELP
     add_generation_args(parser)
 
@@ -58,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
 def converse(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, **load_kwargs(args))
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
+                          prompt_cache=PrefixCache(directory=args.prompt_cache_dir),
                           **generation_kwargs(args))
     attached = {name: list(paths or []) for name, paths in media_kwargs(args).items()}
     print(HELP)
