@@ -67,7 +67,8 @@ def load(path_or_repo: str | Path, *, dtype: str | None = None, revision: str | 
             missing file is also a FileNotFoundError).
     """
     directory = resolve(path_or_repo, revision)
-    tokenizer = Tokenizer.from_pretrained(directory)  # first: it fails faster than the weights
+    read_config(directory)  # a folder that is no checkpoint at all is said so first
+    tokenizer = Tokenizer.from_pretrained(directory)  # then it: it fails faster than the weights
     model = load_model(directory, dtype=dtype)
     if model.vision_tower is not None:
         tokenizer.processor = Processor.from_pretrained(directory, **(processor_options or {}))
