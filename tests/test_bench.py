@@ -13,18 +13,24 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import Qwen3_5ForConditionalGeneration
 
 from benchmarks import convert as convert_benchmark
 from benchmarks import generate as generate_benchmark
 from benchmarks import kernels as kernels_benchmark
 from benchmarks import vision as vision_benchmark
-from metrics import relative_error
 from qwen35_mlx import cli, generate, load
 from qwen35_mlx.bench import random_checkpoint, tokenizer_files
-from qwen35_mlx.bench.random_checkpoint import (TEXT_COMMON, config_json, tensor_specs,
-                                                write_random_checkpoint)
+from qwen35_mlx.bench.random_checkpoint import (
+    TEXT_COMMON,
+    config_json,
+    tensor_specs,
+    write_random_checkpoint,
+)
 from qwen35_mlx.gated_delta import SCAN_PATHS
+
+from metrics import relative_error
 
 # the released vocabulary: the released tokenizer's special tokens (image pad, ...) are in it
 TINY_TEXT = dict(vocab_size=TEXT_COMMON["vocab_size"], hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -227,3 +233,17 @@ def test_kernels_benchmark_table(capsys):
         assert vs_mlx_lm_metal == pytest.approx(count / counts["mlx-lm metal"][0], abs=6e-3)
     # the target: fewer primitives than mlx-lm on the Metal path
     assert counts["ours fused"][0] < counts["mlx-lm metal"][0]
+
+
+def test_bench_prompt_cache_table_and_plot(bf16_checkpoint, tmp_path, capsys):
+    plot = tmp_path / "ttft.png"
+    assert cli.main(["bench", "prompt-cache", "--model", str(bf16_checkpoint), "--history",
+                     "64", "160", "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == 2
+    for history, cached, cold, warm, ratio in rows:
+        assert 0 < int(cached) < int(history)  # the document came from the cache
+        assert float(ratio.rstrip("x")) == pytest.approx(float(cold) / float(warm), rel=0.06)
+    with Image.open(plot) as image:
+        assert image.size == (640, 400)

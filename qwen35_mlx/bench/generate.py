@@ -22,8 +22,8 @@ import numpy as np
 
 from ..generate import stream_generate
 from ..loading import load
-from .tokenizer_files import SPECIAL_TOKENS
 from .report import print_rows, progress
+from .tokenizer_files import SPECIAL_TOKENS
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

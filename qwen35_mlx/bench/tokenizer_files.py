@@ -28,8 +28,15 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tokenizers import (AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers,
-                        processors)
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers.models import BPE
 
 TEMPLATES = Path(__file__).parent / "templates"

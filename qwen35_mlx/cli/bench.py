@@ -7,6 +7,7 @@ import argparse
 import time
 
 from ..bench import generate as generate_bench
+from ..bench.prompt_cache import bench_prompt_cache
 from ..bench.startup import bench_startup
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
 
@@ -19,6 +20,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                     "time, prefill and decode tokens/s, peak memory. (The race against mlx-lm "
                     "is `python -m benchmarks.generate` in the repository.)")
     generate_bench.add_args(run)
+    warm = commands.add_parser(
+        "prompt-cache", help="warm-turn time to first token, prefix cache vs reprocessing",
+        description="For each history length, the next turn's time to first token with the "
+                    "prefix cache (after the first turn filled it) and without it (the whole "
+                    "history prefilled, as mlx-lm does for a hybrid model), in one run.")
+    warm.add_argument("--model", required=True, help="checkpoint directory")
+    warm.add_argument("--history", type=int, nargs="+", default=[2048, 8192],
+                      help="history lengths in tokens (the issue's set adds 32768)")
+    warm.add_argument("--plot", metavar="FILE", help="also draw the curves into this PNG")
     startup = commands.add_parser(
         "startup", help="how much `import qwen35_mlx` adds to `import mlx.core`",
         description="Times `import mlx.core` and `import qwen35_mlx` in fresh processes "
@@ -49,6 +59,9 @@ def main(args: argparse.Namespace) -> int:
                                       mtp=args.mtp)
         size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
         print(f"wrote {out} ({size:.2f} GB) in {time.perf_counter() - start:.1f} s")
+        return 0
+    if args.bench_command == "prompt-cache":
+        bench_prompt_cache(args.model, args.history, args.plot)
         return 0
     if args.bench_command == "startup":
         return bench_startup(args.repeats)
