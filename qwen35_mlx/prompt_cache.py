@@ -25,7 +25,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .models.cache import KVBuffer, KVCache
 from .models.state import PromptCache, Snapshot
 
 MESSAGE_START = "<|im_start|>"
@@ -190,17 +189,8 @@ def save_prompt_cache(path: str | Path, cache: PromptCache | Snapshot) -> None:
     (a temporary file renamed into place). Only arrays and JSON are stored: nothing in it is
     executed when it is read."""
     snapshot = cache.snapshot() if isinstance(cache, PromptCache) else cache
-    arrays = {}
-    for index, layer in enumerate(snapshot.layers):
-        if isinstance(layer[1], int):  # a KVCache's (buffer, offset)
-            buffer, offset = layer
-            if buffer is not None:
-                arrays[f"{index}.keys"] = buffer.keys[..., :offset, :]
-                arrays[f"{index}.values"] = buffer.values[..., :offset, :]
-        else:  # a DeltaNetCache's (conv state, recurrent state)
-            for name, array in zip(("conv", "recurrent"), layer):
-                if array is not None:
-                    arrays[f"{index}.{name}"] = array
+    arrays = {f"{index}.{name}": array for index, layer in enumerate(snapshot.layers)
+              for name, array in layer.arrays().items()}
     metadata = {"format": FILE_FORMAT, "version": FILE_VERSION,
                 "fingerprint": snapshot.fingerprint, "tokens": json.dumps(snapshot.tokens),
                 "keys": json.dumps(snapshot.keys), "rope_delta": str(snapshot.rope_delta)}
@@ -243,36 +233,23 @@ def read_snapshot(path: str | Path, cache: PromptCache) -> Snapshot:
     try:
         tokens = tuple(json.loads(metadata["tokens"]))
         keys = tuple(json.loads(metadata["keys"]))
-        layers = tuple(_layer_snapshot(layer, index, arrays, len(tokens))
+        layers = tuple(type(layer).Snapshot.from_arrays(_layer_arrays(arrays, index),
+                                                        len(tokens))
                        for index, layer in enumerate(cache.layers))
         rope_delta = int(metadata["rope_delta"])
+        unknown = set(arrays) - {f"{index}.{name}" for index, layer in enumerate(layers)
+                                 for name in layer.arrays()}
+        if len(keys) != len(tokens) or unknown:
+            raise ValueError(f"{len(keys)} keys for {len(tokens)} tokens, arrays "
+                             f"{sorted(unknown)[:3]} no layer holds")
     except (KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{path} is not a whole prompt cache ({error}); delete it") from None
-    if len(keys) != len(tokens) or set(arrays) - _expected_names(cache):
-        raise ValueError(f"{path} does not match this model's layers; delete it")
     nbytes = sum(array.nbytes for array in arrays.values())
     return Snapshot(cache.fingerprint, layers, tokens, keys, rope_delta, nbytes)
 
 
-def _layer_snapshot(layer, index: int, arrays: dict, tokens: int) -> tuple:
-    if isinstance(layer, KVCache):
-        keys, values = arrays.get(f"{index}.keys"), arrays.get(f"{index}.values")
-        if keys is None or values is None:
-            if tokens:
-                raise ValueError(f"layer {index} has no keys and values")
-            return None, 0
-        if keys.ndim != 4 or keys.shape[2] != tokens or values.shape[:3] != keys.shape[:3]:
-            raise ValueError(f"layer {index} holds keys {keys.shape} for {tokens} tokens")
-        return KVBuffer(keys, values), tokens
-    state = tuple(arrays.get(f"{index}.{name}") for name in ("conv", "recurrent"))
-    if tokens and any(array is None for array in state):
-        raise ValueError(f"layer {index} has no DeltaNet state")
-    return state
-
-
-def _expected_names(cache: PromptCache) -> set[str]:
-    names = set()
-    for index, layer in enumerate(cache.layers):
-        parts = ("keys", "values") if isinstance(layer, KVCache) else ("conv", "recurrent")
-        names.update(f"{index}.{part}" for part in parts)
-    return names
+def _layer_arrays(arrays: dict[str, mx.array], index: int) -> dict[str, mx.array]:
+    """The arrays a file holds for layer `index`, by their names in its snapshot."""
+    prefix = f"{index}."
+    return {name[len(prefix):]: array for name, array in arrays.items()
+            if name.startswith(prefix)}

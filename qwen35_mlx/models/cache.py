@@ -13,6 +13,8 @@ Written here rather than taken from mlx-lm, whose modules import transformers at
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from .config import LINEAR, TextConfig
@@ -36,10 +38,38 @@ class KVBuffer:
         return self.keys.shape[2]
 
 
+@dataclass(frozen=True)
+class KVSnapshot:
+    """A `KVCache` at `offset` tokens: the buffer it shares, trimmed by offset."""
+
+    buffer: KVBuffer | None
+    offset: int
+
+    def arrays(self) -> dict[str, mx.array]:
+        """What a file stores: keys and values [B, Hkv, offset, D]."""
+        if self.buffer is None:
+            return {}
+        return {"keys": self.buffer.keys[..., :self.offset, :],
+                "values": self.buffer.values[..., :self.offset, :]}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, mx.array], tokens: int) -> KVSnapshot:
+        """The snapshot `arrays()` gave, for `tokens` tokens; ValueError if they disagree."""
+        keys, values = arrays.get("keys"), arrays.get("values")
+        if keys is None or values is None:
+            if tokens:
+                raise ValueError("no keys and values")
+            return cls(None, 0)
+        if keys.ndim != 4 or keys.shape[2] != tokens or values.shape[:3] != keys.shape[:3]:
+            raise ValueError(f"keys {keys.shape} and values {values.shape} for {tokens} tokens")
+        return cls(KVBuffer(keys, values), tokens)
+
+
 class KVCache:
     """Keys and values of one full-attention layer."""
 
     step = 256  # tokens per buffer block
+    Snapshot = KVSnapshot
 
     def __init__(self):
         self.buffer: KVBuffer | None = None
@@ -75,16 +105,16 @@ class KVCache:
         """The arrays to evaluate to materialise the cache."""
         return [] if self.buffer is None else [self.buffer.keys, self.buffer.values]
 
-    def snapshot(self, hold: bool = True) -> tuple[KVBuffer | None, int]:
-        """(buffer, offset); with `hold`, the positions below offset are never written again."""
+    def snapshot(self, hold: bool = True) -> KVSnapshot:
+        """The cache now; with `hold`, the positions below offset are never written again."""
         if hold and self.buffer is not None:
             self.buffer.shared_upto = max(self.buffer.shared_upto, self.offset)
-        return self.buffer, self.offset
+        return KVSnapshot(self.buffer, self.offset)
 
-    def restore(self, snapshot: tuple[KVBuffer | None, int], owned: bool = False) -> None:
+    def restore(self, snapshot: KVSnapshot, owned: bool = False) -> None:
         """Back to `snapshot`; unless `owned` (this cache's own rollback), the buffer is copied
         before the next write, as another cache may continue from the same snapshot."""
-        self.buffer, self.offset = snapshot
+        self.buffer, self.offset = snapshot.buffer, snapshot.offset
         self.owned = owned
 
     def nbytes(self, tokens: int | None = None) -> int:
@@ -95,9 +125,31 @@ class KVCache:
         return per_token * (self.offset if tokens is None else tokens)
 
 
+@dataclass(frozen=True)
+class DeltaNetSnapshot:
+    """A `DeltaNetCache`'s arrays (the layer replaces them, so holding them copies nothing)."""
+
+    conv: mx.array | None
+    recurrent: mx.array | None
+
+    def arrays(self) -> dict[str, mx.array]:
+        return {name: array for name, array in (("conv", self.conv),
+                                                ("recurrent", self.recurrent))
+                if array is not None}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, mx.array], tokens: int) -> DeltaNetSnapshot:
+        conv, recurrent = arrays.get("conv"), arrays.get("recurrent")
+        if tokens and (conv is None or recurrent is None):
+            raise ValueError("no DeltaNet state")
+        return cls(conv, recurrent)
+
+
 class DeltaNetCache:
     """Conv state ([0]) and recurrent state ([1]) of one Gated DeltaNet layer; None until the
     layer has run."""
+
+    Snapshot = DeltaNetSnapshot
 
     def __init__(self):
         self.arrays: list[mx.array | None] = [None, None]
@@ -112,11 +164,11 @@ class DeltaNetCache:
     def state(self) -> list[mx.array]:
         return [array for array in self.arrays if array is not None]
 
-    def snapshot(self, hold: bool = True) -> tuple[mx.array | None, ...]:
-        return tuple(self.arrays)
+    def snapshot(self, hold: bool = True) -> DeltaNetSnapshot:
+        return DeltaNetSnapshot(*self.arrays)
 
-    def restore(self, snapshot: tuple[mx.array | None, ...], owned: bool = False) -> None:
-        self.arrays = list(snapshot)
+    def restore(self, snapshot: DeltaNetSnapshot, owned: bool = False) -> None:
+        self.arrays = [snapshot.conv, snapshot.recurrent]
 
     def nbytes(self, tokens: int | None = None) -> int:
         return sum(array.nbytes for array in self.state)
