@@ -123,7 +123,8 @@ class CountingTower:
 def turn(session, content, **media):
     """(the ids of the conversation as rendered for the reply, the reply's responses)."""
     responses = list(session.send(content, **media))
-    ids = prepare_prompt(session.model, session.tokenizer, session.messages[:-1]).ids
+    ids = prepare_prompt(session.model, session.tokenizer, session.messages[:-1],
+                         vision_cache=session.vision_cache).ids
     return ids, responses
 
 
