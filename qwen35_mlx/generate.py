@@ -39,6 +39,7 @@ def generate_step(
     input_embeddings: mx.array | None = None,
     position_ids: mx.array | None = None,
     rope_delta: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yields (token, log-probabilities [vocab]) for up to `max_tokens` new tokens.
 
@@ -53,6 +54,8 @@ def generate_step(
         position_ids: [3, 1, T] the prompt's M-RoPE positions, continuing the cache's.
         rope_delta: decode positions are cache length + rope_delta (the sum of the multimodal
             prompts' deltas in the cache; 0 for text).
+        progress: called as progress(done, total) with prompt tokens processed: 0 first,
+            after each prefill step, and total once the last prompt token is through.
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty; give at least one token")
@@ -86,15 +89,21 @@ def generate_step(
     # Fill the cache with all but the last prompt token. Only the cache is evaluated, so the
     # lazy graph never computes these tokens' logits (the vocab-sized head is the costliest
     # matrix); the last token then goes through the model alone.
+    report = progress or (lambda done, total: None)
     start = 0
+    report(0, prompt.size)
     while prompt.size - start > 1:
         end = min(start + prefill_step_size, prompt.size - 1)
         model(prompt[start:end][None], cache=cache, **prompt_slice(start, end))
         mx.eval([c.state for c in cache])
         start = end
+        report(start, prompt.size)
 
     token, logprobs = step(prompt[start:], prompt_slice(start, prompt.size))
     mx.async_eval(token, logprobs)
+    if progress is not None:  # the prompt is through once its last token's logits are
+        mx.eval(token)
+        progress(prompt.size, prompt.size)
     for n in range(max_tokens):
         if n + 1 < max_tokens:  # queue the next step before reading this token
             generated.append(int(token.item()))
@@ -159,6 +168,7 @@ def stream_generate(
     cache: list | None = None,
     rope_delta: int = 0,
     vision_cache: VisionCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion.
 
@@ -186,6 +196,7 @@ def stream_generate(
         rope_delta: when `cache` holds images or videos, the sum of their prompts'
             `PromptInputs.rope_delta` (the M-RoPE position shift); `ChatSession` keeps it.
         vision_cache: a `VisionCache` that keeps encoded images and videos between calls.
+        progress: progress(done, total) during prefill, as `generate_step` calls it.
 
     Yields:
         GenerationResponse per token; the last one has `finish_reason` "stop" or "length".
@@ -217,7 +228,7 @@ def stream_generate(
                           sampler=sampler, logits_processors=[penalties] if penalties.active else [],
                           prefill_step_size=prefill_step_size,
                           input_embeddings=inputs.input_embeddings, position_ids=positions,
-                          rope_delta=decode_rope_delta)
+                          rope_delta=decode_rope_delta, progress=progress)
     prompt_tps, n = 0.0, 0
     for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:
