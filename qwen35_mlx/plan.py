@@ -41,8 +41,22 @@ from .models.config import FULL, LINEAR, ModelConfig, TextConfig
 
 KV_BITS = (16, 8, 4)
 DEFAULT_KV_GROUP_SIZE = 64
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
-               "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 ACTIVATION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MLX_DTYPES = {mx.float32: "F32", mx.bfloat16: "BF16", mx.float16: "F16", mx.uint32: "U32"}
 GB = 1e9
@@ -148,8 +162,10 @@ def read_header(file: Path) -> dict:
             length = int.from_bytes(f.read(8), "little")
             return json.loads(f.read(length))
     except (OSError, ValueError):
-        raise CheckpointError(f"{file}: cannot read its safetensors header; the file is "
-                              "truncated or corrupt, download it again") from None
+        raise CheckpointError(
+            f"{file}: cannot read its safetensors header; the file is "
+            "truncated or corrupt, download it again"
+        ) from None
 
 
 def header_tensors(directory: Path) -> tuple[TensorInfo, ...]:
@@ -198,9 +214,11 @@ def open_checkpoint(model: str | Path | ModelConfig) -> Checkpoint:
         return Checkpoint(name, config, size_tensors(name))
     directory = Path(model).expanduser()
     if not directory.is_dir():
-        raise PlanError(f"{name}: not a checkpoint directory and not a size name (one of "
-                        f"{', '.join(random_checkpoint.SIZES)}); download the checkpoint "
-                        "first or give a size")
+        raise PlanError(
+            f"{name}: not a checkpoint directory and not a size name (one of "
+            f"{', '.join(random_checkpoint.SIZES)}); download the checkpoint "
+            "first or give a size"
+        )
     return Checkpoint(str(directory), read_config(directory), header_tensors(directory))
 
 
@@ -209,8 +227,10 @@ def config_checkpoint(config: ModelConfig) -> Checkpoint:
     `size_tensors`); a converted (quantized) config needs its directory instead."""
     raw = config.raw
     if "text_config" not in raw or raw.get("quantization") or raw.get("quantization_config"):
-        raise PlanError("a converted or text-only config does not say its tensors' sizes; "
-                        "pass the checkpoint directory (or the loaded model) instead")
+        raise PlanError(
+            "a converted or text-only config does not say its tensors' sizes; "
+            "pass the checkpoint directory (or the loaded model) instead"
+        )
     name = raw.get("_name_or_path", config.model_type)
     return Checkpoint(name, config, release_tensors(raw))
 
@@ -219,13 +239,15 @@ def loaded_checkpoint(model) -> Checkpoint:
     """A loaded `Model`: its parameters and pending (MTP) tensors as they are in memory."""
     arrays = dict(tree_flatten(model.parameters()))
     arrays.update({name: array for name, array in model.pending_weights.items()})
-    tensors = tuple(TensorInfo(name, MLX_DTYPES.get(array.dtype, "F32"), tuple(array.shape),
-                               array.nbytes) for name, array in arrays.items())
+    tensors = tuple(
+        TensorInfo(name, MLX_DTYPES.get(array.dtype, "F32"), tuple(array.shape), array.nbytes)
+        for name, array in arrays.items()
+    )
     return Checkpoint("the loaded model", model.config, tensors)
 
 
 def part_of(name: str) -> str:
-    """"vision", "mtp" or "text": which part of the model a tensor belongs to."""
+    """ "vision", "mtp" or "text": which part of the model a tensor belongs to."""
     if name.startswith(("vision_tower.", "model.visual.", "visual.")):
         return "vision"
     if name.startswith(("mtp.", "model.mtp.")):
@@ -248,8 +270,12 @@ def quantized_weight_bytes(tensors: tuple[TensorInfo, ...]) -> WeightBytes:
     parts = {"text": 0, "vision": 0, "mtp": 0}
     for tensor in tensors:
         part = part_of(tensor.name)
-        quantizable = (part != "vision" and len(tensor.shape) == 2
-                       and tensor.shape[-1] % QUANT_GROUP == 0 and tensor.dtype != "U32")
+        quantizable = (
+            part != "vision"
+            and len(tensor.shape) == 2
+            and tensor.shape[-1] % QUANT_GROUP == 0
+            and tensor.dtype != "U32"
+        )
         if quantizable:
             elements = math.prod(tensor.shape)
             parts[part] += elements * QUANT_BITS // 8 + 2 * 2 * elements // QUANT_GROUP
@@ -274,8 +300,13 @@ def kv_capacity(context: int) -> int:
     return -(-context // KVCache.step) * KVCache.step
 
 
-def kv_cache_bytes(text: TextConfig, context: int, kv_bits: int = 16,
-                   group_size: int = DEFAULT_KV_GROUP_SIZE, activation_bytes: int = 2) -> int:
+def kv_cache_bytes(
+    text: TextConfig,
+    context: int,
+    kv_bits: int = 16,
+    group_size: int = DEFAULT_KV_GROUP_SIZE,
+    activation_bytes: int = 2,
+) -> int:
     """2 · layers_full · Hkv · head_dim · capacity · bytes per element.
 
     Args:
@@ -297,13 +328,15 @@ def deltanet_state_bytes(text: TextConfig, activation_bytes: int = 2) -> int:
     """Per DeltaNet layer: conv state (K-1) · conv_dim in the activation dtype plus recurrent
     state Hv · Dv · Dk in float32. Constant in the context length."""
     conv = (text.linear_conv_kernel_dim - 1) * text.conv_dim * activation_bytes
-    recurrent = (text.linear_num_value_heads * text.linear_value_head_dim
-                 * text.linear_key_head_dim * 4)
+    recurrent = (
+        text.linear_num_value_heads * text.linear_value_head_dim * text.linear_key_head_dim * 4
+    )
     return text.layer_types.count(LINEAR) * (conv + recurrent)
 
 
-def prefill_peak_bytes(text: TextConfig, step: int, context: int, activation_bytes: int = 2,
-                       device: str | None = None) -> int:
+def prefill_peak_bytes(
+    text: TextConfig, step: int, context: int, activation_bytes: int = 2, device: str | None = None
+) -> int:
     """The transient bytes of one prefill step of `step` tokens whose queries see `context`
     keys (batch 1, a = activation bytes), from models/text.py and gated_delta/.
 
@@ -341,8 +374,12 @@ def prefill_peak_bytes(text: TextConfig, step: int, context: int, activation_byt
         The estimated peak transient bytes (on top of weights and caches).
     """
     S, N, a = min(step, context), context, activation_bytes
-    H, Hq, Hkv, hd = (text.hidden_size, text.num_attention_heads, text.num_key_value_heads,
-                      text.head_dim)
+    H, Hq, Hkv, hd = (
+        text.hidden_size,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+        text.head_dim,
+    )
     Hv = text.linear_num_value_heads
     D = max(text.linear_key_head_dim, text.linear_value_head_dim)
     device = device or ("cpu" if mx.default_device() == mx.cpu else "gpu")
@@ -360,17 +397,24 @@ def prefill_peak_bytes(text: TextConfig, step: int, context: int, activation_byt
 
 
 def check_inputs(context: int, kv_bits: int, group_size: int, prefill_step_size: int) -> None:
-    for name, value in (("context", context), ("prefill_step_size", prefill_step_size),
-                        ("kv_group_size", group_size)):
+    for name, value in (
+        ("context", context),
+        ("prefill_step_size", prefill_step_size),
+        ("kv_group_size", group_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise PlanError(f"{name} must be a whole number > 0, got {value!r}")
     if kv_bits not in KV_BITS:
         raise PlanError(f"kv_bits must be one of {KV_BITS} (16: unquantized), got {kv_bits!r}")
 
 
-def plan_memory(model: str | Path | Checkpoint, context: int, kv_bits: int = 16,
-                prefill_step_size: int = 2048,
-                kv_group_size: int = DEFAULT_KV_GROUP_SIZE) -> MemoryPlan:
+def plan_memory(
+    model: str | Path | Checkpoint,
+    context: int,
+    kv_bits: int = 16,
+    prefill_step_size: int = 2048,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+) -> MemoryPlan:
     """What `model` needs at `context` tokens, batch 1.
 
     Args:
@@ -390,11 +434,16 @@ def plan_memory(model: str | Path | Checkpoint, context: int, kv_bits: int = 16,
     checkpoint = open_checkpoint(model)
     text, a = checkpoint.config.text, checkpoint.activation_bytes
     return MemoryPlan(
-        model=checkpoint.name, context=context, kv_bits=kv_bits, kv_group_size=kv_group_size,
-        prefill_step_size=prefill_step_size, weights=weight_bytes(checkpoint.tensors),
+        model=checkpoint.name,
+        context=context,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        prefill_step_size=prefill_step_size,
+        weights=weight_bytes(checkpoint.tensors),
         kv_cache=kv_cache_bytes(text, context, kv_bits, kv_group_size, a),
         deltanet_state=deltanet_state_bytes(text, a),
-        prefill_peak=prefill_peak_bytes(text, prefill_step_size, context, a))
+        prefill_peak=prefill_peak_bytes(text, prefill_step_size, context, a),
+    )
 
 
 def machine_memory() -> tuple[int, str]:
@@ -422,8 +471,13 @@ def largest_context(fits, limit: int) -> int:
     return low
 
 
-def check_fits(model_config_or_dir, context: int, kv_bits: int = 16,
-               prefill_step_size: int = 2048, budget_bytes: int | None = None) -> MemoryPlan:
+def check_fits(
+    model_config_or_dir,
+    context: int,
+    kv_bits: int = 16,
+    prefill_step_size: int = 2048,
+    budget_bytes: int | None = None,
+) -> MemoryPlan:
     """The plan, or MemoryBudgetError when it needs more than `budget_bytes`.
 
     Args:
@@ -449,7 +503,8 @@ def check_fits(model_config_or_dir, context: int, kv_bits: int = 16,
     raise MemoryBudgetError(
         f"{checkpoint.name} at {context} tokens ({kv_bits}-bit KV, prefill step "
         f"{prefill_step_size}) needs {plan.total / GB:.2f} GB, this machine has "
-        f"{budget / GB:.2f} GB; would fit: " + "; ".join(alternatives(checkpoint, plan, budget)))
+        f"{budget / GB:.2f} GB; would fit: " + "; ".join(alternatives(checkpoint, plan, budget))
+    )
 
 
 def alternatives(checkpoint: Checkpoint, plan: MemoryPlan, budget: int) -> list[str]:
@@ -467,9 +522,11 @@ def alternatives(checkpoint: Checkpoint, plan: MemoryPlan, budget: int) -> list[
         weights = quantized_weight_bytes(checkpoint.tensors).total
         smaller = plan.total - plan.weights.total + weights
         verdict = "fits" if smaller <= budget else "still too big"
-        options.append(f"a 4-bit conversion of the weights (qwen35-mlx convert -q: about "
-                       f"{weights / GB:.2f} GB of weights, {smaller / GB:.2f} GB in all, "
-                       f"{verdict})")
+        options.append(
+            f"a 4-bit conversion of the weights (qwen35-mlx convert -q: about "
+            f"{weights / GB:.2f} GB of weights, {smaller / GB:.2f} GB in all, "
+            f"{verdict})"
+        )
     step = plan.prefill_step_size // 2
     while step >= 64 and not fits(plan.kv_bits, step)(plan.context):
         step //= 2
@@ -492,6 +549,8 @@ def format_plan(plan: MemoryPlan, memory: tuple[int, str] | None = None) -> str:
     if memory is not None:
         nbytes, what = memory
         verdict = "fits" if plan.total <= nbytes else "does NOT fit"
-        lines.append(f"{'this machine (' + what + ')':<{width}}  {nbytes / GB:10.3f} GB  "
-                     f"{nbytes / 2**30:9.3f} GiB  ({verdict})")
+        lines.append(
+            f"{'this machine (' + what + ')':<{width}}  {nbytes / GB:10.3f} GB  "
+            f"{nbytes / 2**30:9.3f} GiB  ({verdict})"
+        )
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 
 class PrefillBar:
@@ -23,8 +24,12 @@ class PrefillBar:
         clock: seconds, for the rate (time.perf_counter).
     """
 
-    def __init__(self, prefill_step_size: int, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        prefill_step_size: int,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.prefill_step_size = prefill_step_size
         self.stream = stream
         self.clock = clock
@@ -52,8 +57,9 @@ class PrefillBar:
         return f"prefill {done}/{total} tokens {100 * done // total}%{rate}"
 
 
-def progress_kwargs(show: bool | None, prefill_step_size: int,
-                    stream: TextIO | None = None) -> dict:
+def progress_kwargs(
+    show: bool | None, prefill_step_size: int, stream: TextIO | None = None
+) -> dict:
     """{"progress": PrefillBar} for stream_generate when the bar is shown, else {}.
 
     Args:
@@ -68,6 +74,10 @@ def progress_kwargs(show: bool | None, prefill_step_size: int,
 
 
 def add_progress_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a prefill progress bar on stderr for prompts longer than one "
-                             "prefill step (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a prefill progress bar on stderr for prompts longer than one "
+        "prefill step (default: when stderr is a terminal)",
+    )

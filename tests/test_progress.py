@@ -1,16 +1,18 @@
 """Prefill progress: the callback's counts, the bar's text, and the CLI's bar on stderr."""
 
 import io
+import itertools
 
 import mlx.core as mx
 import pytest
 
-from checkpoints import Spec
 from qwen35_mlx import load, stream_generate
 from qwen35_mlx.cli import main
 from qwen35_mlx.generate import generate_step
 from qwen35_mlx.loading import load_model
 from qwen35_mlx.progress import PrefillBar, progress_kwargs
+
+from checkpoints import Spec
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +25,15 @@ def test_callback_counts_each_prefill_step_up_to_the_prompt_length(tiny, length,
     model = load_model(tiny)
     calls = []
     prompt = mx.array(list(range(1, length + 1)))
-    tokens = list(generate_step(prompt, model, max_tokens=3, prefill_step_size=step,
-                                progress=lambda done, total: calls.append((done, total))))
+    tokens = list(
+        generate_step(
+            prompt,
+            model,
+            max_tokens=3,
+            prefill_step_size=step,
+            progress=lambda done, total: calls.append((done, total)),
+        )
+    )
     assert len(tokens) == 3
     done = [d for d, _ in calls]
     assert {t for _, t in calls} == {length}
@@ -33,18 +42,28 @@ def test_callback_counts_each_prefill_step_up_to_the_prompt_length(tiny, length,
     if length > 1 and expected[-1] != length - 1:
         expected.append(length - 1)
     assert done == [*expected, length]
-    assert all(b > a for a, b in zip(done, done[1:]))
+    assert all(b > a for a, b in itertools.pairwise(done))
 
 
 def test_stream_generate_passes_progress_and_generates_the_same(tiny):
     model, tokenizer = load(tiny)
     prompt = "count " * 30
-    plain = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=5,
-                                              prefill_step_size=8)]
+    plain = [
+        r.token
+        for r in stream_generate(model, tokenizer, prompt, max_tokens=5, prefill_step_size=8)
+    ]
     calls = []
-    seen = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=5,
-                                             prefill_step_size=8,
-                                             progress=lambda d, t: calls.append((d, t)))]
+    seen = [
+        r.token
+        for r in stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            max_tokens=5,
+            prefill_step_size=8,
+            progress=lambda d, t: calls.append((d, t)),
+        )
+    ]
     assert seen == plain
     total = len(tokenizer.encode(prompt))
     assert calls[0] == (0, total) and calls[-1] == (total, total)
@@ -67,9 +86,11 @@ def test_bar_redraws_one_line_on_a_terminal_and_erases_it_at_the_end():
     bar = PrefillBar(100, out, clock=lambda: next(times))
     for done in (0, 100, 200, 250):
         bar(done, 250)
-    assert out.getvalue() == ("\rprefill 0/250 tokens 0%\rprefill 100/250 tokens 40% 100 tok/s"
-                              "\rprefill 200/250 tokens 80% 100 tok/s"
-                              "\rprefill 250/250 tokens 100% 100 tok/s\r\033[K")
+    assert out.getvalue() == (
+        "\rprefill 0/250 tokens 0%\rprefill 100/250 tokens 40% 100 tok/s"
+        "\rprefill 200/250 tokens 80% 100 tok/s"
+        "\rprefill 250/250 tokens 100% 100 tok/s\r\033[K"
+    )
 
 
 def test_bar_writes_lines_elsewhere_and_nothing_for_one_step_prompts():
@@ -91,12 +112,21 @@ def test_bar_shown_on_a_terminal_or_when_asked():
 
 
 def test_cli_prints_the_bar_on_stderr(tiny, capsys):
-    model, tokenizer = load(tiny)
+    _, tokenizer = load(tiny)
     prompt = "word " * 40
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     total = len(tokenizer.encode(text))
-    args = ["generate", "--model", str(tiny), "--prompt", prompt, "--max-tokens", "2",
-            "--prefill-step-size", "16"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "2",
+        "--prefill-step-size",
+        "16",
+    ]
     assert main([*args, "--progress"]) == 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("prefill")]
@@ -109,7 +139,20 @@ def test_cli_prints_the_bar_on_stderr(tiny, capsys):
 
 def test_chat_cli_prints_the_bar(tiny, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("tell me " * 20 + "\n"))
-    assert main(["chat", "--model", str(tiny), "--max-tokens", "2", "--prefill-step-size", "8",
-                 "--progress"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                str(tiny),
+                "--max-tokens",
+                "2",
+                "--prefill-step-size",
+                "8",
+                "--progress",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "prefill 0/" in err and "prefill 8/" in err and " 100%" in err
