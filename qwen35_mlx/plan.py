@@ -341,10 +341,11 @@ def prefill_peak_bytes(
     keys (batch 1, a = activation bytes), from models/text.py and gated_delta/.
 
     MLX evaluates the step's graph lazily, frees each array after its last reader and lets
-    an elementwise op write into an input it holds the last reference to, so layers do not
-    stack up: the peak is the largest layer's working set on top of the residual stream.
-    Assumed (coefficients counted from the code and checked on a 0.8B-width layer on the CPU
-    back end, see tests/test_plan.py):
+    an elementwise op write into an input it holds the last reference to, so layers mostly do
+    not stack up: the peak is the largest layer's working set on top of the residual stream,
+    plus what each DeltaNet layer leaves alive until the step ends. Assumed (coefficients
+    counted from the code and checked on 0.8B-width layers on the CPU back end, see
+    tests/test_plan.py):
 
     - residual stream: the embedding, the hidden state and its normed copy, 3 · S · H · a;
     - full attention: MLX's composed attention (the CPU back end always; Metal for shapes its
@@ -361,7 +362,12 @@ def prefill_peak_bytes(
       copies: the largest weight matrix W [rows, H] plus its input and output, (rows · H +
       S · (H + rows)) · 4;
     - the last token's logits and log-probabilities in float32, 2 · vocab · 4 (the prefill
-      loop computes no other logits).
+      loop computes no other logits);
+    - on the CPU back end, per DeltaNet layer, 3 · S · Hv · Dv · 4 bytes that outlive the
+      layer until the step's evaluation ends: measured, not derived (a 0.8B-width step of
+      1024 tokens peaks 17 MB higher per added layer: 330 / 398 / 674 MB above the weights
+      at 4 / 8 / 24 layers; the per-chunk reads of the chunked scan, held for outputs the
+      next layer evaluates, are the likely holders).
 
     Args:
         text: the text decoder's config.
@@ -390,7 +396,8 @@ def prefill_peak_bytes(
     rows = max(text.conv_dim, text.intermediate_size, 2 * Hq * hd)
     float32_matmul = (rows * H + S * (H + rows)) * 4 if device == "cpu" and a < 4 else 0
     logits = 2 * text.vocab_size * 4
-    return residual + max(attention, deltanet, mlp) + float32_matmul + logits
+    retained = text.layer_types.count(LINEAR) * 3 * S * Hv * D * 4 if device == "cpu" else 0
+    return residual + max(attention, deltanet, mlp) + float32_matmul + logits + retained
 
 
 # --- the plan ---------------------------------------------------------------------------------

@@ -121,11 +121,11 @@ def narrow_08b(tmp_path_factory):
     )
 
 
-def test_prefill_peak_within_a_factor_of_two_of_the_measured(narrow_08b):
+def test_prefill_peak_within_a_factor_of_1_5_of_the_measured(narrow_08b):
     """One prefill step of 1024 tokens, as generate_step runs it (cache states evaluated, no
     logits): the peak above weights is the step's transients plus the caches it creates.
-    Measured on the CPU: the estimate is about 0.7 of it (MLX's order of evaluation keeps some
-    of a layer's arrays alive longer than the one-layer count assumes)."""
+    Measured on the CPU: the estimate is about 0.9 of it (0.96 at 8 layers, 1.05 at 24 when
+    measured by hand; those runs take minutes here)."""
     model = load_model(narrow_08b)
     mx.eval(model.parameters())
     cache = model.make_cache()
@@ -138,7 +138,7 @@ def test_prefill_peak_within_a_factor_of_two_of_the_measured(narrow_08b):
     measured = mx.get_peak_memory() - before
     plan = plan_memory(narrow_08b, 1024, prefill_step_size=1024)
     estimate = plan.prefill_peak + plan.kv_cache + plan.deltanet_state
-    assert measured / 2 <= estimate <= 2 * measured, (estimate / MB, measured / MB)
+    assert measured / 1.5 <= estimate <= 1.5 * measured, (estimate / MB, measured / MB)
 
 
 def test_check_fits_returns_the_plan_or_says_what_would_fit():
