@@ -43,6 +43,7 @@ def generate_step(
     prompt_keys: Sequence[int] | None = None,
     snapshot_at: Sequence[int] = (),
     on_snapshot: Callable[[Snapshot], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yields (token, log-probabilities [vocab]) for up to `max_tokens` new tokens.
 
@@ -63,6 +64,8 @@ def generate_step(
         prompt_keys: the prompt tokens' prefix-cache keys (default: the ids).
         snapshot_at: prompt lengths (counted from the prompt's start) at which `on_snapshot`
             gets a snapshot of the cache; prefill steps end there.
+        progress: called as progress(done, total) with prompt tokens processed: 0 first,
+            after each prefill step, and total once the last prompt token is through.
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty; give at least one token")
@@ -114,19 +117,25 @@ def generate_step(
     # Fill the cache with all but the last prompt token. Only the cache is evaluated, so the
     # lazy graph never computes these tokens' logits (the vocab-sized head is the costliest
     # matrix); the last token then goes through the model alone.
+    report = progress or (lambda done, total: None)
     start = 0
+    report(0, len(ids))
     while len(ids) - start > 1:
         end = min([start + prefill_step_size, len(ids) - 1, *(n for n in stops if n > start)])
         feed(prompt[start:end], ids[start:end], keys[start:end], prompt_slice(start, end))
         mx.eval(cache.state)
         snapshot_if_asked(end)
         start = end
+        report(start, len(ids))
 
     token, logprobs = step(prompt[start:], ids[start:], keys[start:],
                            prompt_slice(start, len(ids)))
     cache.rope_delta = rope_delta
     snapshot_if_asked(len(ids))
     mx.async_eval(token, logprobs)
+    if progress is not None:  # the prompt is through once its last token's logits are
+        mx.eval(token)
+        progress(len(ids), len(ids))
     for n in range(max_tokens):
         generated.append(int(token.item()))
         if n + 1 < max_tokens:  # queue the next step before yielding this token
@@ -192,6 +201,7 @@ def stream_generate(
     cache: PromptCache | None = None,
     prompt_cache: PrefixCache | None = None,
     vision_cache: VisionCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion.
 
@@ -225,6 +235,7 @@ def stream_generate(
             `prompt_cache.interval` tokens, at the prompt's end and after the reply are kept
             for the next call. Not with `cache`.
         vision_cache: a `VisionCache` that keeps encoded images and videos between calls.
+        progress: progress(done, total) during prefill, as `generate_step` calls it.
 
     Yields:
         GenerationResponse per token; the last one has `finish_reason` "stop" or "length".
@@ -268,7 +279,8 @@ def stream_generate(
                           prefill_step_size=prefill_step_size,
                           input_embeddings=_tail(inputs.input_embeddings, reused),
                           position_ids=None if positions is None else positions[..., reused:],
-                          rope_delta=decode_rope_delta, prompt_keys=keys[reused:], **snapshots)
+                          rope_delta=decode_rope_delta, prompt_keys=keys[reused:],
+                          progress=progress, **snapshots)
     try:
         prompt_tps, n = 0.0, 0
         for n, (token, logprobs) in enumerate(steps, start=1):

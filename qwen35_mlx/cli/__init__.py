@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, chat, convert, generate, perplexity, upload
+from . import bench, chat, convert, generate, perplexity, plan, upload
 
 COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "upload": upload,
-            "bench": bench, "perplexity": perplexity}
+            "bench": bench, "perplexity": perplexity, "plan": plan}
 
 
 DESCRIPTION = ("Run Alibaba's Qwen3.5 models (0.8B, 2B, 4B, 9B) on Apple Silicon with MLX: "

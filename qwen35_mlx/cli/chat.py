@@ -9,6 +9,7 @@ import signal
 from ..chat import ChatSession
 from ..loading import load
 from ..prompt_cache import PrefixCache
+from ..progress import progress_kwargs
 from .generate import print_stream
 from .options import (add_generation_args, add_media_args, add_model_args, generation_kwargs,
                       load_kwargs, media_kwargs)
@@ -64,7 +65,8 @@ def converse(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, **load_kwargs(args))
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
                           prompt_cache=PrefixCache(directory=args.prompt_cache_dir),
-                          **generation_kwargs(args))
+                          **generation_kwargs(args),
+                          **progress_kwargs(args.progress, args.prefill_step_size))
     attached = {name: list(paths or []) for name, paths in media_kwargs(args).items()}
     print(HELP)
     while True:

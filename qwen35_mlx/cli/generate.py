@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..generate import stream_generate
 from ..loading import load
+from ..progress import progress_kwargs
 from .options import (add_generation_args, add_media_args, add_model_args, generation_kwargs,
                       load_kwargs, media_kwargs)
 
@@ -34,7 +35,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         prompt = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
         prompt.append({"role": "user", "content": text})
-    print_stream(stream_generate(model, tokenizer, prompt, **media, **generation_kwargs(args)))
+    bar = progress_kwargs(args.progress, args.prefill_step_size)
+    print_stream(stream_generate(model, tokenizer, prompt, **media, **generation_kwargs(args),
+                                 **bar))
     return 0
 
 

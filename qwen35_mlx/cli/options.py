@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..loading import DTYPES
+from ..progress import add_progress_arg
 
 # stream_generate keyword arguments, each set by the flag of the same name (--max-tokens, ...)
 GENERATION_KWARGS = ("enable_thinking", "max_tokens", "temp", "top_p", "top_k", "min_p",
@@ -41,6 +42,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                         help="end the answer where this text first appears; repeatable")
     parser.add_argument("--prefill-step-size", type=int, default=2048,
                         help="prompt tokens per forward pass during prefill")
+    add_progress_arg(parser)  # not a GENERATION_KWARGS flag: the CLI turns it into a callback
 
 
 def add_media_args(parser: argparse.ArgumentParser, chat: bool = False) -> None:
