@@ -236,9 +236,8 @@ def config_checkpoint(config: ModelConfig) -> Checkpoint:
 
 
 def loaded_checkpoint(model) -> Checkpoint:
-    """A loaded `Model`: its parameters and pending (MTP) tensors as they are in memory."""
-    arrays = dict(tree_flatten(model.parameters()))
-    arrays.update({name: array for name, array in model.pending_weights.items()})
+    """A loaded `Model`: its parameters and MTP tensors as they are in memory."""
+    arrays = {**dict(tree_flatten(model.parameters())), **model.mtp_weights}
     tensors = tuple(
         TensorInfo(name, MLX_DTYPES.get(array.dtype, "F32"), tuple(array.shape), array.nbytes)
         for name, array in arrays.items()
