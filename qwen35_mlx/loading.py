@@ -24,7 +24,6 @@ from mlx.utils import tree_flatten
 from .errors import CheckpointError
 from .models.config import ConfigError, ModelConfig
 from .models.model import Model
-from .processor import Processor
 from .tokenizer import Tokenizer
 
 MLX_FORMAT = {"format": "mlx"}
@@ -71,6 +70,8 @@ def load(path_or_repo: str | Path, *, dtype: str | None = None, revision: str | 
     tokenizer = Tokenizer.from_pretrained(directory)  # then it: it fails faster than the weights
     model = load_model(directory, dtype=dtype)
     if model.vision_tower is not None:
+        from .processor import Processor  # here: PIL is needed for vision checkpoints only
+
         tokenizer.processor = Processor.from_pretrained(directory, **(processor_options or {}))
     return model, tokenizer
 

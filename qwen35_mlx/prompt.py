@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 
-from .sources import local_source
+if TYPE_CHECKING:  # numpy is imported where it is used: it costs ~0.2 s at start-up
+    import numpy as np
 
 CONTENT_TYPES = ("text", "image", "image_url", "video")
 
@@ -71,6 +71,8 @@ def prompt_tokens(tokenizer, prompt, enable_thinking: bool | None = None) -> lis
 
 def token_ids(prompt) -> list[int]:
     """Ids given by a caller (a list, tuple, numpy or MLX array of whole numbers) as a list."""
+    import numpy as np
+
     if isinstance(prompt, (list, tuple)) and not prompt:
         return []
     if isinstance(prompt, (list, tuple, mx.array, np.ndarray)):
@@ -156,6 +158,8 @@ class VisionCache:
 
 def content_key(pixel_values: np.ndarray, grid_thw: np.ndarray) -> str:
     """A hash of one image's or video's processed pixels and grid."""
+    import numpy as np
+
     return hashlib.sha256(np.ascontiguousarray(grid_thw, dtype=np.int64).tobytes()
                           + np.ascontiguousarray(pixel_values).tobytes()).hexdigest()
 
@@ -221,6 +225,8 @@ def attach_media(prompt: str | Sequence[Mapping], images=None, videos=None) -> l
 def media_sources(messages: Sequence[Mapping]) -> tuple[list, list]:
     """The images and `VideoSource`s of chat messages, each list in prompt order (the order in
     which the chat template renders their placeholders)."""
+    from .sources import local_source  # here: PIL is needed for images only
+
     images, videos = [], []
     for message in messages:
         content = message.get("content")
@@ -270,6 +276,8 @@ def encode_prompt(model, tokenizer, text: str, images: Sequence = (), videos: Se
     """Prompt text whose `<|image_pad|>` / `<|video_pad|>` placeholders stand for `images` and
     `videos` (`VideoSource`s, in order) -> model inputs. `prefix` ids go before the text as
     they are."""
+    import numpy as np
+
     if not images and not videos:
         return PromptInputs([*prefix, *tokenizer.encode(text)])
     processor = vision_processor(model, tokenizer)
@@ -304,6 +312,8 @@ def encode_prompt(model, tokenizer, text: str, images: Sequence = (), videos: Se
 
 def split_images(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
     """(pixel_values [P_i, 1536], grid_thw [1, 3]) per image of the processor's ImageInputs."""
+    import numpy as np
+
     if inputs is None:
         return []
     ends = np.cumsum(np.prod(inputs.grid_thw, axis=1))[:-1]

@@ -13,6 +13,7 @@ so the bytes counted are an upper bound.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from .models.state import PromptCache, Snapshot
 
@@ -174,7 +174,7 @@ def prefix_digests(fingerprint: str, keys: Sequence[int], lengths: Sequence[int]
     hasher = hashlib.sha256(fingerprint.encode())
     digests, done = [], 0
     for length in lengths:
-        hasher.update(np.asarray(keys[done:length], dtype=np.int64).tobytes())
+        hasher.update(array.array("q", keys[done:length]).tobytes())
         digests.append(hasher.copy().hexdigest())
         done = length
     return digests

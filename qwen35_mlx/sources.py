@@ -11,18 +11,16 @@ file is opened. Nothing is downloaded: web URLs are refused with a message sayin
 
 from __future__ import annotations
 
+import base64
+import io
+import math
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import base64
-import io
-import math
-import urllib.parse
-
 from PIL import Image, ImageOps, UnidentifiedImageError
-
 
 VIDEO_EXTRA = 'pip install "qwen35-mlx[video]"'
 # Browsers play GIF frame delays of 0 or 10 ms at 100 ms; players treat them the same way.

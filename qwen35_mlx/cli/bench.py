@@ -8,8 +8,8 @@ import time
 
 from ..bench import generate as generate_bench
 from ..bench.prompt_cache import bench_prompt_cache
-from ..bench.startup import bench_startup
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
+from ..bench.startup import bench_startup
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -8,11 +8,17 @@ import signal
 
 from ..chat import ChatSession
 from ..loading import load
-from ..prompt_cache import PrefixCache
 from ..progress import progress_kwargs
+from ..prompt_cache import PrefixCache
 from .generate import print_stream
-from .options import (add_generation_args, add_media_args, add_model_args, generation_kwargs,
-                      load_kwargs, media_kwargs)
+from .options import (
+    add_generation_args,
+    add_media_args,
+    add_model_args,
+    generation_kwargs,
+    load_kwargs,
+    media_kwargs,
+)
 
 HELP = ("Type a message. Commands: /image PATH, /video PATH (show it with your next message), "
         "/undo (take back your last message), /retry (a new reply to it), /reset (new "

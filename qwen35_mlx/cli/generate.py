@@ -9,8 +9,14 @@ from typing import Callable
 from ..generate import stream_generate
 from ..loading import load
 from ..progress import progress_kwargs
-from .options import (add_generation_args, add_media_args, add_model_args, generation_kwargs,
-                      load_kwargs, media_kwargs)
+from .options import (
+    add_generation_args,
+    add_media_args,
+    add_model_args,
+    generation_kwargs,
+    load_kwargs,
+    media_kwargs,
+)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -9,10 +9,14 @@ A video is split into its t temporal groups, each its own run: the prompt writes
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import mlx.core as mx
-import numpy as np
 
 from .vision import Grid, as_grids
+
+if TYPE_CHECKING:  # numpy is imported where it is used: it costs ~0.2 s at start-up
+    import numpy as np
 
 
 def rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, *, image_token_id: int,
@@ -28,6 +32,8 @@ def rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, *, image_tok
         (position_ids [3, B, T] int32, rope_delta [B] int32): the decode positions after the
         prompt are cache offset + rope_delta on all three rows.
     """
+    import numpy as np
+
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
@@ -53,6 +59,8 @@ def rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, *, image_tok
 
 def _sequence_positions(ids: np.ndarray, grids: dict, merge: int, out: np.ndarray) -> None:
     """Fills out [3, T] for one sequence, taking grids from the shared iterators in order."""
+    import numpy as np
+
     kinds = np.where(np.isin(ids, list(grids)), ids, -1)  # placeholder id, or -1 for text
     edges = np.flatnonzero(np.diff(kinds)) + 1
     cur = 0
@@ -77,6 +85,8 @@ def _sequence_positions(ids: np.ndarray, grids: dict, merge: int, out: np.ndarra
 
 def vision_positions(grid: Grid, merge: int) -> np.ndarray:
     """[3, t*(h/M)*(w/M)] (frame, row, col) of one grid's placeholder tokens, row-major."""
+    import numpy as np
+
     t, h, w = grid[0], grid[1] // merge, grid[2] // merge
     return np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
                     ).reshape(3, -1)

@@ -9,11 +9,14 @@ the first `rotary_dim` dims with rotate-half pairs (i, i + rotary_dim/2): the fa
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
-import numpy as np
 
 from .config import TextConfig
+
+if TYPE_CHECKING:  # numpy is imported where it is used: it costs ~0.2 s at start-up
+    import numpy as np
 
 
 def inverse_frequencies(config: TextConfig) -> tuple[mx.array, float]:
@@ -62,6 +65,8 @@ def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 def mrope_axes(mrope_section: tuple[int, ...], frequencies: int) -> np.ndarray:
     """Which position row (0 T, 1 H, 2 W) drives each rotary frequency: THWTHW...TT."""
+    import numpy as np
+
     i = np.arange(frequencies)
     axes = np.zeros(frequencies, dtype=np.int32)
     axes[(i % 3 == 1) & (i < 3 * mrope_section[1])] = 1

@@ -12,20 +12,24 @@ rotary angles) follows that order, and the merger concatenates each run of 4.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from .config import VisionConfig
 from .rope import rotate
+
+if TYPE_CHECKING:  # numpy is imported where it is used: it costs ~0.2 s at start-up
+    import numpy as np
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches: temporal groups, rows, columns
 
 
 def as_grids(grid_thw, merge: int) -> list[Grid]:
     """[n, 3] (array or nested sequence) -> validated (t, h, w) tuples of Python ints."""
+    import numpy as np
+
     grids = [tuple(int(v) for v in row) for row in np.asarray(grid_thw).reshape(-1, 3)]
     for t, h, w in grids:
         if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
@@ -37,6 +41,8 @@ def as_grids(grid_thw, merge: int) -> list[Grid]:
 
 def merge_block_coordinates(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) [h*w] of the patches of one frame in merge-block order."""
+    import numpy as np
+
     shape = (h // merge, merge, w // merge, merge)  # [block row, r, block col, c]
     rows = np.broadcast_to(np.arange(h).reshape(h // merge, merge, 1, 1), shape)
     cols = np.broadcast_to(np.arange(w).reshape(1, 1, w // merge, merge), shape)
@@ -46,6 +52,8 @@ def merge_block_coordinates(h: int, w: int, merge: int) -> tuple[np.ndarray, np.
 def bilinear_taps(coords: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     """Two source taps [n, 2] and their weights [n, 2] resampling a `side`-long axis to `size`
     points with align_corners=True (end points on end points), taps clamped at the edge."""
+    import numpy as np
+
     src = coords.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
     floor = np.floor(src)
     offsets = np.arange(2)
@@ -139,6 +147,8 @@ class PatchMerger(nn.Module):
 
 class VisionModel(nn.Module):
     def __init__(self, config: VisionConfig):
+        import numpy as np
+
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
@@ -179,6 +189,8 @@ class VisionModel(nn.Module):
 
     def learned_positions(self, grids: Sequence[Grid]) -> mx.array:
         """The learned grid resampled bilinearly to each frame's size: [N, Hvis]."""
+        import numpy as np
+
         side, merge = self.config.grid_side, self.config.spatial_merge_size
         indices, weights = [], []
         for t, h, w in grids:
@@ -196,6 +208,8 @@ class VisionModel(nn.Module):
     def rotary_angles(self, grids: Sequence[Grid]) -> tuple[mx.array, mx.array]:
         """cos, sin [N, 1, head_dim] (broadcast over heads) of the 2-D rotary: angles
         [row*f, col*f] twice over."""
+        import numpy as np
+
         merge = self.config.spatial_merge_size
         coords = [np.tile(np.stack(merge_block_coordinates(h, w, merge), axis=-1), (t, 1))
                   for t, h, w in grids]
