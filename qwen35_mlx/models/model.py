@@ -119,8 +119,10 @@ class Model(nn.Module):
     def layers(self) -> list:
         return self.language_model.model.layers
 
-    def make_cache(self) -> list:
-        return self.language_model.make_cache()
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64,
+                   quantized_kv_start: int = 0) -> list:
+        """A fresh cache; kv_bits 4 or 8 quantizes keys and values (models/cache.py)."""
+        return self.language_model.make_cache(kv_bits, kv_group_size, quantized_kv_start)
 
     @staticmethod
     def quant_predicate(recipe: str, bits: int, group_size: int, *,
