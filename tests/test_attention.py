@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import Spec
-from metrics import relative_error
 from qwen35_mlx.loading import load_model
 from qwen35_mlx.models import attention
 from qwen35_mlx.models.cache import KVCache, QuantizedKVCache, make_cache
+
+from checkpoints import Spec
+from metrics import relative_error
 
 SCALE = 0.125
 DTYPES = {"float32": (mx.float32, 1e-5), "bfloat16": (mx.bfloat16, 1e-2)}
@@ -64,8 +65,9 @@ def test_quantized_matches_float64_on_dequantized(bits, batch, num_queries):
     quantize = lambda x: tuple(mx.quantize(mx.array(x), group_size=32, bits=bits))
     k_quant, v_quant = quantize(k), quantize(v)
     dequantize = lambda t: np.array(mx.dequantize(*t, group_size=32, bits=bits))
-    ours = attention.quantized_attention(mx.array(q), k_quant, v_quant, SCALE, True, 32, bits,
-                                         block_size=16, query_block=16)
+    ours = attention.quantized_attention(
+        mx.array(q), k_quant, v_quant, SCALE, True, 32, bits, block_size=16, query_block=16
+    )
     reference = reference_attention(q, dequantize(k_quant), dequantize(v_quant), SCALE, True)
     assert relative_error(np.array(ours), reference) <= 1e-5
 
@@ -106,7 +108,7 @@ def prompt(length=100, batch=1, seed=0):
 def run_in_pieces(model, ids, splits, cache):
     pieces, start = [], 0
     for size in splits:
-        pieces.append(np.array(model(mx.array(ids[:, start:start + size]), cache=cache)))
+        pieces.append(np.array(model(mx.array(ids[:, start : start + size]), cache=cache)))
         start += size
     return np.concatenate(pieces, axis=1)
 
@@ -165,10 +167,10 @@ def test_quantized_kv_start_switches_once_held(make_checkpoint):
     attention_cache = cache[3]
     start, seen = 0, []
     for size in splits:
-        logits = np.array(model(mx.array(ids[:, start:start + size]), cache=cache))
+        logits = np.array(model(mx.array(ids[:, start : start + size]), cache=cache))
         seen.append((attention_cache.offset, attention_cache.quantization))
         if start + size <= 50:  # the float cache until 50 tokens are held: the same logits
-            np.testing.assert_array_equal(logits, float_logits[:, start:start + size])
+            np.testing.assert_array_equal(logits, float_logits[:, start : start + size])
         start += size
     assert seen == [(37, None), (50, None), (51, (32, 8)), (100, (32, 8))]
     assert [a.dtype for a in attention_cache.state][::3] == [mx.uint32, mx.uint32]
@@ -179,8 +181,9 @@ def test_quantized_cache_holds_what_was_written():
     keys, values = (rng.standard_normal((2, 2, 300, 64)).astype(np.float32) for _ in range(2))
     cache = QuantizedKVCache(group_size=64, bits=8, start=100)
     for start, end in [(0, 100), (100, 101), (101, 300)]:
-        held_keys, held_values = cache.update_and_fetch(mx.array(keys[:, :, start:end]),
-                                                        mx.array(values[:, :, start:end]))
+        held_keys, held_values = cache.update_and_fetch(
+            mx.array(keys[:, :, start:end]), mx.array(values[:, :, start:end])
+        )
     for held, written in [(held_keys, keys), (held_values, values)]:
         restored = np.array(mx.dequantize(*held, group_size=64, bits=8))
         assert relative_error(restored, written) <= 1e-2  # 8-bit rounding of each group
@@ -203,18 +206,23 @@ def test_kv_bytes_per_token_formula(dtype, bits):
     else:  # packed values plus one scale and one bias per group
         per_token = 2 * heads * (head_dim * bits // 8 + 2 * (head_dim // group_size) * size)
     assert kv_cache_bytes(cache) == tokens * per_token
-    expected = {mx.bfloat16: {None: 2048, 8: 1088, 4: 576},
-                mx.float32: {None: 4096, 8: 1152, 4: 640}}  # worked by hand
+    expected = {
+        mx.bfloat16: {None: 2048, 8: 1088, 4: 576},
+        mx.float32: {None: 4096, 8: 1152, 4: 640},
+    }  # worked by hand
     assert per_token == expected[dtype][bits]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(kv_bits=3), "kv_bits must be one of"),
-    (dict(kv_bits=16), "kv_bits must be one of"),
-    (dict(kv_bits=8, kv_group_size=16), "kv_group_size must be one of"),
-    (dict(kv_bits=8, kv_group_size=64), "does not divide head_dim 32"),
-    (dict(kv_bits=4, kv_group_size=32, quantized_kv_start=-1), "quantized_kv_start must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kv_bits=3), "kv_bits must be one of"),
+        (dict(kv_bits=16), "kv_bits must be one of"),
+        (dict(kv_bits=8, kv_group_size=16), "kv_group_size must be one of"),
+        (dict(kv_bits=8, kv_group_size=64), "does not divide head_dim 32"),
+        (dict(kv_bits=4, kv_group_size=32, quantized_kv_start=-1), "quantized_kv_start must be"),
+    ],
+)
 def test_bad_quantization_arguments(make_checkpoint, kwargs, message):
     directory, _ = make_checkpoint(Spec(hv_per_hk=2))
     config = load_model(directory).language_model.config

@@ -23,7 +23,7 @@ through the blocked loop, with `mx.quantized_matmul` on each block, never dequan
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -53,21 +53,27 @@ def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
 
 
 def pick_path(q: mx.array, k: mx.array, v: mx.array) -> str:
-    """"fast" where MLX fuses or the scores are small, else "blocked"."""
+    """ "fast" where MLX fuses or the scores are small, else "blocked"."""
     if has_fused_kernel(q, k, v) or q.shape[2] * k.shape[2] <= BLOCKED_MIN_SCORES:
         return "fast"
     return "blocked"
 
 
-def scaled_dot_product_attention(q: mx.array, k, v, scale: float, mask: str | None = None,
-                                 quantization: tuple[int, int] | None = None) -> mx.array:
+def scaled_dot_product_attention(
+    q: mx.array,
+    k,
+    v,
+    scale: float,
+    mask: str | None = None,
+    quantization: tuple[int, int] | None = None,
+) -> mx.array:
     """softmax(q kᵀ · scale) v over keys [B, Hkv, Tk, D], queries [B, Hq, Tq, D].
 
     mask: None (every query sees every key) or "causal" (query i sits at position
     Tk - Tq + i and sees keys 0..its own position). quantization: (group_size, bits) when k
     and v are `mx.quantize`d tuples.
     """
-    if not (mask is None or isinstance(mask, str) and mask == "causal"):
+    if not (mask is None or (isinstance(mask, str) and mask == "causal")):
         raise ValueError(f"mask must be None or 'causal', got {mask!r}")
     causal = mask == "causal"
     if quantization is not None:
@@ -78,8 +84,15 @@ def scaled_dot_product_attention(q: mx.array, k, v, scale: float, mask: str | No
     return blocked_attention(q, k, v, scale, causal)
 
 
-def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
-                      block_size: int = BLOCK_SIZE, query_block: int = QUERY_BLOCK) -> mx.array:
+def blocked_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    causal: bool,
+    block_size: int = BLOCK_SIZE,
+    query_block: int = QUERY_BLOCK,
+) -> mx.array:
     """Float keys and values [B, Hkv, Tk, D]; returns [B, Hq, Tq, D] in q's dtype."""
 
     def block_scores(queries, start, end):  # queries [B, Hkv, rep, tq, D] float32
@@ -89,13 +102,30 @@ def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causa
     def block_values(probs, start, end):  # probs [B, Hkv, rep, tq, blk]
         return probs @ v[:, :, None, start:end].astype(mx.float32)  # [B, Hkv, rep, tq, D]
 
-    return _attend_in_blocks(q, k.shape[1], k.shape[2], scale, causal, block_scores,
-                             block_values, block_size, query_block)
+    return _attend_in_blocks(
+        q,
+        k.shape[1],
+        k.shape[2],
+        scale,
+        causal,
+        block_scores,
+        block_values,
+        block_size,
+        query_block,
+    )
 
 
-def quantized_attention(q: mx.array, k: Quantized, v: Quantized, scale: float, causal: bool,
-                        group_size: int, bits: int, block_size: int = BLOCK_SIZE,
-                        query_block: int = QUERY_BLOCK) -> mx.array:
+def quantized_attention(
+    q: mx.array,
+    k: Quantized,
+    v: Quantized,
+    scale: float,
+    causal: bool,
+    group_size: int,
+    bits: int,
+    block_size: int = BLOCK_SIZE,
+    query_block: int = QUERY_BLOCK,
+) -> mx.array:
     """Keys and values as (packed, scales, biases) of [B, Hkv, Tk, D]; q [B, Hq, Tq, D].
 
     Scales and biases are cast to float32 per block so that the products stay float32.
@@ -109,45 +139,75 @@ def quantized_attention(q: mx.array, k: Quantized, v: Quantized, scale: float, c
         return packed, scales.astype(mx.float32), biases.astype(mx.float32)
 
     def block_scores(queries, start, end):
-        return mx.quantized_matmul(queries, *block(k, start, end), transpose=True,
-                                   group_size=group_size, bits=bits)  # [B, Hkv, rep, tq, blk]
+        return mx.quantized_matmul(
+            queries, *block(k, start, end), transpose=True, group_size=group_size, bits=bits
+        )  # [B, Hkv, rep, tq, blk]
 
     def block_values(probs, start, end):
-        return mx.quantized_matmul(probs, *block(v, start, end), transpose=False,
-                                   group_size=group_size, bits=bits)  # [B, Hkv, rep, tq, D]
+        return mx.quantized_matmul(
+            probs, *block(v, start, end), transpose=False, group_size=group_size, bits=bits
+        )  # [B, Hkv, rep, tq, D]
 
-    return _attend_in_blocks(q, num_kv_heads, num_keys, scale, causal, block_scores,
-                             block_values, block_size, query_block)
+    return _attend_in_blocks(
+        q,
+        num_kv_heads,
+        num_keys,
+        scale,
+        causal,
+        block_scores,
+        block_values,
+        block_size,
+        query_block,
+    )
 
 
 BlockFn = Callable[[mx.array, int, int], mx.array]
 
 
-def _attend_in_blocks(q: mx.array, num_kv_heads: int, num_keys: int, scale: float, causal: bool,
-                      block_scores: BlockFn, block_values: BlockFn, block_size: int,
-                      query_block: int) -> mx.array:
+def _attend_in_blocks(
+    q: mx.array,
+    num_kv_heads: int,
+    num_keys: int,
+    scale: float,
+    causal: bool,
+    block_scores: BlockFn,
+    block_values: BlockFn,
+    block_size: int,
+    query_block: int,
+) -> mx.array:
     B, num_heads, num_queries, head_dim = q.shape
     repeats = num_heads // num_kv_heads
     # grouped heads share their key head: no copy of the keys per query head
     queries = (q.astype(mx.float32) * scale).reshape(
-        B, num_kv_heads, repeats, num_queries, head_dim)  # [B, Hkv, rep, Tq, D]
+        B, num_kv_heads, repeats, num_queries, head_dim
+    )  # [B, Hkv, rep, Tq, D]
     first_position = num_keys - num_queries  # of query 0 (the cache offset)
     outputs = []
     for q_start in range(0, num_queries, query_block):
         q_end = min(q_start + query_block, num_queries)
         # causal: keys after this block's last query are never seen
         key_end = first_position + q_end if causal else num_keys
-        out = _online_softmax(queries[:, :, :, q_start:q_end],
-                              first_position + q_start if causal else None, key_end,
-                              block_scores, block_values, block_size)
+        out = _online_softmax(
+            queries[:, :, :, q_start:q_end],
+            first_position + q_start if causal else None,
+            key_end,
+            block_scores,
+            block_values,
+            block_size,
+        )
         outputs.append(out)
     out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=3)
     return out.reshape(B, num_heads, num_queries, -1).astype(q.dtype)
 
 
-def _online_softmax(queries: mx.array, first_position: int | None, key_end: int,
-                    block_scores: BlockFn, block_values: BlockFn,
-                    block_size: int) -> mx.array:
+def _online_softmax(
+    queries: mx.array,
+    first_position: int | None,
+    key_end: int,
+    block_scores: BlockFn,
+    block_values: BlockFn,
+    block_size: int,
+) -> mx.array:
     """Queries [B, Hkv, rep, tq, D] (scaled, float32) against keys 0..key_end-1.
 
     first_position: of query 0 when causal (query i sees keys 0..first_position + i), else
@@ -164,10 +224,7 @@ def _online_softmax(queries: mx.array, first_position: int | None, key_end: int,
             visible = positions[:, None] >= mx.arange(start, end)[None]  # [tq, blk]
             scores = mx.where(visible, scores, -mx.inf)
         block_max = scores.max(axis=-1, keepdims=True)  # [B, Hkv, rep, tq, 1]
-        if running_max is None:
-            new_max = block_max
-        else:
-            new_max = mx.maximum(running_max, block_max)
+        new_max = block_max if running_max is None else mx.maximum(running_max, block_max)
         probs = mx.exp(scores - new_max)
         block_out = block_values(probs, start, end)  # [B, Hkv, rep, tq, D]
         if running_max is None:

@@ -45,8 +45,8 @@ class KVCache:
         new_keys = mx.zeros((B, H, blocks * self.step, keys.shape[3]), keys.dtype)
         new_values = mx.zeros((B, H, blocks * self.step, values.shape[3]), values.dtype)
         if self.keys is not None:
-            new_keys[..., :self.offset, :] = self.keys[..., :self.offset, :]
-            new_values[..., :self.offset, :] = self.values[..., :self.offset, :]
+            new_keys[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_values[..., : self.offset, :] = self.values[..., : self.offset, :]
         self.keys, self.values = new_keys, new_values
 
     @property
@@ -116,11 +116,13 @@ class QuantizedKVCache:
         if self.keys is None or end > self.keys[0].shape[2]:
             self.keys = _grow(self.keys, new_keys, start, end, self.step)
             self.values = _grow(self.values, new_values, start, end, self.step)
-        for held, new in zip((*self.keys, *self.values), (*new_keys, *new_values)):
+        for held, new in zip((*self.keys, *self.values), (*new_keys, *new_values), strict=True):
             held[..., start:end, :] = new
         self.offset = end
-        return (tuple(a[..., :end, :] for a in self.keys),
-                tuple(a[..., :end, :] for a in self.values))
+        return (
+            tuple(a[..., :end, :] for a in self.keys),
+            tuple(a[..., :end, :] for a in self.values),
+        )
 
     def _quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
@@ -129,8 +131,8 @@ class QuantizedKVCache:
         held = self.float_cache
         self.float_cache = None
         if held.offset:
-            self.keys = self._quantize(held.keys[..., :held.offset, :])
-            self.values = self._quantize(held.values[..., :held.offset, :])
+            self.keys = self._quantize(held.keys[..., : held.offset, :])
+            self.values = self._quantize(held.values[..., : held.offset, :])
 
     @property
     def state(self) -> list[mx.array]:
@@ -163,16 +165,23 @@ def check_quantization(bits: int, group_size: int, start: int, head_dim: int | N
         raise ValueError(f"quantized_kv_start must be an integer >= 0, got {start!r}")
 
 
-def make_cache(config: TextConfig, kv_bits: int | None = None, kv_group_size: int = 64,
-               quantized_kv_start: int = 0) -> list:
+def make_cache(
+    config: TextConfig,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+) -> list:
     """One cache per layer; kv_bits 4 or 8 quantizes the attention layers' keys and values
     (groups of kv_group_size values) once they hold quantized_kv_start tokens."""
     if kv_bits is None:
         return [DeltaNetCache() if t == LINEAR else KVCache() for t in config.layer_types]
     check_quantization(kv_bits, kv_group_size, quantized_kv_start, config.head_dim)
-    return [DeltaNetCache() if t == LINEAR
-            else QuantizedKVCache(kv_group_size, kv_bits, quantized_kv_start)
-            for t in config.layer_types]
+    return [
+        DeltaNetCache()
+        if t == LINEAR
+        else QuantizedKVCache(kv_group_size, kv_bits, quantized_kv_start)
+        for t in config.layer_types
+    ]
 
 
 def cache_offset(cache: list) -> int:
