@@ -74,11 +74,11 @@ def test_quantized_matches_float64_on_dequantized(bits, batch, num_queries):
 
 def test_dispatcher_on_cpu_blocks_large_scores_only():
     with mx.stream(mx.cpu):
-        small = [mx.zeros((1, 8, 2048, 256))] + [mx.zeros((1, 2, 2048, 256))] * 2
-        large = [mx.zeros((1, 8, 2048, 256))] + [mx.zeros((1, 2, 4096, 256))] * 2
+        small = [mx.zeros((1, 8, 2048, 256))] + [mx.zeros((1, 2, 1024, 256))] * 2
+        large = [mx.zeros((1, 8, 2048, 256))] + [mx.zeros((1, 2, 2048, 256))] * 2
         decode = [mx.zeros((1, 8, 1, 256))] + [mx.zeros((1, 2, 32768, 256))] * 2
         assert not attention.has_fused_kernel(*large)
-        assert attention.pick_path(*small) == "fast"  # 2048 x 2048 scores: at the threshold
+        assert attention.pick_path(*small) == "fast"  # 2048 x 1024 scores: at the threshold
         assert attention.pick_path(*large) == "blocked"
         assert attention.pick_path(*decode) == "fast"
 

@@ -7,8 +7,9 @@ import argparse
 import time
 
 from ..bench import generate as generate_bench
-from ..bench.startup import bench_startup
+from ..bench import prefill_memory
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
+from ..bench.startup import bench_startup
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                     "time, prefill and decode tokens/s, peak memory. (The race against mlx-lm "
                     "is `python -m benchmarks.generate` in the repository.)")
     generate_bench.add_args(run)
+    memory = commands.add_parser(
+        "prefill-memory", help="peak memory of prefill by prompt length, per attention path",
+        description="Prefills random prompts of each length, blocked attention and the plain "
+                    "fast path in one run: peak, weights, KV cache, the rest and its ratio vs "
+                    "the first length; then the KV cache's bytes per token at 16, 8, 4 bits.")
+    prefill_memory.add_args(memory)
     startup = commands.add_parser(
         "startup", help="how much `import qwen35_mlx` adds to `import mlx.core`",
         description="Times `import mlx.core` and `import qwen35_mlx` in fresh processes "
@@ -50,6 +57,8 @@ def main(args: argparse.Namespace) -> int:
         size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
         print(f"wrote {out} ({size:.2f} GB) in {time.perf_counter() - start:.1f} s")
         return 0
+    if args.bench_command == "prefill-memory":
+        return prefill_memory.bench_prefill_memory(args)
     if args.bench_command == "startup":
         return bench_startup(args.repeats)
     return generate_bench.bench_generate(args)

@@ -30,9 +30,10 @@ import mlx.core as mx
 PATHS = ("fast", "blocked")
 BLOCK_SIZE = 512  # keys per block
 QUERY_BLOCK = 2048  # queries per block (generate's prefill step: one block per chunk)
-# Above this many scores per head (Tq * Tk, 16 MB in float32) the unfused path's scores
-# outweigh the blocked loop's per-block overhead; decoding (Tq = 1) stays on the fast path.
-BLOCKED_MIN_SCORES = 1 << 22
+# Above this many scores per head (Tq * Tk: 8 MB in float32, 2048 queries x 1024 keys) the
+# unfused path's scores outweigh the blocked loop's per-block overhead; decoding (Tq = 1)
+# stays on the fast path up to 2M keys.
+BLOCKED_MIN_SCORES = 1 << 21
 FULL_KERNEL_HEAD_DIMS = (64, 72, 80, 96, 128)  # > 8 queries, fused and chosen by MLX
 VECTOR_KERNEL_HEAD_DIMS = (64, 96, 128, 192, 256)  # <= 8 queries
 
@@ -52,8 +53,13 @@ def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
     return head_dim in VECTOR_KERNEL_HEAD_DIMS and num_queries * gqa_factor <= 32
 
 
+forced_path: str | None = None  # one of PATHS for every call (benchmarks), None: dispatch
+
+
 def pick_path(q: mx.array, k: mx.array, v: mx.array) -> str:
     """ "fast" where MLX fuses or the scores are small, else "blocked"."""
+    if forced_path is not None:
+        return forced_path
     if has_fused_kernel(q, k, v) or q.shape[2] * k.shape[2] <= BLOCKED_MIN_SCORES:
         return "fast"
     return "blocked"
