@@ -200,6 +200,9 @@ def stream_generate(
     prefill_step_size: int = 2048,
     cache: PromptCache | None = None,
     prompt_cache: PrefixCache | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
     vision_cache: VisionCache | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[GenerationResponse]:
@@ -234,6 +237,9 @@ def stream_generate(
             only the rest goes through the model; snapshots at message starts, every
             `prompt_cache.interval` tokens, at the prompt's end and after the reply are kept
             for the next call. Not with `cache`.
+        kv_bits, kv_group_size, quantized_kv_start: keep the attention layers' keys and
+            values quantized to 8 or 4 bits in groups of kv_group_size, once the cache holds
+            quantized_kv_start tokens (mlx-lm's names); for the cache made here.
         vision_cache: a `VisionCache` that keeps encoded images and videos between calls.
         progress: progress(done, total) during prefill, as `generate_step` calls it.
 
@@ -255,12 +261,14 @@ def stream_generate(
     inputs = prepare_prompt(model, tokenizer, prompt, images=images, videos=videos,
                             enable_thinking=enable_thinking, vision_cache=vision_cache)
     ids, keys = inputs.ids, inputs.keys or inputs.ids
+    cache_kwargs = {"kv_bits": kv_bits, "kv_group_size": kv_group_size,
+                    "quantized_kv_start": quantized_kv_start}
     if prompt_cache is None:
-        cache = model.make_cache() if cache is None else cache
+        cache = model.make_cache(**cache_kwargs) if cache is None else cache
         held, reused = cache.offset, 0  # the prompt follows what the cache holds
         positions, decode_rope_delta = place(inputs, cache.offset, cache.rope_delta)
     else:
-        cache = prompt_cache.restore(model, keys)  # the prompt starts where the cache does
+        cache = prompt_cache.restore(model, keys, **cache_kwargs)  # the prompt starts there
         held, reused = 0, cache.offset
         positions, decode_rope_delta = place(inputs, 0, 0)
     max_tokens = min(max_tokens, room_left(model, held, len(ids), max_tokens))

@@ -89,10 +89,11 @@ class PrefixCache:
                     return snapshot
         return None
 
-    def restore(self, model, keys: Sequence[int]) -> PromptCache:
-        """A new cache of `model` holding the longest cached prefix of `keys` that leaves at
-        least one token to feed (the last prompt token's logits are never cached)."""
-        cache = model.make_cache()
+    def restore(self, model, keys: Sequence[int], **cache_kwargs) -> PromptCache:
+        """A new cache of `model` (`model.make_cache(**cache_kwargs)`) holding the longest
+        cached prefix of `keys` that leaves at least one token to feed (the last prompt
+        token's logits are never cached)."""
+        cache = model.make_cache(**cache_kwargs)
         snapshot = self.lookup(cache.fingerprint, keys, limit=len(keys) - 1)
         if self.directory is not None:
             stored = self._read_longer(cache, keys, len(keys) - 1,
@@ -205,14 +206,15 @@ def save_prompt_cache(path: str | Path, cache: PromptCache | Snapshot) -> None:
         partial.unlink(missing_ok=True)
 
 
-def load_prompt_cache(path: str | Path, model) -> PromptCache:
-    """A cache of `model` holding the state saved in `path` by `save_prompt_cache`.
+def load_prompt_cache(path: str | Path, model, **cache_kwargs) -> PromptCache:
+    """A cache of `model` (`model.make_cache(**cache_kwargs)`, e.g. kv_bits=8 for a state
+    saved from such a cache) holding the state saved in `path` by `save_prompt_cache`.
 
     Raises:
         ValueError: the file is not a prompt cache, is truncated or corrupt, or was saved from
             another model (another checkpoint, config or dtype).
     """
-    cache = model.make_cache()
+    cache = model.make_cache(**cache_kwargs)
     cache.restore(read_snapshot(path, cache))
     return cache
 
@@ -233,8 +235,7 @@ def read_snapshot(path: str | Path, cache: PromptCache) -> Snapshot:
     try:
         tokens = tuple(json.loads(metadata["tokens"]))
         keys = tuple(json.loads(metadata["keys"]))
-        layers = tuple(type(layer).Snapshot.from_arrays(_layer_arrays(arrays, index),
-                                                        len(tokens))
+        layers = tuple(layer.snapshot_from_arrays(_layer_arrays(arrays, index), len(tokens))
                        for index, layer in enumerate(cache.layers))
         rope_delta = int(metadata["rope_delta"])
         unknown = set(arrays) - {f"{index}.{name}" for index, layer in enumerate(layers)

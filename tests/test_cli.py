@@ -40,12 +40,14 @@ def test_every_generation_flag_maps_to_a_keyword(tiny, monkeypatch):
           "--max-tokens", "5", "--temp", "0.7", "--top-p", "0.8", "--top-k", "20",
           "--min-p", "0.05", "--repetition-penalty", "1.1", "--presence-penalty", "1.5",
           "--frequency-penalty", "0.2", "--seed", "3", "--prefill-step-size", "128",
-          "--stop", "END", "--stop", "###",
+          "--stop", "END", "--stop", "###", "--kv-bits", "8", "--kv-group-size", "32",
+          "--quantized-kv-start", "16",
           "--image", "a.png", "--video", "v.mp4", "--image", "b.png", "c.png"])
     assert seen == dict(enable_thinking=False, max_tokens=5, temp=0.7, top_p=0.8, top_k=20,
                         min_p=0.05, repetition_penalty=1.1, presence_penalty=1.5,
                         frequency_penalty=0.2, seed=3, prefill_step_size=128,
-                        stop=["END", "###"],
+                        stop=["END", "###"], kv_bits=8, kv_group_size=32,
+                        quantized_kv_start=16,
                         images=["a.png", "b.png", "c.png"], videos=["v.mp4"])
     assert set(seen) == set(GENERATION_KWARGS) | set(MEDIA_KWARGS)
 

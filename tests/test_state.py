@@ -319,3 +319,31 @@ def test_a_folder_that_cannot_be_written_is_skipped(tiny, tmp_path):
         prefixes = PrefixCache(directory=tmp_path / "a-file" / "cache")
     result = generate(model, tokenizer, "Hello", max_tokens=3, prompt_cache=prefixes)
     assert result.text == generate(model, tokenizer, "Hello", max_tokens=3).text
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kv_generation_snapshots_and_files(tiny, tmp_path, bits):
+    model, tokenizer = tiny
+    kv = {"kv_bits": bits, "kv_group_size": 32, "quantized_kv_start": 8}
+    ids = [7, 3, 9, 2, 4, 11, 5, 8, 6, 1, 12, 10, 13, 14]
+    fresh = logits(model, model.make_cache(**kv), ids)
+    float_logits = logits(model, model.make_cache(), ids)
+    # quantized keys and values change the logits a little, never wildly
+    assert relative_error(fresh, float_logits) <= (0.05 if bits == 8 else 0.2)
+    cache = model.make_cache(**kv)
+    logits(model, cache, ids[:10])  # past quantized_kv_start: quantized by the next call
+    reference = model.make_cache(**kv)  # the same calls, without saving or restoring
+    logits(model, reference, ids[:10])
+    fresh = np.concatenate([fresh[:10], logits(model, reference, ids[10:])])
+    save_prompt_cache(tmp_path / "q.safetensors", cache)
+    loaded = load_prompt_cache(tmp_path / "q.safetensors", model, **kv)
+    assert relative_error(logits(model, loaded, ids[10:]), fresh[10:]) <= 1e-5
+    restored = model.make_cache(**kv)
+    restored.restore(cache.snapshot())
+    assert relative_error(logits(model, restored, ids[10:]), fresh[10:]) <= 1e-5
+    with pytest.raises(ValueError, match="taken from another model"):
+        model.make_cache().restore(cache.snapshot())  # a float cache takes no quantized state
+    prefixes = PrefixCache()
+    cached = generate(model, tokenizer, "Hello there", max_tokens=4, prompt_cache=prefixes, **kv)
+    plain = generate(model, tokenizer, "Hello there", max_tokens=4, **kv)
+    assert cached.text == plain.text

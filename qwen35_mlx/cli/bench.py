@@ -8,6 +8,7 @@ import time
 
 from ..bench import generate as generate_bench
 from ..bench.prompt_cache import bench_prompt_cache
+from ..bench import prefill_memory
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
 from ..bench.startup import bench_startup
 
@@ -29,6 +30,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     warm.add_argument("--history", type=int, nargs="+", default=[2048, 8192],
                       help="history lengths in tokens (the issue's set adds 32768)")
     warm.add_argument("--plot", metavar="FILE", help="also draw the curves into this PNG")
+    memory = commands.add_parser(
+        "prefill-memory", help="peak memory of prefill by prompt length, per attention path",
+        description="Prefills random prompts of each length, blocked attention and the plain "
+                    "fast path in one run: peak, weights, KV cache, the rest and its ratio vs "
+                    "the first length; then the KV cache's bytes per token at 16, 8, 4 bits.")
+    prefill_memory.add_args(memory)
     startup = commands.add_parser(
         "startup", help="how much `import qwen35_mlx` adds to `import mlx.core`",
         description="Times `import mlx.core` and `import qwen35_mlx` in fresh processes "
@@ -63,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
     if args.bench_command == "prompt-cache":
         bench_prompt_cache(args.model, args.history, args.plot)
         return 0
+    if args.bench_command == "prefill-memory":
+        return prefill_memory.bench_prefill_memory(args)
     if args.bench_command == "startup":
         return bench_startup(args.repeats)
     return generate_bench.bench_generate(args)

@@ -10,7 +10,8 @@ from ..progress import add_progress_arg
 # stream_generate keyword arguments, each set by the flag of the same name (--max-tokens, ...)
 GENERATION_KWARGS = ("enable_thinking", "max_tokens", "temp", "top_p", "top_k", "min_p",
                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
-                     "stop", "prefill_step_size")
+                     "stop", "prefill_step_size", "kv_bits", "kv_group_size",
+                     "quantized_kv_start")
 # the images and videos shown with the prompt: --image and --video, repeatable
 MEDIA_KWARGS = ("images", "videos")
 
@@ -42,6 +43,12 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                         help="end the answer where this text first appears; repeatable")
     parser.add_argument("--prefill-step-size", type=int, default=2048,
                         help="prompt tokens per forward pass during prefill")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                        help="keep the attention keys and values quantized to 8 or 4 bits")
+    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
+                        help="values per quantization group of --kv-bits")
+    parser.add_argument("--quantized-kv-start", type=int, default=0,
+                        help="quantize once the cache holds this many tokens")
     add_progress_arg(parser)  # not a GENERATION_KWARGS flag: the CLI turns it into a callback
 
 

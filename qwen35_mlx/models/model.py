@@ -150,9 +150,12 @@ class Model(nn.Module):
     def layers(self) -> list:
         return self.language_model.model.layers
 
-    def make_cache(self) -> PromptCache:
-        """An empty cache for one conversation (a cache per layer, the tokens they hold)."""
-        return make_prompt_cache(self.config.text, self.fingerprint)
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64,
+                   quantized_kv_start: int = 0) -> PromptCache:
+        """An empty cache for one conversation (a cache per layer, the tokens they hold);
+        kv_bits 4 or 8 quantizes keys and values (models/cache.py)."""
+        return make_prompt_cache(self.config.text, self.fingerprint, kv_bits, kv_group_size,
+                                 quantized_kv_start)
 
     @staticmethod
     def quant_predicate(recipe: str, bits: int, group_size: int, *,

@@ -90,5 +90,9 @@ class PromptCache:
         self.rope_delta = snapshot.rope_delta
 
 
-def make_prompt_cache(config, fingerprint: str) -> PromptCache:
-    return PromptCache(make_layer_caches(config), fingerprint)
+def make_prompt_cache(config, fingerprint: str, kv_bits: int | None = None,
+                      kv_group_size: int = 64, quantized_kv_start: int = 0) -> PromptCache:
+    layers = make_layer_caches(config, kv_bits, kv_group_size, quantized_kv_start)
+    if kv_bits is not None:  # a quantized cache's snapshots are for quantized caches alike
+        fingerprint += f"/kv{kv_bits}g{kv_group_size}s{quantized_kv_start}"
+    return PromptCache(layers, fingerprint)

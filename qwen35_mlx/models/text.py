@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..gated_delta import gated_delta_decode, gated_delta_update, use_fused_decode
+from . import attention
 from .cache import make_layer_caches
 from .config import LINEAR, TextConfig
 from .rope import Rotary
@@ -157,8 +158,9 @@ class Attention(nn.Module):
         q, k = self.rope(q, k, offset, position_ids)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5,
-                                                   mask=mask)
+        quantization = getattr(cache, "quantization", None)  # (group, bits): k, v quantized
+        out = attention.scaled_dot_product_attention(q, k, v, self.head_dim**-0.5, mask,
+                                                     quantization)  # [B, nh, T, hd]
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, nh*hd]
         return self.o_proj(out * mx.sigmoid(gate.reshape(B, T, -1)))
 
@@ -222,5 +224,6 @@ class LanguageModel(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def make_cache(self) -> list:
-        return make_layer_caches(self.config)
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64,
+                   quantized_kv_start: int = 0) -> list:
+        return make_layer_caches(self.config, kv_bits, kv_group_size, quantized_kv_start)
