@@ -272,6 +272,10 @@ def stream_generate(
         held, reused = 0, cache.offset
         positions, decode_rope_delta = place(inputs, 0, 0)
     max_tokens = min(max_tokens, room_left(model, held, len(ids), max_tokens))
+    from .plan import check_fits  # here: the planner's tables cost start-up time
+
+    check_fits(model, held + len(ids) + max_tokens, kv_bits=kv_bits or 16,
+               prefill_step_size=prefill_step_size)  # refuse before any work, saying what fits
 
     stop_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
     think_end = tokenizer.encode(THINK_CLOSE)

@@ -36,6 +36,7 @@ from mlx.utils import tree_flatten
 
 from .bench import random_checkpoint
 from .loading import CheckpointError, read_config, weight_files
+from .models import attention as attention_paths
 from .models.cache import KVCache
 from .models.config import FULL, LINEAR, ModelConfig, TextConfig
 
@@ -347,9 +348,12 @@ def prefill_peak_bytes(
     tests/test_plan.py):
 
     - residual stream: the embedding, the hidden state and its normed copy, 3 · S · H · a;
-    - full attention: MLX's composed attention (the CPU back end always; Metal for shapes its
-      fused kernels lack) materialises the scores [Hq, S, N] once (the mask and softmax
-      reuse the buffer), Hq · S · N · a, plus the causal mask S · N bytes, plus the
+    - full attention: below `attention.BLOCKED_MIN_SCORES` scores per head, MLX's composed
+      attention (the CPU back end always; Metal for shapes its fused kernels lack)
+      materialises the scores [Hq, S, N] once (the mask and softmax reuse the buffer),
+      Hq · S · N · a, plus the causal mask S · N bytes; above it the key-blocked path holds
+      a block of float32 scores, their exponentials and weights, 3 · Hq · min(S, QUERY_BLOCK)
+      · BLOCK_SIZE · 4, and the float32 accumulator and output, 2 · Hq · S · hd · 4; plus the
       projections q|gate, k, v and the output, (2·Hq·hd + 2·Hkv·hd + Hq·hd) · S · a;
     - a DeltaNet layer: the projections in_proj_qkv, its padded copy and the conv output
       (3 · conv_dim) and z (value_dim), times S · a; the plain-MLX chunked scan's float32
@@ -389,7 +393,12 @@ def prefill_peak_bytes(
     D = max(text.linear_key_head_dim, text.linear_value_head_dim)
     device = device or ("cpu" if mx.default_device() == mx.cpu else "gpu")
     residual = 3 * S * H * a
-    attention = Hq * S * N * a + S * N + (2 * Hq * hd + 2 * Hkv * hd + Hq * hd) * S * a
+    if S * N > attention_paths.BLOCKED_MIN_SCORES:  # the path attention.pick_path takes
+        scores = (3 * Hq * min(S, attention_paths.QUERY_BLOCK) * attention_paths.BLOCK_SIZE * 4
+                  + 2 * Hq * S * hd * 4)
+    else:
+        scores = Hq * S * N * a + S * N
+    attention = scores + (2 * Hq * hd + 2 * Hkv * hd + Hq * hd) * S * a
     deltanet = (3 * text.conv_dim + text.value_dim) * S * a + 14 * S * Hv * D * 4
     mlp = 3 * S * text.intermediate_size * a
     rows = max(text.conv_dim, text.intermediate_size, 2 * Hq * hd)

@@ -118,14 +118,18 @@ class ScriptedModel:
     """Predicts `script` after a prompt of `prompt_length` tokens, whatever the tokens are:
     drives the text side of generation. The position, read off the cache, picks the token."""
 
-    def __init__(self, script, prompt_length, vocab, config):
-        self.script, self.prompt_length, self.vocab, self.config = script, prompt_length, vocab, config
+    def __init__(self, script, prompt_length, vocab, model):
+        self.script, self.prompt_length, self.vocab = script, prompt_length, vocab
+        # the real model's config and weights: the memory check plans for them
+        self.config, self.parameters, self.mtp_weights = (model.config, model.parameters,
+                                                          model.mtp_weights)
 
-    def make_cache(self):
+    def make_cache(self, **kv):
         return PromptCache([KVCache()], fingerprint="scripted")
 
     def check_token_ids(self, ids):
         pass  # any ids: the script decides the tokens
+
 
     def __call__(self, tokens, cache=None, **_):
         cache[0].update_and_fetch(*(mx.zeros((1, 1, tokens.shape[1], 2)),) * 2)
@@ -140,7 +144,7 @@ def test_reasoning_is_returned_apart_from_the_answer(make_checkpoint, enable_thi
     model, tokenizer = load(directory)
     script = tokenizer.encode("Let me think.</think>\n\nThe answer.<|im_end|>")
     length = len(prompt_tokens(tokenizer, MESSAGES, enable_thinking))
-    scripted = ScriptedModel(script, length, 512, model.config)
+    scripted = ScriptedModel(script, length, 512, model)
     result = generate(scripted, tokenizer, MESSAGES, enable_thinking=enable_thinking,
                       max_tokens=100)
     assert (result.reasoning, result.text) == ("Let me think.", "The answer.")
@@ -150,7 +154,7 @@ def test_reasoning_is_returned_apart_from_the_answer(make_checkpoint, enable_thi
 def test_non_thinking_prompt_is_all_answer(tiny):
     *_, model, tokenizer = tiny  # 0.8B/2B-style template: no thinking by default
     script = tokenizer.encode("Hello there!<|endoftext|>")
-    scripted = ScriptedModel(script, len(prompt_tokens(tokenizer, MESSAGES)), 512, model.config)
+    scripted = ScriptedModel(script, len(prompt_tokens(tokenizer, MESSAGES)), 512, model)
     result = generate(scripted, tokenizer, MESSAGES)
     assert (result.reasoning, result.text, result.finish_reason) == ("", "Hello there!", "stop")
 

@@ -177,3 +177,12 @@ def test_transformers_is_never_imported_at_run_time(tiny):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_request_that_cannot_fit_is_refused_before_any_work(tiny, monkeypatch):
+    _, model, tokenizer = tiny
+    monkeypatch.setattr("qwen35_mlx.plan.machine_memory", lambda: (200_000, "RAM"))  # 0.2 MB
+    cache = model.make_cache()
+    with pytest.raises(ValueError, match="this machine has .*would fit"):
+        next(stream_generate(model, tokenizer, list(range(30)), cache=cache, max_tokens=10))
+    assert all(not c.state for c in cache)
