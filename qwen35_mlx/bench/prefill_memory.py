@@ -1,8 +1,9 @@
 """Peak memory of prefill by prompt length, blocked attention against the plain (fast) path,
 and the KV cache's bytes per token at 16, 8 and 4 bits.
 
-Each length is prefilled through `generate_step` (chunks of `--prefill-step-size`, one
-generated token) from a fresh cache after `mx.reset_peak_memory()`. "rest" is the peak less
+Each length is prefilled as `generate_step` does (chunks of `--prefill-step-size`, only the
+cache evaluated, so no logits) from a fresh cache after `mx.reset_peak_memory()`; the head's
+one-token step is left out, its memory does not depend on the prompt. "rest" is the peak less
 the weights and the KV cache left at the end: the working memory of prefill, which the
 blocked path keeps flat as the prompt grows (ratio vs the first length). The fast path on a
 backend without a fused kernel for the head dim builds [heads, chunk, keys] scores instead.
@@ -18,7 +19,6 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..generate import generate_step
 from ..loading import load_model
 from ..models import attention
 from ..models.cache import KVCache, QuantizedKVCache
@@ -55,14 +55,15 @@ def kv_bytes(cache: list) -> int:
 
 
 def prefill_peak(model, prompt: mx.array, step: int) -> tuple[int, int, float]:
-    """(peak bytes, KV bytes, seconds) of prefilling `prompt` and one token."""
+    """(peak bytes, KV bytes, seconds) of prefilling `prompt` [T] into a fresh cache."""
     cache = model.make_cache()
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    for _ in generate_step(prompt, model, max_tokens=1, cache=cache, prefill_step_size=step):
-        pass
+    for start in range(0, prompt.size, step):
+        model(prompt[None, start : start + step], cache=cache)
+        mx.eval([c.state for c in cache])
     seconds = time.perf_counter() - start
     return mx.get_peak_memory(), kv_bytes(cache), seconds
 
@@ -79,6 +80,7 @@ def kv_bytes_per_token(config, dtype: mx.Dtype, bits: int | None, group_size: in
 def bench_prefill_memory(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     config = model.language_model.config
+    mx.eval(model.parameters())  # loaded lazily: materialise before measuring
     weights = sum(w.nbytes for _, w in tree_flatten(model.parameters()))
     rng = np.random.default_rng(args.seed)
     rows = []
