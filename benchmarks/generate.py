@@ -22,8 +22,13 @@ def mlx_lm_library(path: str):
 
     def stream(ids: list[int], max_tokens: int, prefill_step_size: int):
         # no sampler: mlx-lm decodes greedily (argmax), as stream_generate with temp 0 does
-        return mlx_lm.stream_generate(model, tokenizer, mx.array(ids), max_tokens=max_tokens,
-                                      prefill_step_size=prefill_step_size)
+        return mlx_lm.stream_generate(
+            model,
+            tokenizer,
+            mx.array(ids),
+            max_tokens=max_tokens,
+            prefill_step_size=prefill_step_size,
+        )
 
     return stream
 

@@ -5,8 +5,9 @@ Speed: each implementation runs the scan of one DeltaNet layer from what the lay
 normalisation and gate computation: ours (`gated_delta_update`, every path that runs on this
 device), `mx.fast.gated_delta_update` (MLX's built-in, fed the same way mlx-lm feeds its
 kernel) and mlx-lm's `gated_delta_update`. Times are the best of N wall-clock repeats of
-`mx.eval` (and the MLX peak memory of a run), taken in rounds (every implementation once per round) so that a busy machine slows
-all alike; each row's ratio is against the fastest peer (MLX or mlx-lm) of the same run.
+`mx.eval` (and the MLX peak memory of a run), taken in rounds (every implementation once
+per round) so that a busy machine slows all alike; each row's ratio is against the fastest
+peer (MLX or mlx-lm) of the same run.
 
 Primitives: the graph of one decoded token through a whole DeltaNet layer (projections, conv,
 scan, gated norm, cache update) at a size's real shapes, traced with `mx.export_function`
@@ -21,19 +22,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from qwen35_mlx.gated_delta import SCAN_PATHS, gated_delta_update
 from benchmarks.count import decode_primitives, primitive_counts
+from qwen35_mlx.bench.random_checkpoint import config_json
+from qwen35_mlx.bench.report import print_rows, progress
+from qwen35_mlx.gated_delta import SCAN_PATHS, gated_delta_update
 from qwen35_mlx.models.config import ModelConfig
 from qwen35_mlx.models.model import Model
 from qwen35_mlx.models.text import GatedDeltaNet
-from qwen35_mlx.bench.random_checkpoint import config_json
-from qwen35_mlx.bench.report import print_rows, progress
 
 SIZES = ("0.8B", "9B")  # the two head layouts: Hv = Hk = 16, and Hk = 16, Hv = 32
 DEFAULT_TOKENS = (64, 512, 2048)
@@ -64,13 +65,19 @@ def layer_inputs(size: str, tokens: int, seed: int = 0) -> dict[str, mx.array]:
     Dk, Dv = t["linear_key_head_dim"], t["linear_value_head_dim"]
     key = mx.random.key(seed)
     q, k, v, a, b, A, dt_bias = mx.random.split(key, 7)
-    inputs = dict(q=mx.random.normal((1, tokens, Hk, Dk), key=q), k=mx.random.normal(
-        (1, tokens, Hk, Dk), key=k), v=mx.random.normal((1, tokens, Hv, Dv), key=v),
-        a=mx.random.normal((1, tokens, Hv), key=a), b=mx.random.normal((1, tokens, Hv), key=b))
+    inputs = dict(
+        q=mx.random.normal((1, tokens, Hk, Dk), key=q),
+        k=mx.random.normal((1, tokens, Hk, Dk), key=k),
+        v=mx.random.normal((1, tokens, Hv, Dv), key=v),
+        a=mx.random.normal((1, tokens, Hv), key=a),
+        b=mx.random.normal((1, tokens, Hv), key=b),
+    )
     inputs = {name: x.astype(DTYPE) for name, x in inputs.items()}
-    inputs.update(A_log=mx.log(mx.random.uniform(1, 16, (Hv,), key=A)),
-                  dt_bias=mx.random.normal((Hv,), key=dt_bias),
-                  state=mx.zeros((1, Hv, Dv, Dk), dtype=mx.float32))
+    inputs.update(
+        A_log=mx.log(mx.random.uniform(1, 16, (Hv,), key=A)),
+        dt_bias=mx.random.normal((Hv,), key=dt_bias),
+        state=mx.zeros((1, Hv, Dv, Dk), dtype=mx.float32),
+    )
     mx.eval(inputs)
     return inputs
 
@@ -102,8 +109,11 @@ def mlx_lm(x: dict) -> tuple[mx.array, mx.array]:
 
 def implementations() -> dict[str, Scan]:
     """Ours on every path this device runs, then the peers."""
-    return {**{f"ours {path}": ours(path) for path in SCAN_PATHS},
-            "mx.fast": mlx_fast, "mlx-lm": mlx_lm}
+    return {
+        **{f"ours {path}": ours(path) for path in SCAN_PATHS},
+        "mx.fast": mlx_fast,
+        "mlx-lm": mlx_lm,
+    }
 
 
 def time_scans(sizes, tokens, repeats: int) -> list[Timing]:
@@ -123,8 +133,9 @@ def time_scans(sizes, tokens, repeats: int) -> list[Timing]:
                     if repeat:
                         best[name] = min(best.get(name, seconds), seconds)
             fastest_peer = min(best[name] for name in PEERS)
-            timings += [Timing(size, T, name, s, peak[name], fastest_peer / s)
-                        for name, s in best.items()]
+            timings += [
+                Timing(size, T, name, s, peak[name], fastest_peer / s) for name, s in best.items()
+            ]
     return timings
 
 
@@ -132,9 +143,14 @@ def our_layer(size: str) -> GatedDeltaNet:
     """Our DeltaNet layer at a size's shapes, in the dtypes `load` gives a bf16 checkpoint."""
     config = ModelConfig.from_hf(config_json(size))
     layer = GatedDeltaNet(config.text)
-    layer.update(tree_unflatten([
-        (name, w.astype(DTYPE) if Model.cast_predicate(name) else w)
-        for name, w in tree_flatten(layer.parameters())]))
+    layer.update(
+        tree_unflatten(
+            [
+                (name, w.astype(DTYPE) if Model.cast_predicate(name) else w)
+                for name, w in tree_flatten(layer.parameters())
+            ]
+        )
+    )
     return layer
 
 
@@ -145,8 +161,14 @@ def mlx_lm_decode_primitives(size: str) -> int:
 
     args = qwen3_5.TextModelArgs.from_dict({**text_config(size), "model_type": "qwen3_5_text"})
     layer = qwen3_5.GatedDeltaNet(args)
-    layer.update(tree_unflatten([(name, w if name.endswith("A_log") else w.astype(DTYPE))
-                                 for name, w in tree_flatten(layer.parameters())]))
+    layer.update(
+        tree_unflatten(
+            [
+                (name, w if name.endswith("A_log") else w.astype(DTYPE))
+                for name, w in tree_flatten(layer.parameters())
+            ]
+        )
+    )
     layer.eval()  # as mlx_lm.load leaves it: mlx-lm takes its kernel only outside training
     mx.eval(layer.parameters())  # else unevaluated initialisers count too
     x = mx.zeros((1, 1, args.hidden_size), dtype=DTYPE)
@@ -196,21 +218,37 @@ def count_primitives(size: str) -> dict[str, int]:
 
 def print_timings(timings: list[Timing]) -> None:
     columns = ("heads", "implementation", "T", "ms", "vs fastest peer", "peak GB")
-    rows = [(t.size, t.name, str(t.tokens), f"{t.seconds * 1e3:.2f}", f"{t.ratio:.2f}x",
-             f"{t.peak_gb:.3f}") for t in timings]
+    rows = [
+        (
+            t.size,
+            t.name,
+            str(t.tokens),
+            f"{t.seconds * 1e3:.2f}",
+            f"{t.ratio:.2f}x",
+            f"{t.peak_gb:.3f}",
+        )
+        for t in timings
+    ]
     print_rows(columns, rows, text_columns=2)
-    print("(vs fastest peer: the faster of mx.fast and mlx-lm at that size and T, divided by "
-          "the row's time; above 1x = faster than both)")
+    print(
+        "(vs fastest peer: the faster of mx.fast and mlx-lm at that size and T, divided by "
+        "the row's time; above 1x = faster than both)"
+    )
 
 
 def print_primitives(size: str, counts: dict[str, int]) -> None:
     peers = ("mlx-lm", "mlx-lm metal")
-    rows = [(name, str(n), *(f"{n / counts[peer]:.2f}x" for peer in peers))
-            for name, n in counts.items()]
-    print(f"\nMLX primitives per decoded token, one DeltaNet layer at {size} shapes "
-          f"(graph traced for {mx.default_device()}; 'metal' rows trace the Metal branch):")
-    print_rows(("decode path", "primitives", *(f"vs {peer}" for peer in peers)), rows,
-                text_columns=1)
+    rows = [
+        (name, str(n), *(f"{n / counts[peer]:.2f}x" for peer in peers))
+        for name, n in counts.items()
+    ]
+    print(
+        f"\nMLX primitives per decoded token, one DeltaNet layer at {size} shapes "
+        f"(graph traced for {mx.default_device()}; 'metal' rows trace the Metal branch):"
+    )
+    print_rows(
+        ("decode path", "primitives", *(f"vs {peer}" for peer in peers)), rows, text_columns=1
+    )
 
 
 def bench_kernels(sizes, tokens, repeats: int, count_size: str = "0.8B") -> None:
@@ -218,8 +256,10 @@ def bench_kernels(sizes, tokens, repeats: int, count_size: str = "0.8B") -> None
         raise ValueError("--repeats and every --tokens value must be at least 1")
     timings = time_scans(sizes, tokens, repeats)
     counts = count_primitives(count_size)
-    print(f"Gated DeltaNet scan, one layer, B = 1, bfloat16 inputs; best of {repeats} after a "
-          f"warm-up; MLX {mx.__version__} on {mx.default_device()}")
+    print(
+        f"Gated DeltaNet scan, one layer, B = 1, bfloat16 inputs; best of {repeats} after a "
+        f"warm-up; MLX {mx.__version__} on {mx.default_device()}"
+    )
     print_timings(timings)
     print_primitives(count_size, counts)
 
@@ -228,19 +268,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.kernels",
         description="Times one DeltaNet layer's scan (bf16 inputs, B = 1) with each of our "
-                    "paths that runs on this device, mx.fast.gated_delta_update and mlx-lm's "
-                    "gated_delta_update, in one run, as ratios against the faster of the two "
-                    "peers; then counts the MLX primitives one decoded token costs a DeltaNet "
-                    "layer on each decode path, ours against mlx-lm's, from the graph traced "
-                    "with mx.export_function.")
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
-                        help="sequence lengths T (default: 64 512 2048; 8192 is heavy on a CPU: "
-                             "the per-token paths keep ~1.1 MB per token alive, 9 GB with the "
-                             "0.8B heads and twice that with the 9B ones)")
-    parser.add_argument("--heads", nargs="+", choices=SIZES, default=list(SIZES),
-                        help="whose DeltaNet heads: 0.8B (Hk = Hv = 16), 9B (Hk = 16, Hv = 32)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs per implementation (best)")
+        "paths that runs on this device, mx.fast.gated_delta_update and mlx-lm's "
+        "gated_delta_update, in one run, as ratios against the faster of the two "
+        "peers; then counts the MLX primitives one decoded token costs a DeltaNet "
+        "layer on each decode path, ours against mlx-lm's, from the graph traced "
+        "with mx.export_function.",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_TOKENS),
+        help="sequence lengths T (default: 64 512 2048; 8192 is heavy on a CPU: "
+        "the per-token paths keep ~1.1 MB per token alive, 9 GB with the "
+        "0.8B heads and twice that with the 9B ones)",
+    )
+    parser.add_argument(
+        "--heads",
+        nargs="+",
+        choices=SIZES,
+        default=list(SIZES),
+        help="whose DeltaNet heads: 0.8B (Hk = Hv = 16), 9B (Hk = 16, Hv = 32)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per implementation (best)"
+    )
     args = parser.parse_args(argv)
     bench_kernels(args.heads, args.tokens, args.repeats)
     return 0

@@ -9,16 +9,16 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
-from qwen35_mlx.loading import load_model, read_config
 from qwen35_mlx.bench.random_checkpoint import DTYPES, write_random_checkpoint
 from qwen35_mlx.bench.report import print_rows, progress
+from qwen35_mlx.loading import load_model, read_config
 
 
 @dataclass
@@ -84,12 +84,15 @@ def measure(name: str, directory: Path, pixels: mx.array, grid: list, repeats: i
     return result
 
 
-def bench_vision(model: str | None, image_size: int, repeats: int, dtype: str,
-                 seed: int) -> tuple[list[Measurement], str]:
+def bench_vision(
+    model: str | None, image_size: int, repeats: int, dtype: str, seed: int
+) -> tuple[list[Measurement], str]:
     """Returns (ours, mlx-vlm's) measurements and a line describing the setup."""
     if image_size < 32 or image_size % 32:
-        raise ValueError(f"--image-size {image_size} must be a positive multiple of 32 (the "
-                         "processor's resize factor: 16-px patches merged 2x2)")
+        raise ValueError(
+            f"--image-size {image_size} must be a positive multiple of 32 (the "
+            "processor's resize factor: 16-px patches merged 2x2)"
+        )
     if repeats < 1:
         raise ValueError("--repeats must be at least 1")
     side = image_size // 16
@@ -98,21 +101,26 @@ def bench_vision(model: str | None, image_size: int, repeats: int, dtype: str,
         directory = Path(model) if model else None
         if directory is None:
             progress(f"writing a random 0.8B checkpoint ({dtype}, 4 decoder layers)")
-            directory = write_random_checkpoint(Path(scratch) / "ckpt", size="0.8B",
-                                                num_layers=4, dtype=dtype, seed=seed, mtp=False)
+            directory = write_random_checkpoint(
+                Path(scratch) / "ckpt", size="0.8B", num_layers=4, dtype=dtype, seed=seed, mtp=False
+            )
         vision = read_config(directory).vision
         if vision is None:
-            raise ValueError(f"{directory} has no vision_config; write a checkpoint with a "
-                             "vision tower (`qwen35-mlx bench make-checkpoint`) or leave out "
-                             "--model")
+            raise ValueError(
+                f"{directory} has no vision_config; write a checkpoint with a "
+                "vision tower (`qwen35-mlx bench make-checkpoint`) or leave out "
+                "--model"
+            )
         rng = np.random.default_rng(seed)
         pixels = rng.uniform(-1, 1, size=(side * side, vision.patch_dim)).astype(np.float32)
         pixels = mx.array(pixels)  # [patches, C*Tp*P*P], normalized to [-1, 1] as processed
         results = [measure(name, directory, pixels, grid, repeats) for name in TOWERS]
-    setup = (f"vision tower of {model or 'a random 0.8B checkpoint (' + dtype + ')'}: one "
-             f"{image_size}x{image_size} image, grid (1, {side}, {side}) = {side * side} patches "
-             f"-> {side * side // 4} tokens; best and median of {repeats} run(s) after 1 "
-             f"warm-up each; MLX {mx.__version__} on {mx.default_device()}")
+    setup = (
+        f"vision tower of {model or 'a random 0.8B checkpoint (' + dtype + ')'}: one "
+        f"{image_size}x{image_size} image, grid (1, {side}, {side}) = {side * side} patches "
+        f"-> {side * side // 4} tokens; best and median of {repeats} run(s) after 1 "
+        f"warm-up each; MLX {mx.__version__} on {mx.default_device()}"
+    )
     return results, setup
 
 
@@ -120,15 +128,24 @@ def print_table(results: list[Measurement], setup: str) -> None:
     ours, theirs = results
     columns = ("tower", "best s", "median s", "work GB")
     rows = [[r.name, f"{r.best:.4g}", f"{r.median:.4g}", f"{r.work_gb:.4g}"] for r in results]
-    rows.append(["ours/mlx-vlm"] + [f"{a / b:.3f}x" if b else "-" for a, b in (
-        (ours.best, theirs.best), (ours.median, theirs.median),
-        (ours.work_gb, theirs.work_gb))])
+    rows.append(
+        ["ours/mlx-vlm"]
+        + [
+            f"{a / b:.3f}x" if b else "-"
+            for a, b in (
+                (ours.best, theirs.best),
+                (ours.median, theirs.median),
+                (ours.work_gb, theirs.work_gb),
+            )
+        ]
+    )
     print(setup)
     print_rows(columns, rows)
-    print("(ratios below 1x = qwen35_mlx faster / smaller; work GB: peak memory of one run "
-          "above the loaded weights)")
-    error = (np.linalg.norm(ours.features - theirs.features)
-             / np.linalg.norm(theirs.features))
+    print(
+        "(ratios below 1x = qwen35_mlx faster / smaller; work GB: peak memory of one run "
+        "above the loaded weights)"
+    )
+    error = np.linalg.norm(ours.features - theirs.features) / np.linalg.norm(theirs.features)
     print(f"features: relative error ours vs mlx-vlm {error:.2e}")
 
 
@@ -136,15 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.vision",
         description="Encodes the same random image patches with qwen35_mlx's vision tower and "
-                    "mlx-vlm's qwen3_5 one, loaded from the same checkpoint, one after the other "
-                    "in this process, each after a warm-up run.")
-    parser.add_argument("--model", help="checkpoint folder both libraries load (default: a "
-                                        "random 0.8B checkpoint written to a temporary folder)")
-    parser.add_argument("--image-size", type=int, default=1024,
-                        help="side of the square image in pixels (a multiple of 32)")
+        "mlx-vlm's qwen3_5 one, loaded from the same checkpoint, one after the other "
+        "in this process, each after a warm-up run.",
+    )
+    parser.add_argument(
+        "--model",
+        help="checkpoint folder both libraries load (default: a "
+        "random 0.8B checkpoint written to a temporary folder)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=1024,
+        help="side of the square image in pixels (a multiple of 32)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per library")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                        help="weight dtype of the random checkpoint (without --model)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="bfloat16",
+        help="weight dtype of the random checkpoint (without --model)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and pixels")
     args = parser.parse_args(argv)
     print_table(*bench_vision(args.model, args.image_size, args.repeats, args.dtype, args.seed))

@@ -79,8 +79,7 @@ def convert(
             while converting: more memory).
         upload_repo: upload the result to this Hugging Face repo, once verified.
     """
-    _check_options(quantize, q_bits, q_group_size, recipe, dequantize, verify_output,
-                   upload_repo)
+    _check_options(quantize, q_bits, q_group_size, recipe, dequantize, verify_output, upload_repo)
     target = Path(mlx_path)
     source = resolve(hf_path, revision)
     _check_apart(target, source)
@@ -90,7 +89,8 @@ def convert(
     if is_converted(source) and not dequantize:
         raise ConvertError(
             f"{source} is already a converted MLX checkpoint; converting it again would "
-            "transform its weights twice. Load it directly, or pass --dequantize for float weights")
+            "transform its weights twice. Load it directly, or pass --dequantize for float weights"
+        )
     if dequantize and not quantized_source:
         raise ConvertError(f"{source} is not quantized; there is nothing to dequantize")
 
@@ -99,33 +99,40 @@ def convert(
     quant_config, rows = None, []
     if dequantize:
         dequantize_modules(model)
-        model.set_mtp_weights(_dequantize_pending(model.mtp_weights,
-                                                  config.raw["quantization"]))
+        model.set_mtp_weights(_dequantize_pending(model.mtp_weights, config.raw["quantization"]))
     elif quantize:
         float_weights = _matrices(model) if report else {}
-        quant_config = _quantize(model, recipe, q_bits, q_group_size, quantize_vision,
-                                 quantize_mtp)
+        quant_config = _quantize(model, recipe, q_bits, q_group_size, quantize_vision, quantize_mtp)
         rows = quantization_errors(float_weights, model)
         del float_weights
     weights = {**dict(tree_flatten(model.parameters())), **model.mtp_weights}
     del model  # `weights` alone holds the arrays now: the writer frees each shard once written
-    write_checkpoint(target, weights, _output_config(config.raw, quant_config), source,
-                     model_card(hf_path, quant_config, recipe, quantize_vision, quantize_mtp,
-                                dtype), force)
-    print(f"[convert] wrote {target} ({_size(target) / 1e9:.3f} GB) in "
-          f"{time.perf_counter() - start:.1f} s")
+    write_checkpoint(
+        target,
+        weights,
+        _output_config(config.raw, quant_config),
+        source,
+        model_card(hf_path, quant_config, recipe, quantize_vision, quantize_mtp, dtype),
+        force,
+    )
+    print(
+        f"[convert] wrote {target} ({_size(target) / 1e9:.3f} GB) in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
     if rows:
         print_report(rows)
     if verify_output:
-        _check_verified(target, *verify(source, target, Tokenizer.from_pretrained(source)),
-                        dtype, quantize)
+        _check_verified(
+            target, *verify(source, target, Tokenizer.from_pretrained(source)), dtype, quantize
+        )
     if upload_repo:
         upload(target, upload_repo)
     return target
 
 
-def _check_options(quantize, bits, group_size, recipe, dequantize, verify_output,
-                   upload_repo) -> None:
+def _check_options(
+    quantize, bits, group_size, recipe, dequantize, verify_output, upload_repo
+) -> None:
     if quantize and dequantize:
         raise ConvertError("--quantize and --dequantize exclude each other; choose one")
     if upload_repo and not verify_output:
@@ -133,8 +140,9 @@ def _check_options(quantize, bits, group_size, recipe, dequantize, verify_output
     if bits not in BITS:
         raise ConvertError(f"--q-bits {bits} is not supported; use one of {BITS}")
     if group_size not in GROUP_SIZES:
-        raise ConvertError(f"--q-group-size {group_size} is not supported; use one of "
-                           f"{GROUP_SIZES}")
+        raise ConvertError(
+            f"--q-group-size {group_size} is not supported; use one of {GROUP_SIZES}"
+        )
     if recipe not in QUANT_RECIPES:
         raise ConvertError(f"--recipe {recipe!r} is not known; use one of {QUANT_RECIPES}")
 
@@ -151,26 +159,34 @@ def _check_apart(target: Path, source: Path) -> None:
         problem = "lies inside the source checkpoint"
     else:
         return
-    raise ConvertError(f"--mlx-path {target} {problem} {source}; writing there could overwrite "
-                       "or delete the weights being converted. Choose an --mlx-path apart from "
-                       "it: not the source, not a folder above it, not one inside it")
+    raise ConvertError(
+        f"--mlx-path {target} {problem} {source}; writing there could overwrite "
+        "or delete the weights being converted. Choose an --mlx-path apart from "
+        "it: not the source, not a folder above it, not one inside it"
+    )
 
 
-def _check_verified(target: Path, relative_error: float, kl: float, dtype: str | None,
-                    quantized: bool) -> None:
+def _check_verified(
+    target: Path, relative_error: float, kl: float, dtype: str | None, quantized: bool
+) -> None:
     limit = MAX_LOGIT_ERROR["quantized" if quantized else "float"]
     if math.isfinite(relative_error) and relative_error <= limit:
         return
-    fix = ("float16 overflows on Qwen3.5 activations: convert with --dtype bfloat16 or float32"
-           if dtype == "float16" else "convert with more --q-bits, or check the source")
+    fix = (
+        "float16 overflows on Qwen3.5 activations: convert with --dtype bfloat16 or float32"
+        if dtype == "float16"
+        else "convert with more --q-bits, or check the source"
+    )
     raise ConvertError(
         f"verification failed: the converted model's logits are {relative_error:.3e} (relative "
         f"error; at most {limit} passes) from the source's, KL {kl:.3e}. {target} was "
-        f"written for inspection but not uploaded; {fix}")
+        f"written for inspection but not uploaded; {fix}"
+    )
 
 
-def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: bool,
-              mtp: bool) -> dict:
+def _quantize(
+    model: Model, recipe: str, bits: int, group_size: int, vision: bool, mtp: bool
+) -> dict:
     """Quantizes in place; returns the config's `quantization` block (per-layer overrides
     for every layer whose settings differ from the top level, which mlx-vlm needs)."""
     decide = Model.quant_predicate(recipe, bits, group_size, vision=vision)
@@ -185,8 +201,7 @@ def _quantize(model: Model, recipe: str, bits: int, group_size: int, vision: boo
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
     prefixes = ("mtp.",) if mtp else ()
-    model.set_mtp_weights(_quantize_pending(model.mtp_weights, prefixes, bits,
-                                            group_size))
+    model.set_mtp_weights(_quantize_pending(model.mtp_weights, prefixes, bits, group_size))
     return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
 
 
@@ -199,10 +214,11 @@ def _quantize_pending(pending, prefixes: tuple[str, ...], bits: int, group_size:
     out = {}
     for name, value in pending.items():
         if prefixes and name.startswith(prefixes) and _pending_matrix(name, value, group_size):
-            base = name[:-len(".weight")]
+            base = name[: -len(".weight")]
             weight, scales, biases = mx.quantize(value, group_size=group_size, bits=bits)
-            out.update({f"{base}.weight": weight, f"{base}.scales": scales,
-                        f"{base}.biases": biases})
+            out.update(
+                {f"{base}.weight": weight, f"{base}.scales": scales, f"{base}.biases": biases}
+            )
         else:
             out[name] = value
     return out
@@ -211,18 +227,25 @@ def _quantize_pending(pending, prefixes: tuple[str, ...], bits: int, group_size:
 def _dequantize_pending(pending, quantization: dict) -> dict:
     """Float weights back for quantized MTP matrices, with the config's settings."""
     out = {k: v for k, v in pending.items() if not k.endswith((".scales", ".biases"))}
-    for name in [k for k in out if f"{k[:-len('.weight')]}.scales" in pending]:
-        base = name[:-len(".weight")]
+    for name in [k for k in out if f"{k[: -len('.weight')]}.scales" in pending]:
+        base = name[: -len(".weight")]
         params = quantization.get(base) or quantization
-        out[name] = mx.dequantize(out[name], pending[f"{base}.scales"],
-                                  pending[f"{base}.biases"], group_size=params["group_size"],
-                                  bits=params["bits"])
+        out[name] = mx.dequantize(
+            out[name],
+            pending[f"{base}.scales"],
+            pending[f"{base}.biases"],
+            group_size=params["group_size"],
+            bits=params["bits"],
+        )
     return out
 
 
 def _matrices(model: Model) -> dict[str, mx.array]:
-    return {name: module.weight for name, module in model.named_modules()
-            if hasattr(module, "to_quantized")}
+    return {
+        name: module.weight
+        for name, module in model.named_modules()
+        if hasattr(module, "to_quantized")
+    }
 
 
 def _output_config(raw: dict, quantization: dict | None) -> dict:

@@ -13,14 +13,23 @@ QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 def dequantize_modules(model: nn.Module) -> None:
     """Replaces every quantized Linear and Embedding by a float one holding its dequantized
     weight (lazily; the dtype is that of the scales)."""
-    floats = [(path, _float_module(module)) for path, module in model.named_modules()
-              if isinstance(module, QUANTIZED)]
+    floats = [
+        (path, _float_module(module))
+        for path, module in model.named_modules()
+        if isinstance(module, QUANTIZED)
+    ]
     model.update_modules(tree_unflatten(floats))
 
 
 def _float_module(module: nn.Module) -> nn.Module:
-    weight = mx.dequantize(module.weight, module.scales, module.biases,
-                           group_size=module.group_size, bits=module.bits, mode=module.mode)
+    weight = mx.dequantize(
+        module.weight,
+        module.scales,
+        module.biases,
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
     if isinstance(module, nn.QuantizedEmbedding):
         floating = nn.Embedding(*weight.shape)  # [vocabulary, dims]
     else:

@@ -23,8 +23,13 @@ def upload(path: str | Path, repo_id: str, *, private: bool = False) -> str:
 
     api = HfApi()
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model",
-                      allow_patterns=files, commit_message="Upload MLX checkpoint (qwen35-mlx)")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(path),
+        repo_type="model",
+        allow_patterns=files,
+        commit_message="Upload MLX checkpoint (qwen35-mlx)",
+    )
     url = f"https://huggingface.co/{repo_id}"
     print(f"[upload] {len(files)} files of {path} -> {url}")
     return url

@@ -9,8 +9,10 @@ import mlx.nn as nn
 
 from qwen35_mlx.loading import load_model
 
-PROMPT = ("Qwen3.5 mixes Gated DeltaNet layers with full attention. Write one sentence about "
-          "the sea, then count from one to ten: 1, 2, 3")
+PROMPT = (
+    "Qwen3.5 mixes Gated DeltaNet layers with full attention. Write one sentence about "
+    "the sea, then count from one to ten: 1, 2, 3"
+)
 
 
 def compare_logits(reference: mx.array, converted: mx.array) -> tuple[float, float]:
@@ -30,8 +32,10 @@ def verify(source: Path, target: Path, tokenizer) -> tuple[float, float]:
     reference = load_model(source)(ids)
     mx.eval(reference)
     relative, kl = compare_logits(reference, load_model(target)(ids))
-    print(f"[verify] {ids.shape[1]} tokens: logits relative error {relative:.3e}, "
-          f"KL(source || converted) {kl:.3e} nats/token")
+    print(
+        f"[verify] {ids.shape[1]} tokens: logits relative error {relative:.3e}, "
+        f"KL(source || converted) {kl:.3e} nats/token"
+    )
     return relative, kl
 
 
@@ -39,10 +43,16 @@ def quantization_errors(float_weights: dict[str, mx.array], model) -> list[tuple
     """(module, bits, ||dequantize(quantize(W)) - W|| / ||W||) for every quantized matrix."""
     rows = []
     for name, module in model.named_modules():
-        if name in float_weights and isinstance(module, (nn.QuantizedLinear,
-                                                         nn.QuantizedEmbedding)):
-            restored = mx.dequantize(module.weight, module.scales, module.biases,
-                                     group_size=module.group_size, bits=module.bits)
+        if name in float_weights and isinstance(
+            module, (nn.QuantizedLinear, nn.QuantizedEmbedding)
+        ):
+            restored = mx.dequantize(
+                module.weight,
+                module.scales,
+                module.biases,
+                group_size=module.group_size,
+                bits=module.bits,
+            )
             weight = float_weights[name].astype(mx.float32)
             error = mx.linalg.norm(restored.astype(mx.float32) - weight) / mx.linalg.norm(weight)
             rows.append((name, module.bits, error.item()))

@@ -19,10 +19,18 @@ from qwen35_mlx.loading import CheckpointError, is_converted
 MLX_METADATA = {"format": "mlx"}
 SHARD_BYTES = 5 << 30  # mlx-lm's limit too, so both tools cut a model into the same files
 # Files a checkpoint carries besides config and weights, copied when the source has them.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-              "generation_config.json", "preprocessor_config.json",
-              "video_preprocessor_config.json", "special_tokens_map.json", "vocab.json",
-              "merges.txt", "LICENSE")
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "LICENSE",
+)
 HEADROOM = 1.05  # safetensors headers, JSON files, model card
 
 
@@ -41,12 +49,14 @@ def check_target(target: Path, force: bool) -> None:
         return
     if not force:
         raise FileExistsError(
-            f"{target} already exists; choose another --mlx-path or pass --force to replace it")
+            f"{target} already exists; choose another --mlx-path or pass --force to replace it"
+        )
     if not replaceable(target):
         raise FileExistsError(
             f"{target} exists and is not a converted MLX checkpoint (config.json and safetensors "
             "marked {'format': 'mlx'}); --force only replaces one of those. Choose another "
-            f"--mlx-path, or move or delete {target} yourself")
+            f"--mlx-path, or move or delete {target} yourself"
+        )
 
 
 def replaceable(target: Path) -> bool:
@@ -67,12 +77,20 @@ def check_free_space(target: Path, nbytes: int) -> None:
     free = shutil.disk_usage(existing).free
     if free < nbytes * HEADROOM:
         raise WriteError(
-            errno.ENOSPC, f"writing the checkpoint needs {nbytes * HEADROOM / 1e6:,.1f} MB but "
-            f"{parent} has {free / 1e6:,.1f} MB free; free some space or choose another --mlx-path")
+            errno.ENOSPC,
+            f"writing the checkpoint needs {nbytes * HEADROOM / 1e6:,.1f} MB but "
+            f"{parent} has {free / 1e6:,.1f} MB free; free some space or choose another --mlx-path",
+        )
 
 
-def write_checkpoint(target: Path, weights: dict[str, mx.array], config: dict, source: Path,
-                     model_card: str, force: bool = False) -> None:
+def write_checkpoint(
+    target: Path,
+    weights: dict[str, mx.array],
+    config: dict,
+    source: Path,
+    model_card: str,
+    force: bool = False,
+) -> None:
     """Writes weights (sharded safetensors + index), config, side files and card to `target`.
 
     Consumes `weights`: each shard's tensors leave the dict as the shard is written, so that
@@ -94,8 +112,11 @@ def write_checkpoint(target: Path, weights: dict[str, mx.array], config: dict, s
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         if error.errno == errno.ENOSPC:
-            raise WriteError(errno.ENOSPC, f"the disk filled up while writing {target}; "
-                             "nothing was left there. Free some space and run again") from None
+            raise WriteError(
+                errno.ENOSPC,
+                f"the disk filled up while writing {target}; "
+                "nothing was left there. Free some space and run again",
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -127,8 +148,7 @@ def _write_weights(directory: Path, weights: dict[str, mx.array]) -> None:
         mx.save_safetensors(str(directory / file), shard, metadata=MLX_METADATA)
         del shard  # its tensors are freed here, before the next shard is computed
         weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {"total_size": total_size},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -17,12 +17,27 @@ parser.add_argument("--max-tokens", type=int, default=512)
 args = parser.parse_args()
 
 model, tokenizer = load(args.model)
-messages = [{"role": "user", "content": [
-    {"type": "text", "text": "Image 1:"}, {"type": "image", "image": args.first},
-    {"type": "text", "text": "Image 2:"}, {"type": "image", "image": args.second},
-    {"type": "text", "text": args.question},
-]}]
-result = generate(model, tokenizer, messages, max_tokens=args.max_tokens, temp=0.7, top_p=0.8,
-                  top_k=20, presence_penalty=1.5)
+messages = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Image 1:"},
+            {"type": "image", "image": args.first},
+            {"type": "text", "text": "Image 2:"},
+            {"type": "image", "image": args.second},
+            {"type": "text", "text": args.question},
+        ],
+    }
+]
+result = generate(
+    model,
+    tokenizer,
+    messages,
+    max_tokens=args.max_tokens,
+    temp=0.7,
+    top_p=0.8,
+    top_k=20,
+    presence_penalty=1.5,
+)
 print(result.text)
 print(f"({result.generation_tokens} tokens, finish: {result.finish_reason})")

@@ -10,8 +10,10 @@ import argparse
 
 from qwen35_mlx import load, stream_generate
 
-PROMPT = ("Read all the text in this image, in reading order. Keep its structure: headings, "
-          "lists and tables as Markdown. Do not describe the image.")
+PROMPT = (
+    "Read all the text in this image, in reading order. Keep its structure: headings, "
+    "lists and tables as Markdown. Do not describe the image."
+)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("image")
@@ -23,8 +25,16 @@ args = parser.parse_args()
 options = {"max_pixels": args.max_pixels} if args.max_pixels else None
 model, tokenizer = load(args.model, processor_options=options)
 # greedy: transcription wants the most likely text, not variety
-for response in stream_generate(model, tokenizer, PROMPT, images=[args.image],
-                                max_tokens=args.max_tokens, repetition_penalty=1.05):
+for response in stream_generate(
+    model,
+    tokenizer,
+    PROMPT,
+    images=[args.image],
+    max_tokens=args.max_tokens,
+    repetition_penalty=1.05,
+):
     print(response.text, end="", flush=True)
-print(f"\n({response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s, "
-      f"finish: {response.finish_reason})")
+print(
+    f"\n({response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s, "
+    f"finish: {response.finish_reason})"
+)

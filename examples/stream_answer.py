@@ -19,14 +19,24 @@ args = parser.parse_args()
 model, tokenizer = load(args.model)
 messages = [{"role": "user", "content": args.question}]
 thinking = False
-for response in stream_generate(model, tokenizer, messages, images=args.image,
-                                max_tokens=args.max_tokens, temp=0.7, top_p=0.8, top_k=20,
-                                presence_penalty=1.5):
+for response in stream_generate(
+    model,
+    tokenizer,
+    messages,
+    images=args.image,
+    max_tokens=args.max_tokens,
+    temp=0.7,
+    top_p=0.8,
+    top_k=20,
+    presence_penalty=1.5,
+):
     if response.reasoning and not thinking:
         print("[thinking] ", end="")
     elif thinking and not response.reasoning:
         print("\n[answer] ", end="")
     thinking = response.reasoning
     print(response.text, end="", flush=True)
-print(f"\n({response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s, "
-      f"finish: {response.finish_reason})")
+print(
+    f"\n({response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s, "
+    f"finish: {response.finish_reason})"
+)

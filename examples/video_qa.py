@@ -20,8 +20,19 @@ parser.add_argument("--max-tokens", type=int, default=512)
 args = parser.parse_args()
 
 model, tokenizer = load(args.model, processor_options={"fps": args.fps} if args.fps else None)
-result = generate(model, tokenizer, args.question, videos=[args.video],
-                  max_tokens=args.max_tokens, temp=0.7, top_p=0.8, top_k=20, presence_penalty=1.5)
+result = generate(
+    model,
+    tokenizer,
+    args.question,
+    videos=[args.video],
+    max_tokens=args.max_tokens,
+    temp=0.7,
+    top_p=0.8,
+    top_k=20,
+    presence_penalty=1.5,
+)
 print(result.text)
-print(f"({result.generation_tokens} tokens; the prompt with the video: {result.prompt_tokens} "
-      f"tokens at {result.prompt_tps:.0f} tokens/s)")
+print(
+    f"({result.generation_tokens} tokens; the prompt with the video: {result.prompt_tokens} "
+    f"tokens at {result.prompt_tps:.0f} tokens/s)"
+)

@@ -32,9 +32,17 @@ class ChatSession:
         **generation: keyword arguments of `stream_generate` (temp, max_tokens, ...).
     """
 
-    def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
-                 enable_thinking: bool | None = None, vision_cache: VisionCache | None = None,
-                 prompt_cache: PrefixCache | None = None, **generation):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system_prompt: str | None = None,
+        enable_thinking: bool | None = None,
+        vision_cache: VisionCache | None = None,
+        prompt_cache: PrefixCache | None = None,
+        **generation,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.enable_thinking = enable_thinking
         self.vision_cache = VisionCache() if vision_cache is None else vision_cache
@@ -46,10 +54,12 @@ class ChatSession:
     def reset(self) -> None:
         """Start a new conversation (cached prefixes stay, for a conversation that returns)."""
         self.messages: list[dict] = (
-            [{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        )
 
-    def send(self, content: str | Sequence[Mapping], images=None,
-             videos=None) -> Iterator[GenerationResponse]:
+    def send(
+        self, content: str | Sequence[Mapping], images=None, videos=None
+    ) -> Iterator[GenerationResponse]:
         """Stream the assistant's reply to one user message.
 
         Args:
@@ -63,8 +73,9 @@ class ChatSession:
     def reply(self) -> Iterator[GenerationResponse]:
         """Stream a reply to `messages` as they are (after editing or deleting some)."""
         if not self.messages or self.messages[-1].get("role") != "user":
-            raise ValueError("the conversation must end with a user message to reply to; "
-                             "send() one")
+            raise ValueError(
+                "the conversation must end with a user message to reply to; send() one"
+            )
         return self._reply(list(self.messages))
 
     def retry(self) -> Iterator[GenerationResponse]:
@@ -79,14 +90,19 @@ class ChatSession:
         if not users:
             return None
         removed = self.messages[users[-1]]
-        del self.messages[users[-1]:]
+        del self.messages[users[-1] :]
         return removed
 
     def _reply(self, messages: list[dict]) -> Iterator[GenerationResponse]:
-        responses = stream_generate(self.model, self.tokenizer, messages,
-                                    enable_thinking=self.enable_thinking,
-                                    vision_cache=self.vision_cache,
-                                    prompt_cache=self.prompt_cache, **self.generation)
+        responses = stream_generate(
+            self.model,
+            self.tokenizer,
+            messages,
+            enable_thinking=self.enable_thinking,
+            vision_cache=self.vision_cache,
+            prompt_cache=self.prompt_cache,
+            **self.generation,
+        )
         answer, reasoning, started = [], [], False
         try:
             for response in responses:

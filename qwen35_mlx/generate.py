@@ -10,8 +10,8 @@ collects a whole completion.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
@@ -102,8 +102,9 @@ def generate_step(
         cache.append(fed_ids, fed_keys)
         return logits
 
-    def step(tokens: mx.array, fed_ids: list[int], fed_keys: list[int],
-             inputs: dict) -> tuple[mx.array, mx.array]:
+    def step(
+        tokens: mx.array, fed_ids: list[int], fed_keys: list[int], inputs: dict
+    ) -> tuple[mx.array, mx.array]:
         logits = feed(tokens, fed_ids, fed_keys, inputs)[:, -1, :]
         for process in logits_processors:
             logits = process(generated, logits)
@@ -128,8 +129,7 @@ def generate_step(
         start = end
         report(start, len(ids))
 
-    token, logprobs = step(prompt[start:], ids[start:], keys[start:],
-                           prompt_slice(start, len(ids)))
+    token, logprobs = step(prompt[start:], ids[start:], keys[start:], prompt_slice(start, len(ids)))
     cache.rope_delta = rope_delta
     snapshot_if_asked(len(ids))
     mx.async_eval(token, logprobs)
@@ -252,17 +252,29 @@ def stream_generate(
     check_whole("max_tokens", max_tokens, 0)
     stops = StopStrings(stop)
     if cache is not None and prompt_cache is not None:
-        raise ValueError("give cache= (a conversation to continue) or prompt_cache= (cached "
-                         "prefixes of whole histories), not both")
+        raise ValueError(
+            "give cache= (a conversation to continue) or prompt_cache= (cached "
+            "prefixes of whole histories), not both"
+        )
     if seed is not None:
         mx.random.seed(seed)
     mx.reset_peak_memory()
     start = time.perf_counter()  # prompt time includes the vision tower
-    inputs = prepare_prompt(model, tokenizer, prompt, images=images, videos=videos,
-                            enable_thinking=enable_thinking, vision_cache=vision_cache)
+    inputs = prepare_prompt(
+        model,
+        tokenizer,
+        prompt,
+        images=images,
+        videos=videos,
+        enable_thinking=enable_thinking,
+        vision_cache=vision_cache,
+    )
     ids, keys = inputs.ids, inputs.keys or inputs.ids
-    cache_kwargs = {"kv_bits": kv_bits, "kv_group_size": kv_group_size,
-                    "quantized_kv_start": quantized_kv_start}
+    cache_kwargs = {
+        "kv_bits": kv_bits,
+        "kv_group_size": kv_group_size,
+        "quantized_kv_start": quantized_kv_start,
+    }
     if prompt_cache is None:
         cache = model.make_cache(**cache_kwargs) if cache is None else cache
         held, reused = cache.offset, 0  # the prompt follows what the cache holds
@@ -274,8 +286,12 @@ def stream_generate(
     max_tokens = min(max_tokens, room_left(model, held, len(ids), max_tokens))
     from .plan import check_fits  # here: the planner's tables cost start-up time
 
-    check_fits(model, held + len(ids) + max_tokens, kv_bits=kv_bits or 16,
-               prefill_step_size=prefill_step_size)  # refuse before any work, saying what fits
+    check_fits(
+        model,
+        held + len(ids) + max_tokens,
+        kv_bits=kv_bits or 16,
+        prefill_step_size=prefill_step_size,
+    )  # refuse before any work, saying what fits
 
     stop_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
     think_end = tokenizer.encode(THINK_CLOSE)
@@ -283,16 +299,31 @@ def stream_generate(
     reasoning = opens_thinking(tokenizer, ids)
     answer_started = not reasoning
     detokenizer = tokenizer.detokenizer()
-    snapshots = {} if prompt_cache is None else {
-        "snapshot_at": [n - reused for n in prompt_cache.snapshot_points(tokenizer, ids, reused)],
-        "on_snapshot": prompt_cache.insert}
-    steps = generate_step(mx.array(ids[reused:]), model, cache=cache, max_tokens=max_tokens,
-                          sampler=sampler, logits_processors=[penalties] if penalties.active else [],
-                          prefill_step_size=prefill_step_size,
-                          input_embeddings=_tail(inputs.input_embeddings, reused),
-                          position_ids=None if positions is None else positions[..., reused:],
-                          rope_delta=decode_rope_delta, prompt_keys=keys[reused:],
-                          progress=progress, **snapshots)
+    snapshots = (
+        {}
+        if prompt_cache is None
+        else {
+            "snapshot_at": [
+                n - reused for n in prompt_cache.snapshot_points(tokenizer, ids, reused)
+            ],
+            "on_snapshot": prompt_cache.insert,
+        }
+    )
+    steps = generate_step(
+        mx.array(ids[reused:]),
+        model,
+        cache=cache,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=[penalties] if penalties.active else [],
+        prefill_step_size=prefill_step_size,
+        input_embeddings=_tail(inputs.input_embeddings, reused),
+        position_ids=None if positions is None else positions[..., reused:],
+        rope_delta=decode_rope_delta,
+        prompt_keys=keys[reused:],
+        progress=progress,
+        **snapshots,
+    )
     try:
         prompt_tps, n = 0.0, 0
         for n, (token, logprobs) in enumerate(steps, start=1):
@@ -319,11 +350,18 @@ def stream_generate(
                     text += stops.flush()
             elapsed = time.perf_counter() - start
             yield GenerationResponse(
-                text=text, token=token, logprobs=logprobs, reasoning=reasoning,
-                prompt_tokens=len(ids), cached_tokens=reused, prompt_tps=prompt_tps,
+                text=text,
+                token=token,
+                logprobs=logprobs,
+                reasoning=reasoning,
+                prompt_tokens=len(ids),
+                cached_tokens=reused,
+                prompt_tps=prompt_tps,
                 generation_tokens=n,
                 generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-                peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+            )
             if finish:
                 return
     finally:
@@ -350,15 +388,22 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
     if last is None:  # max_tokens=0
         return Completion("", "", "length", 0, 0, 0.0, 0.0, 0.0)
     if verbose:
-        print(f"\nPrompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens/s\n"
-              f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens/s\n"
-              f"Peak memory: {last.peak_memory:.3f} GB")
+        print(
+            f"\nPrompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens/s\n"
+            f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens/s\n"
+            f"Peak memory: {last.peak_memory:.3f} GB"
+        )
     return Completion(
-        text="".join(parts[False]), reasoning="".join(parts[True]).strip(),
-        finish_reason=last.finish_reason or "length", prompt_tokens=last.prompt_tokens,
-        generation_tokens=last.generation_tokens, prompt_tps=last.prompt_tps,
-        generation_tps=last.generation_tps, peak_memory=last.peak_memory,
-        cached_tokens=last.cached_tokens)
+        text="".join(parts[False]),
+        reasoning="".join(parts[True]).strip(),
+        finish_reason=last.finish_reason or "length",
+        prompt_tokens=last.prompt_tokens,
+        generation_tokens=last.generation_tokens,
+        prompt_tps=last.prompt_tps,
+        generation_tps=last.generation_tps,
+        peak_memory=last.peak_memory,
+        cached_tokens=last.cached_tokens,
+    )
 
 
 def room_left(model, cached: int, prompt: int, max_tokens: int) -> int:
@@ -369,12 +414,14 @@ def room_left(model, cached: int, prompt: int, max_tokens: int) -> int:
     if room < 0:
         raise ContextLengthError(
             f"the prompt has {prompt} tokens (plus {cached} already in the cache) but the "
-            f"model's context window is {context}; shorten the prompt or start a new cache")
+            f"model's context window is {context}; shorten the prompt or start a new cache"
+        )
     if room == 0 and max_tokens > 0:
         raise ContextLengthError(
             f"the prompt ({prompt} tokens, plus {cached} already in the cache) fills the "
             f"model's context window of {context} exactly, leaving no room for a reply; "
-            "shorten the prompt or start a new cache")
+            "shorten the prompt or start a new cache"
+        )
     return room
 
 
@@ -395,12 +442,14 @@ class StopStrings:
         self.pending += text
         found = [at for at in (self.pending.find(s) for s in self.stops) if at >= 0]
         if found:
-            shown, self.pending = self.pending[:min(found)], ""
+            shown, self.pending = self.pending[: min(found)], ""
             return shown, True
-        held = max((n for s in self.stops for n in range(1, len(s))
-                    if self.pending.endswith(s[:n])), default=0)
-        shown = self.pending[:len(self.pending) - held]
-        self.pending = self.pending[len(shown):]
+        held = max(
+            (n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
+            default=0,
+        )
+        shown = self.pending[: len(self.pending) - held]
+        self.pending = self.pending[len(shown) :]
         return shown, False
 
     def flush(self) -> str:

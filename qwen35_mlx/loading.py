@@ -14,8 +14,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,18 +33,44 @@ MTP_PREFIX = "mtp."
 VISION_PREFIX = "vision_tower."
 # (1+w) RMSNorm weights (transformers stores w), the MTP head's included; the gated norm
 # `linear_attn.norm` (plain w) and the vision tower's LayerNorms are not among them.
-SHIFTED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight",
-                 "k_norm.weight", "model.norm.weight", "mtp.norm.weight",
-                 "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight")
+SHIFTED_NORMS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "q_norm.weight",
+    "k_norm.weight",
+    "model.norm.weight",
+    "mtp.norm.weight",
+    "pre_fc_norm_embedding.weight",
+    "pre_fc_norm_hidden.weight",
+)
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # Bytes per element of the safetensors dtypes MLX reads.
-SAFETENSORS_ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
-                          "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8,
-                          "I64": 8, "F64": 8}
+SAFETENSORS_ITEM_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
 
 
-def load(path_or_repo: str | Path, *, dtype: str | None = None, revision: str | None = None,
-         processor_options: Mapping | None = None):
+def load(
+    path_or_repo: str | Path,
+    *,
+    dtype: str | None = None,
+    revision: str | None = None,
+    processor_options: Mapping | None = None,
+):
     """Load a Qwen3.5 model and its tokenizer.
 
     Args:
@@ -83,7 +109,8 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
     name = str(path_or_repo)
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(
-            f"{name}: not a checkpoint directory and not a Hugging Face repo id (owner/name)")
+            f"{name}: not a checkpoint directory and not a Hugging Face repo id (owner/name)"
+        )
     from huggingface_hub import snapshot_download  # only needed for hub ids
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -92,7 +119,8 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError) as error:
         raise CheckpointError(
             f"{name}: cannot download from the Hugging Face hub ({error}); check the repo id "
-            "and the network, or pass a local checkpoint directory") from None
+            "and the network, or pass a local checkpoint directory"
+        ) from None
 
 
 def read_config(directory: Path) -> ModelConfig:
@@ -100,7 +128,8 @@ def read_config(directory: Path) -> ModelConfig:
     if not file.is_file():
         raise CheckpointError(
             f"{file} not found: {directory} is not a checkpoint directory. Point to a folder "
-            "with config.json, the *.safetensors weights and the tokenizer files")
+            "with config.json, the *.safetensors weights and the tokenizer files"
+        )
     try:
         fields = json.loads(file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
@@ -123,12 +152,14 @@ def weight_files(directory: Path) -> list[Path]:
     else:
         raise CheckpointError(
             f"{directory}: no model.safetensors or model.safetensors.index.json; the weights "
-            "are missing (download them, or point to the right folder)")
+            "are missing (download them, or point to the right folder)"
+        )
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(
             f"{directory}: shard(s) {missing} listed in model.safetensors.index.json are "
-            "missing; download them again")
+            "missing; download them again"
+        )
     return files
 
 
@@ -137,11 +168,11 @@ def _weight_map(index: Path) -> dict[str, str]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError):  # ValueError: not JSON, or not UTF-8
         weight_map = None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str)
-                                                   for v in weight_map.values()):
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
             f"{index} is not a valid safetensors index (JSON with a 'weight_map' of tensor "
-            "name -> shard file name); download it again")
+            "name -> shard file name); download it again"
+        )
     return weight_map
 
 
@@ -154,11 +185,13 @@ def _shard_path(directory: Path, index: Path, name: str) -> Path:
     if os.path.isabs(name) or os.path.commonpath([root, path]) != root:
         raise CheckpointError(
             f"{index}: shard {name!r} lies outside {directory}; an index may only name files "
-            "in its own folder. Download model.safetensors.index.json again")
+            "in its own folder. Download model.safetensors.index.json again"
+        )
     if not name.endswith(".safetensors"):
         raise CheckpointError(
             f"{index}: shard {name!r} is not a .safetensors file, the only weight format read. "
-            "Download model.safetensors.index.json again, or convert the weights to safetensors")
+            "Download model.safetensors.index.json again, or convert the weights to safetensors"
+        )
     return directory / os.path.relpath(path, root)
 
 
@@ -188,15 +221,20 @@ def _refuse_repeated_names(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _unreadable(file: Path, problem: object) -> CheckpointError:
-    return CheckpointError(f"{file}: cannot be read as safetensors ({problem}); the file is "
-                           "truncated or corrupt, download it again")
+    return CheckpointError(
+        f"{file}: cannot be read as safetensors ({problem}); the file is "
+        "truncated or corrupt, download it again"
+    )
 
 
 def _check_layout(file: Path, header: object, data_size: int) -> None:
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise _unreadable(file, "its header is not a JSON object with an object __metadata__")
-    spans = sorted(_span(file, name, entry, data_size)
-                   for name, entry in header.items() if name != "__metadata__")
+    spans = sorted(
+        _span(file, name, entry, data_size)
+        for name, entry in header.items()
+        if name != "__metadata__"
+    )
     spans = [span for span in spans if span[0] < span[1]]  # empty tensors own no bytes
     for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
         if start < end:
@@ -210,12 +248,17 @@ def _span(file: Path, name: str, entry: object, data_size: int) -> tuple[int, in
         raise _unreadable(file, f"tensor {name!r} has no valid dtype, shape and data_offsets")
     start, end, shape, item_size = fields
     if not start <= end <= data_size:
-        raise _unreadable(file, f"tensor {name!r} has data_offsets [{start}, {end}] outside "
-                                f"the {data_size} data bytes")
+        raise _unreadable(
+            file,
+            f"tensor {name!r} has data_offsets [{start}, {end}] outside the {data_size} data bytes",
+        )
     if end - start != math.prod(shape) * item_size:
-        raise _unreadable(file, f"tensor {name!r} holds {end - start} bytes but its dtype "
-                                f"{entry['dtype']} and shape {shape} need "
-                                f"{math.prod(shape) * item_size}")
+        raise _unreadable(
+            file,
+            f"tensor {name!r} holds {end - start} bytes but its dtype "
+            f"{entry['dtype']} and shape {shape} need "
+            f"{math.prod(shape) * item_size}",
+        )
     return start, end, name
 
 
@@ -251,7 +294,8 @@ def read_weights(directory: Path) -> tuple[dict[str, mx.array], dict[str, str], 
         if repeated:
             raise CheckpointError(
                 f"{file}: tensor(s) {repeated[:3]} are also stored in {origin[repeated[0]]}; a "
-                "checkpoint holds each tensor once (mixed downloads?), download it again")
+                "checkpoint holds each tensor once (mixed downloads?), download it again"
+            )
         tensors.update(shard)
         origin.update(dict.fromkeys(shard, file.name))
     if len(formats) > 1:
@@ -274,13 +318,14 @@ def hf_name(name: str, config: ModelConfig) -> str | None:
     if name.startswith(MTP_PREFIX):
         return name
     if name.startswith("model.visual."):
-        return None if "position_ids" in name else "vision_tower." + name[len("model.visual."):]
+        return None if "position_ids" in name else "vision_tower." + name[len("model.visual.") :]
     prefix = "model.language_model." if config.model_type == "qwen3_5" else "model."
     if not name.startswith(prefix):
         raise CheckpointError(
             f"unexpected tensor {name!r}: a {config.model_type} checkpoint keeps its decoder "
-            f"under {prefix!r}; config.json and the weights do not belong together")
-    return "language_model.model." + name[len(prefix):]
+            f"under {prefix!r}; config.json and the weights do not belong together"
+        )
+    return "language_model.model." + name[len(prefix) :]
 
 
 def hf_to_mlx(name: str, value: mx.array) -> mx.array:
@@ -302,8 +347,10 @@ def run_time_weights(directory: Path, config: ModelConfig) -> tuple[dict, dict[s
     if is_mlx:
         return weights, origin
     renamed = {k: hf_name(k, config) for k in weights}
-    return ({new: hf_to_mlx(new, weights[old]) for old, new in renamed.items() if new},
-            {new: origin[old] for old, new in renamed.items() if new})
+    return (
+        {new: hf_to_mlx(new, weights[old]) for old, new in renamed.items() if new},
+        {new: origin[old] for old, new in renamed.items() if new},
+    )
 
 
 def load_model(directory: str | Path, *, dtype: str | None = None, lazy: bool = False) -> Model:
@@ -341,8 +388,7 @@ def load_model(directory: str | Path, *, dtype: str | None = None, lazy: bool = 
 FINGERPRINT_SAMPLE = 1 << 16  # bytes read from each end of each shard
 
 
-def weights_fingerprint(directory: Path, config_fingerprint: str,
-                        dtype: mx.Dtype | None) -> str:
+def weights_fingerprint(directory: Path, config_fingerprint: str, dtype: mx.Dtype | None) -> str:
     """What cached states of this model are tied to: its config, the dtype it runs in, and for
     each shard its name, size, header and the bytes at both ends of its data (cheap, and it
     tells apart two fine-tunes of one architecture)."""
@@ -358,12 +404,13 @@ def weights_fingerprint(directory: Path, config_fingerprint: str,
     return digest.hexdigest()
 
 
-def _vision_weights(directory: Path, config: ModelConfig,
-                    dtype: mx.Dtype | None) -> dict[str, mx.array]:
+def _vision_weights(
+    directory: Path, config: ModelConfig, dtype: mx.Dtype | None
+) -> dict[str, mx.array]:
     """The vision tower's run-time tensors, under its own names, as new lazy arrays."""
     weights, _ = run_time_weights(directory, config)
     vision = {k: v for k, v in weights.items() if k.startswith(VISION_PREFIX)}
-    return {k[len(VISION_PREFIX):]: v for k, v in _cast(vision, dtype).items()}
+    return {k[len(VISION_PREFIX) :]: v for k, v in _cast(vision, dtype).items()}
 
 
 def _quantize(model: Model, config: ModelConfig, weights: Mapping[str, mx.array]) -> None:
@@ -379,8 +426,13 @@ def _quantize(model: Model, config: ModelConfig, weights: Mapping[str, mx.array]
         params = quantization.get(path)
         return dict(params) if isinstance(params, dict) else True  # a copy: mlx edits it
 
-    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                mode=quantization.get("mode", "affine"), class_predicate=quantized)
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=quantized,
+    )
 
 
 def _dtype(name: str | None, config: ModelConfig) -> mx.Dtype | None:
@@ -403,27 +455,30 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
     return {name: cast(name, value) for name, value in weights.items()}
 
 
-def _check_weights(model: Model, weights: dict[str, mx.array], origin: dict[str, str],
-                   directory: Path) -> None:
+def _check_weights(
+    model: Model, weights: dict[str, mx.array], origin: dict[str, str], directory: Path
+) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise CheckpointError(
             f"{directory}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
-            f"{missing[:3]}; the download is incomplete or config.json describes another model")
+            f"{missing[:3]}; the download is incomplete or config.json describes another model"
+        )
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise CheckpointError(
             f"{directory}: {len(unexpected)} tensor(s) the model has no place for, e.g. "
-            f"{unexpected[:3]}; config.json does not match the weights")
+            f"{unexpected[:3]}; config.json does not match the weights"
+        )
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise CheckpointError(
                 f"{directory / origin.get(name, '?')}: tensor {name!r} has shape "
                 f"{tuple(value.shape)} but config.json implies {tuple(expected[name].shape)}; "
-                "the weights and config.json do not belong together")
-        _check_dtype(name, value.dtype, expected[name].dtype,
-                     directory / origin.get(name, '?'))
+                "the weights and config.json do not belong together"
+            )
+        _check_dtype(name, value.dtype, expected[name].dtype, directory / origin.get(name, "?"))
 
 
 def _check_dtype(name: str, stored: mx.Dtype, expected: mx.Dtype, file: Path) -> None:
@@ -436,14 +491,15 @@ def _check_dtype(name: str, stored: mx.Dtype, expected: mx.Dtype, file: Path) ->
     if not ok:
         raise CheckpointError(
             f"{file}: tensor {name!r} is stored as {stored} but the model needs {wanted}; the "
-            "file is corrupt or was written for another model, download it again")
+            "file is corrupt or was written for another model, download it again"
+        )
 
 
-def _check_mtp_dtypes(mtp: dict[str, mx.array], origin: dict[str, str],
-                      directory: Path) -> None:
+def _check_mtp_dtypes(mtp: dict[str, mx.array], origin: dict[str, str], directory: Path) -> None:
     """The MTP head is not built yet: its tensors are floating, or packed uint32 where a
     quantized matrix has `.scales`."""
     for name, value in mtp.items():
-        packed = name.endswith(".weight") and f"{name[:-len('weight')]}scales" in mtp
-        _check_dtype(name, value.dtype, mx.uint32 if packed else mx.float32,
-                     directory / origin[name])
+        packed = name.endswith(".weight") and f"{name[: -len('weight')]}scales" in mtp
+        _check_dtype(
+            name, value.dtype, mx.uint32 if packed else mx.float32, directory / origin[name]
+        )

@@ -394,8 +394,10 @@ def prefill_peak_bytes(
     device = device or ("cpu" if mx.default_device() == mx.cpu else "gpu")
     residual = 3 * S * H * a
     if S * N > attention_paths.BLOCKED_MIN_SCORES:  # the path attention.pick_path takes
-        scores = (3 * Hq * min(S, attention_paths.QUERY_BLOCK) * attention_paths.BLOCK_SIZE * 4
-                  + 2 * Hq * S * hd * 4)
+        scores = (
+            3 * Hq * min(S, attention_paths.QUERY_BLOCK) * attention_paths.BLOCK_SIZE * 4
+            + 2 * Hq * S * hd * 4
+        )
     else:
         scores = Hq * S * N * a + S * N
     attention = scores + (2 * Hq * hd + 2 * Hkv * hd + Hq * hd) * S * a

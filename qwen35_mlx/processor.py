@@ -3,8 +3,8 @@
 Images reproduce transformers' PIL-backend `Qwen2VLImageProcessorPil` (5.23; the backend
 `AutoImageProcessor` picks when torchvision is absent): RGB on a white background, smart resize
 to multiples of 32 px, PIL bicubic, rescale 1/255, normalise, patches in 2×2 merge-block order
-(docs/ARCHITECTURE.md §5). Videos follow `Qwen3VLVideoProcessor` for sampling, sizes and patch order,
-with frames resized by the same PIL path as images (transformers resizes video frames with
+(docs/ARCHITECTURE.md §5). Videos follow `Qwen3VLVideoProcessor` for sampling, sizes and patch
+order, with frames resized by the same PIL path as images (transformers resizes video frames with
 torchvision, which differs after resizing by up to ~0.17 of the [-1, 1] range). Prompts get one
 `<t seconds>` marker and vision block per temporal group, as the original Qwen3-VL processor
 writes them (sources.py reads the images and frames).
@@ -45,8 +45,10 @@ VIDEO_PREPROCESSOR_CONFIG = {
     "processor_class": "Qwen3VLProcessor",
     "video_processor_type": "Qwen3VLVideoProcessor",
 }
-PROCESSOR_FILES = {"preprocessor_config.json": PREPROCESSOR_CONFIG,
-                   "video_preprocessor_config.json": VIDEO_PREPROCESSOR_CONFIG}
+PROCESSOR_FILES = {
+    "preprocessor_config.json": PREPROCESSOR_CONFIG,
+    "video_preprocessor_config.json": VIDEO_PREPROCESSOR_CONFIG,
+}
 # Qwen3VLVideoProcessor's class defaults (the released file does not set them).
 VIDEO_SAMPLING = {"fps": 2.0, "min_frames": 4, "max_frames": 768}
 RESCALE_FACTOR = 1 / 255  # transformers' default (the released files do not set it)
@@ -55,9 +57,12 @@ PATCHING = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "im
 MAX_ASPECT_RATIO = 200
 BICUBIC = 3  # PIL's number for bicubic, as `resample` stores it
 # config.json id field -> the token transformers' processor uses when the tokenizer is silent
-TOKEN_FIELDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-                "vision_start_token_id": "<|vision_start|>",
-                "vision_end_token_id": "<|vision_end|>"}
+TOKEN_FIELDS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,16 @@ class VisionTokens:
     end: str = TOKEN_FIELDS["vision_end_token_id"]
 
 
-def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int,
-                 frames: int | None = None, temporal_factor: int = 1) -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    *,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+    frames: int | None = None,
+    temporal_factor: int = 1,
+) -> tuple[int, int]:
     """The (height, width) an image or video frame is resized to: multiples of `factor`, near
     the original aspect ratio, with frames·h·w inside [min_pixels, max_pixels].
 
@@ -102,7 +115,8 @@ def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_p
         raise VisionInputError(
             f"{width}×{height} pixels is an aspect ratio of "
             f"{max(height, width) / min(height, width):.0f}; Qwen3.5 accepts at most "
-            f"{MAX_ASPECT_RATIO}:1. Crop or pad the image (or video) to a less elongated shape")
+            f"{MAX_ASPECT_RATIO}:1. Crop or pad the image (or video) to a less elongated shape"
+        )
     frames = frames or 1
     rounded_frames = round(frames / temporal_factor) * temporal_factor
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
@@ -138,19 +152,25 @@ class Processor:
     Build it with `Processor.from_pretrained(directory)`.
     """
 
-    def __init__(self, *, patch_size: int = PREPROCESSOR_CONFIG["patch_size"],
-                 temporal_patch_size: int = PREPROCESSOR_CONFIG["temporal_patch_size"],
-                 merge_size: int = PREPROCESSOR_CONFIG["merge_size"],
-                 image_mean: Sequence[float] = PREPROCESSOR_CONFIG["image_mean"],
-                 image_std: Sequence[float] = PREPROCESSOR_CONFIG["image_std"],
-                 rescale_factor: float = RESCALE_FACTOR,
-                 min_pixels: int = PREPROCESSOR_CONFIG["size"]["shortest_edge"],
-                 max_pixels: int = PREPROCESSOR_CONFIG["size"]["longest_edge"],
-                 video_min_pixels: int = VIDEO_PREPROCESSOR_CONFIG["size"]["shortest_edge"],
-                 video_max_pixels: int = VIDEO_PREPROCESSOR_CONFIG["size"]["longest_edge"],
-                 fps: float = VIDEO_SAMPLING["fps"], min_frames: int = VIDEO_SAMPLING["min_frames"],
-                 max_frames: int = VIDEO_SAMPLING["max_frames"],
-                 source_fps: float | None = None, tokens: VisionTokens = VisionTokens()):
+    def __init__(
+        self,
+        *,
+        patch_size: int = PREPROCESSOR_CONFIG["patch_size"],
+        temporal_patch_size: int = PREPROCESSOR_CONFIG["temporal_patch_size"],
+        merge_size: int = PREPROCESSOR_CONFIG["merge_size"],
+        image_mean: Sequence[float] = PREPROCESSOR_CONFIG["image_mean"],
+        image_std: Sequence[float] = PREPROCESSOR_CONFIG["image_std"],
+        rescale_factor: float = RESCALE_FACTOR,
+        min_pixels: int = PREPROCESSOR_CONFIG["size"]["shortest_edge"],
+        max_pixels: int = PREPROCESSOR_CONFIG["size"]["longest_edge"],
+        video_min_pixels: int = VIDEO_PREPROCESSOR_CONFIG["size"]["shortest_edge"],
+        video_max_pixels: int = VIDEO_PREPROCESSOR_CONFIG["size"]["longest_edge"],
+        fps: float = VIDEO_SAMPLING["fps"],
+        min_frames: int = VIDEO_SAMPLING["min_frames"],
+        max_frames: int = VIDEO_SAMPLING["max_frames"],
+        source_fps: float | None = None,
+        tokens: VisionTokens = VisionTokens(),
+    ):
         """
         Args:
             patch_size, temporal_patch_size, merge_size: the vision tower's patching.
@@ -165,13 +185,15 @@ class Processor:
         if not 0 < min_pixels <= max_pixels or not 0 < video_min_pixels <= video_max_pixels:
             raise VisionInputError(
                 f"pixel bounds must satisfy 0 < min <= max; got images [{min_pixels}, "
-                f"{max_pixels}], videos [{video_min_pixels}, {video_max_pixels}]")
+                f"{max_pixels}], videos [{video_min_pixels}, {video_max_pixels}]"
+            )
         if source_fps is not None and not source_fps > 0:
             raise VisionInputError(f"source_fps must be positive, got {source_fps}")
         if not (fps > 0 and 1 <= min_frames <= max_frames):
             raise VisionInputError(
                 f"need fps > 0 and 1 <= min_frames <= max_frames; got fps={fps}, "
-                f"min_frames={min_frames}, max_frames={max_frames}")
+                f"min_frames={min_frames}, max_frames={max_frames}"
+            )
         self.patch_size, self.temporal_patch_size = patch_size, temporal_patch_size
         self.merge_size = merge_size
         self.mean = np.asarray(image_mean, dtype=np.float32)
@@ -196,15 +218,20 @@ class Processor:
         """
         directory = Path(directory)
         image_file = _read_json(directory / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-        video_file = _read_json(directory / "video_preprocessor_config.json",
-                                VIDEO_PREPROCESSOR_CONFIG)
+        video_file = _read_json(
+            directory / "video_preprocessor_config.json", VIDEO_PREPROCESSOR_CONFIG
+        )
         settings = _image_settings(image_file, directory / "preprocessor_config.json")
-        settings.update(_video_settings(video_file, directory / "video_preprocessor_config.json",
-                                        settings), tokens=_read_tokens(directory), source_fps=None)
+        settings.update(
+            _video_settings(video_file, directory / "video_preprocessor_config.json", settings),
+            tokens=_read_tokens(directory),
+            source_fps=None,
+        )
         unknown = set(overrides) - set(settings)
         if unknown:
-            raise VisionInputError(f"unknown processor setting(s) {sorted(unknown)}; "
-                                   f"choose from {sorted(settings)}")
+            raise VisionInputError(
+                f"unknown processor setting(s) {sorted(unknown)}; choose from {sorted(settings)}"
+            )
         return cls(**{**settings, **overrides})
 
     @property
@@ -222,16 +249,25 @@ class Processor:
         patches, grids = [], []
         for source in sources:
             image = to_rgb(open_image(source))
-            height, width = smart_resize(image.height, image.width, factor=self.factor,
-                                         min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            height, width = smart_resize(
+                image.height,
+                image.width,
+                factor=self.factor,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+            )
             pixels = self.normalize(resize(image, height, width))[None]  # [1, H, W, C]
-            patches.append(self.patchify(np.broadcast_to(
-                pixels, (self.temporal_patch_size, *pixels.shape[1:]))))
+            patches.append(
+                self.patchify(
+                    np.broadcast_to(pixels, (self.temporal_patch_size, *pixels.shape[1:]))
+                )
+            )
             grids.append((1, height // self.patch_size, width // self.patch_size))
         width = 3 * self.temporal_patch_size * self.patch_size**2
         return ImageInputs(
             pixel_values=np.concatenate(patches) if patches else np.zeros((0, width), np.float32),
-            grid_thw=np.array(grids, dtype=np.int64).reshape(-1, 3))
+            grid_thw=np.array(grids, dtype=np.int64).reshape(-1, 3),
+        )
 
     def video(self, source, *, source_fps: float | None = None) -> VideoInputs:
         """Patches and group timestamps of a video: a video file (needs PyAV, the `video`
@@ -243,26 +279,35 @@ class Processor:
             source_fps: frames per second of this video: of a frames directory (default: the
                 processor's `source_fps`), or replacing a file's own rate.
         """
-        frames = open_frames(source, source_fps=source_fps,
-                             default_fps=self.source_fps or self.fps)
+        frames = open_frames(source, source_fps=source_fps, default_fps=self.source_fps or self.fps)
         indices = self.sample_indices(len(frames.times), frames.fps)
         height, width = smart_resize(
-            frames.height, frames.width, factor=self.factor, min_pixels=self.video_min_pixels,
-            max_pixels=self.video_max_pixels, frames=len(indices),
-            temporal_factor=self.temporal_patch_size)
-        pixels = np.stack([resize(to_rgb(frame), height, width)
-                           for frame in frames.read(indices)])  # [T, H, W, C] uint8
+            frames.height,
+            frames.width,
+            factor=self.factor,
+            min_pixels=self.video_min_pixels,
+            max_pixels=self.video_max_pixels,
+            frames=len(indices),
+            temporal_factor=self.temporal_patch_size,
+        )
+        pixels = np.stack(
+            [resize(to_rgb(frame), height, width) for frame in frames.read(indices)]
+        )  # [T, H, W, C] uint8
         padding = -len(indices) % self.temporal_patch_size  # repeat the last frame
         pixels = np.concatenate([pixels, np.repeat(pixels[-1:], padding, axis=0)])
         times = [frames.times[i] for i in indices] + [frames.times[indices[-1]]] * padding
         groups = len(times) // self.temporal_patch_size
-        starts, ends = times[::self.temporal_patch_size], times[self.temporal_patch_size - 1::
-                                                               self.temporal_patch_size]
+        starts, ends = (
+            times[:: self.temporal_patch_size],
+            times[self.temporal_patch_size - 1 :: self.temporal_patch_size],
+        )
         return VideoInputs(
             pixel_values=self.patchify(self.normalize(pixels)),
-            grid_thw=np.array([[groups, height // self.patch_size, width // self.patch_size]],
-                              dtype=np.int64),
-            timestamps=[(start + end) / 2 for start, end in zip(starts, ends)])
+            grid_thw=np.array(
+                [[groups, height // self.patch_size, width // self.patch_size]], dtype=np.int64
+            ),
+            timestamps=[(start + end) / 2 for start, end in zip(starts, ends)],
+        )
 
     def sample_indices(self, total: int, source_fps: float) -> list[int]:
         """Frame indices to keep: `fps` per second of video, within [min_frames, max_frames]
@@ -286,8 +331,13 @@ class Processor:
         blocks = blocks.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
         return np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1, C * Tp * P * P)
 
-    def expand(self, text: str, *, image_grid_thw: np.ndarray | None = None,
-               videos: Sequence[VideoInputs] = ()) -> str:
+    def expand(
+        self,
+        text: str,
+        *,
+        image_grid_thw: np.ndarray | None = None,
+        videos: Sequence[VideoInputs] = (),
+    ) -> str:
         """Prompt text with each placeholder grown to its features' token count.
 
         Each `<|image_pad|>` becomes t·h·w/merge² pads of the next image; each
@@ -301,31 +351,39 @@ class Processor:
         grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else image_grid_thw
         image_parts = text.split(self.tokens.image)
         _check_count(len(image_parts) - 1, len(grids), self.tokens.image, "image")
-        text = "".join(part + self.tokens.image * (int(np.prod(grid)) // self.merge_size**2)
-                       for part, grid in zip(image_parts, [*grids, (0, 0, 0)]))
+        text = "".join(
+            part + self.tokens.image * (int(np.prod(grid)) // self.merge_size**2)
+            for part, grid in zip(image_parts, [*grids, (0, 0, 0)])
+        )
         triple = self.tokens.start + self.tokens.video + self.tokens.end
         video_parts = text.split(triple)
         stray = sum(part.count(self.tokens.video) for part in video_parts)
         if stray:
             raise VisionInputError(
                 f"the prompt has {stray} {self.tokens.video} outside `{triple}`; write each "
-                "video placeholder as that whole triple, as the chat template does")
+                "video placeholder as that whole triple, as the chat template does"
+            )
         _check_count(len(video_parts) - 1, len(videos), triple, "video")
-        return "".join(part + (self._video_prompt(video) if video is not None else "")
-                       for part, video in zip(video_parts, [*videos, None]))
+        return "".join(
+            part + (self._video_prompt(video) if video is not None else "")
+            for part, video in zip(video_parts, [*videos, None])
+        )
 
     def _video_prompt(self, video: VideoInputs) -> str:
         groups, rows, cols = (int(n) for n in video.grid_thw[0])
         pads = self.tokens.video * (rows * cols // self.merge_size**2)
-        return "".join(f"<{seconds:.1f} seconds>{self.tokens.start}{pads}{self.tokens.end}"
-                       for seconds in video.timestamps[:groups])
+        return "".join(
+            f"<{seconds:.1f} seconds>{self.tokens.start}{pads}{self.tokens.end}"
+            for seconds in video.timestamps[:groups]
+        )
 
 
 def _check_count(placeholders: int, inputs: int, token: str, kind: str) -> None:
     if placeholders != inputs:
         raise VisionInputError(
             f"the prompt has {placeholders} {token} placeholder(s) but {inputs} {kind}(s) were "
-            f"given; give one {kind} per placeholder")
+            f"given; give one {kind} per placeholder"
+        )
 
 
 def _read_json(file: Path, default: dict) -> dict:
@@ -334,8 +392,10 @@ def _read_json(file: Path, default: dict) -> dict:
     try:
         content = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise VisionInputError(f"{file} cannot be read as JSON ({error}); re-download it or "
-                               "delete it to use the Qwen3.5 defaults") from None
+        raise VisionInputError(
+            f"{file} cannot be read as JSON ({error}); re-download it or "
+            "delete it to use the Qwen3.5 defaults"
+        ) from None
     if not isinstance(content, dict):
         raise VisionInputError(f"{file} must hold a JSON object; re-download it")
     return content
@@ -346,24 +406,31 @@ def _common_settings(content: dict, file: Path) -> dict:
     # other keys are metadata; the ones below change the computation and are checked.
     for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
         if content.get(flag, True) is not True:
-            raise VisionInputError(f"{file}: {flag}={content[flag]} is not supported (Qwen3.5 "
-                                   "always applies it); remove the key")
+            raise VisionInputError(
+                f"{file}: {flag}={content[flag]} is not supported (Qwen3.5 "
+                "always applies it); remove the key"
+            )
     if content.get("resample", BICUBIC) != BICUBIC:
-        raise VisionInputError(f"{file}: resample={content['resample']} is not supported; "
-                               f"Qwen3.5 resizes with bicubic ({BICUBIC})")
+        raise VisionInputError(
+            f"{file}: resample={content['resample']} is not supported; "
+            f"Qwen3.5 resizes with bicubic ({BICUBIC})"
+        )
     size = content.get("size") or {}
-    return {**{key: content.get(key, PREPROCESSOR_CONFIG[key]) for key in PATCHING},
-            "rescale_factor": content.get("rescale_factor", RESCALE_FACTOR),
-            # older files (Qwen2-VL) give the bounds as min_pixels/max_pixels, which win
-            "min_pixels": content.get("min_pixels") or size.get("shortest_edge"),
-            "max_pixels": content.get("max_pixels") or size.get("longest_edge")}
+    return {
+        **{key: content.get(key, PREPROCESSOR_CONFIG[key]) for key in PATCHING},
+        "rescale_factor": content.get("rescale_factor", RESCALE_FACTOR),
+        # older files (Qwen2-VL) give the bounds as min_pixels/max_pixels, which win
+        "min_pixels": content.get("min_pixels") or size.get("shortest_edge"),
+        "max_pixels": content.get("max_pixels") or size.get("longest_edge"),
+    }
 
 
 def _image_settings(content: dict, file: Path) -> dict:
     settings = _common_settings(content, file)
     if settings["min_pixels"] is None or settings["max_pixels"] is None:
-        raise VisionInputError(f"{file}: no pixel bounds (size.shortest_edge and "
-                               "size.longest_edge); re-download it")
+        raise VisionInputError(
+            f"{file}: no pixel bounds (size.shortest_edge and size.longest_edge); re-download it"
+        )
     return settings
 
 
@@ -373,11 +440,14 @@ def _video_settings(content: dict, file: Path, image_settings: dict) -> dict:
         if key in content and settings[key] != image_settings[key]:
             raise VisionInputError(
                 f"{file}: {key}={content[key]} differs from preprocessor_config.json's "
-                f"{image_settings[key]}; the vision tower has one patching, make them agree")
+                f"{image_settings[key]}; the vision tower has one patching, make them agree"
+            )
     released = VIDEO_PREPROCESSOR_CONFIG["size"]
-    return {"video_min_pixels": settings["min_pixels"] or released["shortest_edge"],
-            "video_max_pixels": settings["max_pixels"] or released["longest_edge"],
-            **{key: content.get(key, value) for key, value in VIDEO_SAMPLING.items()}}
+    return {
+        "video_min_pixels": settings["min_pixels"] or released["shortest_edge"],
+        "video_max_pixels": settings["max_pixels"] or released["longest_edge"],
+        **{key: content.get(key, value) for key, value in VIDEO_SAMPLING.items()},
+    }
 
 
 def _read_tokens(directory: Path) -> VisionTokens:
@@ -388,6 +458,9 @@ def _read_tokens(directory: Path) -> VisionTokens:
     for field, default in TOKEN_FIELDS.items():
         entry = names.get(str(config.get(field)), {})
         strings[field] = entry.get("content", default) if isinstance(entry, dict) else default
-    return VisionTokens(image=strings["image_token_id"], video=strings["video_token_id"],
-                        start=strings["vision_start_token_id"],
-                        end=strings["vision_end_token_id"])
+    return VisionTokens(
+        image=strings["image_token_id"],
+        video=strings["video_token_id"],
+        start=strings["vision_start_token_id"],
+        end=strings["vision_end_token_id"],
+    )

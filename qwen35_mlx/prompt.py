@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -46,7 +47,7 @@ class PromptInputs:
     keys: list[int] | None = None
 
 
-Prompt = Union[str, Sequence[int], Sequence[Mapping], PromptInputs]
+Prompt = str | Sequence[int] | Sequence[Mapping] | PromptInputs
 
 
 def place(inputs: PromptInputs, cached: int, rope_delta: int) -> tuple[mx.array | None, int]:
@@ -79,8 +80,10 @@ def token_ids(prompt) -> list[int]:
         array = np.asarray(prompt)
         if array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
             return array.tolist()
-    raise ValueError(f"a prompt is text, a list of token ids or a list of chat messages "
-                     f"({{'role': 'user', 'content': ...}}); got {_describe(prompt)}")
+    raise ValueError(
+        f"a prompt is text, a list of token ids or a list of chat messages "
+        f"({{'role': 'user', 'content': ...}}); got {_describe(prompt)}"
+    )
 
 
 def _describe(value) -> str:
@@ -90,9 +93,16 @@ def _describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def prepare_prompt(model, tokenizer, prompt: Prompt, *, images=None, videos=None,
-                   enable_thinking: bool | None = None,
-                   vision_cache: VisionCache | None = None) -> PromptInputs:
+def prepare_prompt(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    *,
+    images=None,
+    videos=None,
+    enable_thinking: bool | None = None,
+    vision_cache: VisionCache | None = None,
+) -> PromptInputs:
     """Any prompt as model inputs, its ids checked against the model's vocabulary; the images
     and videos of messages (and of `images=`, `videos=`) go through the processor and the
     vision tower. See `stream_generate`."""
@@ -103,8 +113,13 @@ def prepare_prompt(model, tokenizer, prompt: Prompt, *, images=None, videos=None
         inputs = prompt
     elif images or videos or is_messages(prompt):
         messages = attach_media(prompt, images, videos) if images or videos else prompt
-        inputs = encode_prompt(model, tokenizer, chat_text(tokenizer, messages, enable_thinking),
-                               *media_sources(messages), vision_cache=vision_cache)
+        inputs = encode_prompt(
+            model,
+            tokenizer,
+            chat_text(tokenizer, messages, enable_thinking),
+            *media_sources(messages),
+            vision_cache=vision_cache,
+        )
     else:
         inputs = PromptInputs(prompt_tokens(tokenizer, prompt))
     model.check_token_ids(inputs.ids)
@@ -112,13 +127,13 @@ def prepare_prompt(model, tokenizer, prompt: Prompt, *, images=None, videos=None
 
 
 def is_messages(prompt) -> bool:
-    return (isinstance(prompt, (list, tuple)) and bool(prompt)
-            and isinstance(prompt[0], Mapping))
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], Mapping)
 
 
 def chat_text(tokenizer, messages: Sequence[Mapping], enable_thinking: bool | None) -> str:
-    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                         enable_thinking=enable_thinking)
+    return tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=True, enable_thinking=enable_thinking
+    )
 
 
 class VisionCache:
@@ -140,8 +155,9 @@ class VisionCache:
     def clear(self) -> None:
         self._features.clear()
 
-    def encode(self, model, pixel_values: np.ndarray, grid_thw: np.ndarray,
-               key: str | None = None) -> mx.array:
+    def encode(
+        self, model, pixel_values: np.ndarray, grid_thw: np.ndarray, key: str | None = None
+    ) -> mx.array:
         """Features [N, H] of one image or video (pixel_values [P, 1536], grid_thw [1, 3]);
         `key`: its `content_key`, when already computed."""
         key = key or content_key(pixel_values, grid_thw)
@@ -160,8 +176,10 @@ def content_key(pixel_values: np.ndarray, grid_thw: np.ndarray) -> str:
     """A hash of one image's or video's processed pixels and grid."""
     import numpy as np
 
-    return hashlib.sha256(np.ascontiguousarray(grid_thw, dtype=np.int64).tobytes()
-                          + np.ascontiguousarray(pixel_values).tobytes()).hexdigest()
+    return hashlib.sha256(
+        np.ascontiguousarray(grid_thw, dtype=np.int64).tobytes()
+        + np.ascontiguousarray(pixel_values).tobytes()
+    ).hexdigest()
 
 
 def media_keys(ids: Sequence[int], placeholders: Mapping[int, list[tuple[str, int]]]) -> list[int]:
@@ -171,8 +189,10 @@ def media_keys(ids: Sequence[int], placeholders: Mapping[int, list[tuple[str, in
         placeholders: placeholder token id -> (content hash, tokens) of each of its media, in
             prompt order.
     """
-    queues = {token: [(-1 - int(digest[:15], 16), count) for digest, count in media]
-              for token, media in placeholders.items()}
+    queues = {
+        token: [(-1 - int(digest[:15], 16), count) for digest, count in media]
+        for token, media in placeholders.items()
+    }
     keys = []
     for token in ids:
         queue = queues.get(token)
@@ -196,8 +216,9 @@ def as_list(sources) -> list:
 
 def with_media(content: str | Sequence[Mapping], images=None, videos=None) -> str | list:
     """A user message's content with `images` then `videos` put before it (the simple form)."""
-    items = ([{"type": "image", "image": image} for image in as_list(images)]
-             + [{"type": "video", "video": video} for video in as_list(videos)])
+    items = [{"type": "image", "image": image} for image in as_list(images)] + [
+        {"type": "video", "video": video} for video in as_list(videos)
+    ]
     if not items:
         return content
     text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
@@ -210,13 +231,17 @@ def attach_media(prompt: str | Sequence[Mapping], images=None, videos=None) -> l
     if isinstance(prompt, str):
         return [{"role": "user", "content": with_media(prompt, images, videos)}]
     if not prompt or not isinstance(prompt[0], Mapping):
-        raise ValueError("images and videos need a text or chat-messages prompt: token ids "
-                         "cannot say where they go")
+        raise ValueError(
+            "images and videos need a text or chat-messages prompt: token ids "
+            "cannot say where they go"
+        )
     messages = [dict(message) for message in prompt]  # the caller's messages stay as they were
     users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
     if not users:
-        raise ValueError("images and videos are attached to the last user message, and the "
-                         "prompt has none; add one")
+        raise ValueError(
+            "images and videos are attached to the last user message, and the "
+            "prompt has none; add one"
+        )
     last = messages[users[-1]]
     last["content"] = with_media(last.get("content") or [], images, videos)
     return messages
@@ -261,18 +286,29 @@ def video_fps(item: Mapping) -> float | None:
 def item_type(item: Any) -> str:
     """A content item's kind, decided as the chat template decides it (by key, then type)."""
     if not isinstance(item, Mapping):
-        raise ValueError(f"content item {item!r} is not a dict; write "
-                         "{'type': 'text', 'text': ...} or {'type': 'image', 'image': PATH}")
+        raise ValueError(
+            f"content item {item!r} is not a dict; write "
+            "{'type': 'text', 'text': ...} or {'type': 'image', 'image': PATH}"
+        )
     for kind in ("image", "image_url", "video", "text"):
         if kind in item:
             return kind
-    raise ValueError(f"content item {dict(item)!r} has none of the keys {CONTENT_TYPES}; write "
-                     "e.g. {'type': 'image', 'image': 'photo.png'}")
+    raise ValueError(
+        f"content item {dict(item)!r} has none of the keys {CONTENT_TYPES}; write "
+        "e.g. {'type': 'image', 'image': 'photo.png'}"
+    )
 
 
-def encode_prompt(model, tokenizer, text: str, images: Sequence = (), videos: Sequence = (), *,
-                  prefix: Sequence[int] = (), vision_cache: VisionCache | None = None
-                  ) -> PromptInputs:
+def encode_prompt(
+    model,
+    tokenizer,
+    text: str,
+    images: Sequence = (),
+    videos: Sequence = (),
+    *,
+    prefix: Sequence[int] = (),
+    vision_cache: VisionCache | None = None,
+) -> PromptInputs:
     """Prompt text whose `<|image_pad|>` / `<|video_pad|>` placeholders stand for `images` and
     `videos` (`VideoSource`s, in order) -> model inputs. `prefix` ids go before the text as
     they are."""
@@ -290,24 +326,34 @@ def encode_prompt(model, tokenizer, text: str, images: Sequence = (), videos: Se
     ids = [*prefix, *tokenizer.encode(expanded)]
 
     images = [(*m, content_key(*m)) for m in split_images(image_inputs)]
-    videos = [(v.pixel_values, v.grid_thw, content_key(v.pixel_values, v.grid_thw))
-              for v in video_inputs]
+    videos = [
+        (v.pixel_values, v.grid_thw, content_key(v.pixel_values, v.grid_thw)) for v in video_inputs
+    ]
     image_features = [vision_cache.encode(model, *m) for m in images]
     video_features = [vision_cache.encode(model, *m) for m in videos]
     merged = processor.merge_size**2  # patches per placeholder token
     tokens = mx.array(ids)[None]  # [1, T]
     embeddings = model.embed_inputs(
-        tokens, image_features=mx.concatenate(image_features) if image_features else None,
-        video_features=mx.concatenate(video_features) if video_features else None)
-    positions, rope_delta = model.position_ids(tokens, image_grid_thw=image_grid,
-                                               video_grid_thw=video_grid)
+        tokens,
+        image_features=mx.concatenate(image_features) if image_features else None,
+        video_features=mx.concatenate(video_features) if video_features else None,
+    )
+    positions, rope_delta = model.position_ids(
+        tokens, image_grid_thw=image_grid, video_grid_thw=video_grid
+    )
     token_ids = model.config.token_ids
-    keys = media_keys(ids, {
-        token_ids[f"{kind}_token_id"]: [(key, int(np.prod(grid)) // merged)
-                                         for _, grid, key in media]
-        for kind, media in (("image", images), ("video", videos))})
-    return PromptInputs(ids, embeddings, positions, int(np.asarray(rope_delta).reshape(-1)[0]),
-                        keys)
+    keys = media_keys(
+        ids,
+        {
+            token_ids[f"{kind}_token_id"]: [
+                (key, int(np.prod(grid)) // merged) for _, grid, key in media
+            ]
+            for kind, media in (("image", images), ("video", videos))
+        },
+    )
+    return PromptInputs(
+        ids, embeddings, positions, int(np.asarray(rope_delta).reshape(-1)[0]), keys
+    )
 
 
 def split_images(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -325,9 +371,11 @@ def vision_processor(model, tokenizer):
         raise ValueError(
             "this checkpoint is text-only (no vision tower), so it cannot read images or "
             "videos; load a multimodal Qwen3.5 checkpoint (Qwen3_5ForConditionalGeneration, "
-            "e.g. Qwen/Qwen3.5-0.8B)")
+            "e.g. Qwen/Qwen3.5-0.8B)"
+        )
     if tokenizer.processor is None:
         raise ValueError(
             "the tokenizer carries no image processor; load model and tokenizer with "
-            "qwen35_mlx.load, which reads the checkpoint's preprocessor_config.json")
+            "qwen35_mlx.load, which reads the checkpoint's preprocessor_config.json"
+        )
     return tokenizer.processor

@@ -43,11 +43,13 @@ class PrefixCache:
             with a warning (generation goes on without it).
     """
 
-    def __init__(self, max_bytes: int = 2 << 30, interval: int = 4096,
-                 directory: str | Path | None = None):
+    def __init__(
+        self, max_bytes: int = 2 << 30, interval: int = 4096, directory: str | Path | None = None
+    ):
         if max_bytes < 0 or interval < 1:
-            raise ValueError(f"max_bytes must be >= 0 and interval >= 1, got {max_bytes} and "
-                             f"{interval}")
+            raise ValueError(
+                f"max_bytes must be >= 0 and interval >= 1, got {max_bytes} and {interval}"
+            )
         self.max_bytes, self.interval = max_bytes, interval
         self.directory = None if directory is None else _usable_folder(Path(directory))
         self._entries: OrderedDict[tuple[str, int, str], Snapshot] = OrderedDict()
@@ -65,8 +67,11 @@ class PrefixCache:
         beyond the byte budget."""
         if snapshot.offset == 0:
             return
-        key = (snapshot.fingerprint, snapshot.offset,
-               prefix_digests(snapshot.fingerprint, snapshot.keys, [snapshot.offset])[0])
+        key = (
+            snapshot.fingerprint,
+            snapshot.offset,
+            prefix_digests(snapshot.fingerprint, snapshot.keys, [snapshot.offset])[0],
+        )
         if self.directory is not None:
             self._write(key, snapshot)
         with self._lock:
@@ -79,8 +84,13 @@ class PrefixCache:
         """The snapshot of this model holding the longest prefix of `keys` of at most `limit`
         tokens, or None."""
         with self._lock:
-            lengths = sorted({offset for model, offset, _ in self._entries
-                              if model == fingerprint and offset <= min(limit, len(keys))})
+            lengths = sorted(
+                {
+                    offset
+                    for model, offset, _ in self._entries
+                    if model == fingerprint and offset <= min(limit, len(keys))
+                }
+            )
             digests = prefix_digests(fingerprint, keys, lengths)
             for length, digest in reversed(list(zip(lengths, digests))):
                 snapshot = self._entries.get((fingerprint, length, digest))
@@ -96,8 +106,9 @@ class PrefixCache:
         cache = model.make_cache(**cache_kwargs)
         snapshot = self.lookup(cache.fingerprint, keys, limit=len(keys) - 1)
         if self.directory is not None:
-            stored = self._read_longer(cache, keys, len(keys) - 1,
-                                       0 if snapshot is None else snapshot.offset)
+            stored = self._read_longer(
+                cache, keys, len(keys) - 1, 0 if snapshot is None else snapshot.offset
+            )
             snapshot = stored or snapshot
         if snapshot is not None:
             cache.restore(snapshot)
@@ -114,12 +125,16 @@ class PrefixCache:
         try:
             save_prompt_cache(file, snapshot)
         except (OSError, RuntimeError) as error:  # full disk, permissions: go on without it
-            warnings.warn(f"prompt cache folder {self.directory}: cannot write {file.name} "
-                          f"({error}); the disk tier is off for this run", stacklevel=2)
+            warnings.warn(
+                f"prompt cache folder {self.directory}: cannot write {file.name} "
+                f"({error}); the disk tier is off for this run",
+                stacklevel=2,
+            )
             self.directory = None
 
-    def _read_longer(self, cache: PromptCache, keys: Sequence[int], limit: int,
-                     shorter: int) -> Snapshot | None:
+    def _read_longer(
+        self, cache: PromptCache, keys: Sequence[int], limit: int, shorter: int
+    ) -> Snapshot | None:
         """The longest snapshot on disk for `keys` longer than `shorter` tokens, if any."""
         fingerprint = cache.fingerprint
         stored = {}
@@ -128,16 +143,18 @@ class PrefixCache:
             if offset.isdigit() and shorter < int(offset) <= min(limit, len(keys)):
                 stored[(int(offset), digest)] = file
         lengths = sorted({offset for offset, _ in stored})
-        for length, digest in reversed(list(zip(lengths, prefix_digests(fingerprint, keys,
-                                                                         lengths)))):
+        for length, digest in reversed(
+            list(zip(lengths, prefix_digests(fingerprint, keys, lengths)))
+        ):
             file = stored.get((length, digest[:32]))
             if file is None:
                 continue
             try:
                 snapshot = read_snapshot(file, cache)
             except ValueError as error:
-                warnings.warn(f"skipping and removing prompt cache file {file} ({error})",
-                              stacklevel=2)
+                warnings.warn(
+                    f"skipping and removing prompt cache file {file} ({error})", stacklevel=2
+                )
                 file.unlink(missing_ok=True)
                 continue
             if tuple(keys[:length]) == snapshot.keys:
@@ -150,8 +167,11 @@ class PrefixCache:
         tokens, the prompt but its last token (what the same prompt sent again can reuse) and
         the whole prompt."""
         message = tokenizer.encode(MESSAGE_START)
-        starts = ([i for i in range(start + 1, len(ids)) if ids[i] == message[0]]
-                  if len(message) == 1 else [])
+        starts = (
+            [i for i in range(start + 1, len(ids)) if ids[i] == message[0]]
+            if len(message) == 1
+            else []
+        )
         regular = range((start // self.interval + 1) * self.interval, len(ids), self.interval)
         return sorted(n for n in {*starts, *regular, len(ids) - 1, len(ids)} if n > start)
 
@@ -164,8 +184,11 @@ def _usable_folder(directory: Path) -> Path | None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        warnings.warn(f"prompt cache folder {directory} cannot be written ({error}); going on "
-                      "without a disk tier", stacklevel=3)
+        warnings.warn(
+            f"prompt cache folder {directory} cannot be written ({error}); going on "
+            "without a disk tier",
+            stacklevel=3,
+        )
         return None
     return directory
 
@@ -190,15 +213,24 @@ def save_prompt_cache(path: str | Path, cache: PromptCache | Snapshot) -> None:
     (a temporary file renamed into place). Only arrays and JSON are stored: nothing in it is
     executed when it is read."""
     snapshot = cache.snapshot() if isinstance(cache, PromptCache) else cache
-    arrays = {f"{index}.{name}": array for index, layer in enumerate(snapshot.layers)
-              for name, array in layer.arrays().items()}
-    metadata = {"format": FILE_FORMAT, "version": FILE_VERSION,
-                "fingerprint": snapshot.fingerprint, "tokens": json.dumps(snapshot.tokens),
-                "keys": json.dumps(snapshot.keys), "rope_delta": str(snapshot.rope_delta)}
+    arrays = {
+        f"{index}.{name}": array
+        for index, layer in enumerate(snapshot.layers)
+        for name, array in layer.arrays().items()
+    }
+    metadata = {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "fingerprint": snapshot.fingerprint,
+        "tokens": json.dumps(snapshot.tokens),
+        "keys": json.dumps(snapshot.keys),
+        "rope_delta": str(snapshot.rope_delta),
+    }
     path = Path(path)
     # MLX adds .safetensors to a name that lacks it
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.partial"
-                             ".safetensors")
+    partial = path.with_name(
+        f".{path.stem}.{os.getpid()}.{threading.get_ident()}.partial.safetensors"
+    )
     try:
         mx.save_safetensors(str(partial), arrays, metadata=metadata)
         os.replace(partial, path)
@@ -224,25 +256,35 @@ def read_snapshot(path: str | Path, cache: PromptCache) -> Snapshot:
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
     except Exception as error:  # mlx raises RuntimeError/ValueError for unreadable files
-        raise ValueError(f"{path} cannot be read as a prompt cache ({error}); it is truncated "
-                         "or corrupt: delete it") from None
+        raise ValueError(
+            f"{path} cannot be read as a prompt cache ({error}); it is truncated "
+            "or corrupt: delete it"
+        ) from None
     if (metadata or {}).get("format") != FILE_FORMAT:
-        raise ValueError(f"{path} is not a qwen35-mlx prompt cache (saved by "
-                         "save_prompt_cache); point to one")
+        raise ValueError(
+            f"{path} is not a qwen35-mlx prompt cache (saved by save_prompt_cache); point to one"
+        )
     if metadata.get("fingerprint") != cache.fingerprint:
-        raise ValueError(f"{path} was saved from another model (or another checkpoint, config "
-                         "or dtype); load it with the model that saved it")
+        raise ValueError(
+            f"{path} was saved from another model (or another checkpoint, config "
+            "or dtype); load it with the model that saved it"
+        )
     try:
         tokens = tuple(json.loads(metadata["tokens"]))
         keys = tuple(json.loads(metadata["keys"]))
-        layers = tuple(layer.snapshot_from_arrays(_layer_arrays(arrays, index), len(tokens))
-                       for index, layer in enumerate(cache.layers))
+        layers = tuple(
+            layer.snapshot_from_arrays(_layer_arrays(arrays, index), len(tokens))
+            for index, layer in enumerate(cache.layers)
+        )
         rope_delta = int(metadata["rope_delta"])
-        unknown = set(arrays) - {f"{index}.{name}" for index, layer in enumerate(layers)
-                                 for name in layer.arrays()}
+        unknown = set(arrays) - {
+            f"{index}.{name}" for index, layer in enumerate(layers) for name in layer.arrays()
+        }
         if len(keys) != len(tokens) or unknown:
-            raise ValueError(f"{len(keys)} keys for {len(tokens)} tokens, arrays "
-                             f"{sorted(unknown)[:3]} no layer holds")
+            raise ValueError(
+                f"{len(keys)} keys for {len(tokens)} tokens, arrays "
+                f"{sorted(unknown)[:3]} no layer holds"
+            )
     except (KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{path} is not a whole prompt cache ({error}); delete it") from None
     nbytes = sum(array.nbytes for array in arrays.values())
@@ -252,5 +294,4 @@ def read_snapshot(path: str | Path, cache: PromptCache) -> Snapshot:
 def _layer_arrays(arrays: dict[str, mx.array], index: int) -> dict[str, mx.array]:
     """The arrays a file holds for layer `index`, by their names in its snapshot."""
     prefix = f"{index}."
-    return {name[len(prefix):]: array for name, array in arrays.items()
-            if name.startswith(prefix)}
+    return {name[len(prefix) :]: array for name, array in arrays.items() if name.startswith(prefix)}

@@ -15,7 +15,7 @@ counts are kept running instead of rescanning the history.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -27,8 +27,9 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 min_p: float = 0.0) -> Sampler:
+def make_sampler(
+    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Sampler:
     """A sampler of log-probabilities [1, vocab]; greedy when `temp` is 0."""
     check_sampling(temp, top_p, top_k, min_p)
     if temp == 0:
@@ -52,7 +53,8 @@ def keep_top_p(logprobs: mx.array, top_p: float) -> mx.array:
     probs = mx.exp(ordered.astype(mx.float32))
     mass_above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)
     dropped = (mass_above >= top_p * (mass_above[..., :1] + probs[..., :1])).sum(
-        axis=-1, keepdims=True)  # the least likely tokens, the rest already reach top_p
+        axis=-1, keepdims=True
+    )  # the least likely tokens, the rest already reach top_p
     threshold = mx.take_along_axis(ordered, dropped, axis=-1)
     return mx.where(logprobs < threshold, -mx.inf, logprobs)
 
@@ -77,8 +79,7 @@ def check_sampling(temp, top_p, top_k, min_p) -> None:
     _check_number("top_p", top_p, lambda p: 0 < p <= 1, "in (0, 1] (1.0 keeps every token)")
     _check_number("min_p", min_p, lambda p: 0 <= p <= 1, "in [0, 1] (0 keeps every token)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be a whole number >= 0 (0 keeps every token), got "
-                         f"{top_k!r}")
+        raise ValueError(f"top_k must be a whole number >= 0 (0 keeps every token), got {top_k!r}")
 
 
 def check_seed(seed) -> None:
@@ -118,7 +119,7 @@ class Penalties:
     def __call__(self, generated: list[int], logits: mx.array) -> mx.array:
         if self.counts is None:
             self.counts = mx.zeros((logits.shape[-1],), dtype=mx.float32)
-        new = generated[self.seen:]
+        new = generated[self.seen :]
         if new:
             self.counts = self.counts.at[mx.array(new)].add(1.0)
             self.seen = len(generated)

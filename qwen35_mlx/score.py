@@ -10,8 +10,8 @@ before it and is context only: a text of N tokens scores N - 1 of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import mlx.core as mx
 
@@ -122,8 +122,11 @@ def next_token_logprobs(logits: mx.array, targets: mx.array, top_k: int) -> tupl
     top = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[:, :top_k]  # [T, k], any order
     top_logprobs = mx.take_along_axis(logits, top, axis=-1) - normalizer
     order = mx.argsort(-top_logprobs, axis=-1)
-    return (picked.squeeze(-1), mx.take_along_axis(top, order, axis=-1),
-            mx.take_along_axis(top_logprobs, order, axis=-1))
+    return (
+        picked.squeeze(-1),
+        mx.take_along_axis(top, order, axis=-1),
+        mx.take_along_axis(top_logprobs, order, axis=-1),
+    )
 
 
 def token_ids(tokenizer, text_or_ids) -> list[int]:
@@ -133,22 +136,28 @@ def token_ids(tokenizer, text_or_ids) -> list[int]:
     return prompt_tokens(tokenizer, text_or_ids)
 
 
-def check_options(prefill_step_size: int, max_tokens: int | None, top_k: int,
-                  vocab_size: int) -> None:
+def check_options(
+    prefill_step_size: int, max_tokens: int | None, top_k: int, vocab_size: int
+) -> None:
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
     if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens must be at least 2 (the first token is context only), "
-                         f"got {max_tokens}")
+        raise ValueError(
+            f"max_tokens must be at least 2 (the first token is context only), got {max_tokens}"
+        )
     if not 0 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be in [0, {vocab_size}] (the vocabulary size), got {top_k}")
 
 
 def check_length(ids: list[int], context: int) -> None:
     if len(ids) < 2:
-        raise ValueError(f"the text has {len(ids)} token(s); scoring needs at least 2 (the first "
-                         "is context only, Qwen3.5 has no BOS token)")
+        raise ValueError(
+            f"the text has {len(ids)} token(s); scoring needs at least 2 (the first "
+            "is context only, Qwen3.5 has no BOS token)"
+        )
     if len(ids) > context:
-        raise ValueError(f"the text has {len(ids)} tokens but the model's context window is "
-                         f"{context}; score its first {context} (max_tokens={context}, "
-                         "--max-tokens) or split it")
+        raise ValueError(
+            f"the text has {len(ids)} tokens but the model's context window is "
+            f"{context}; score its first {context} (max_tokens={context}, "
+            "--max-tokens) or split it"
+        )

@@ -54,12 +54,14 @@ def open_image(source) -> Image.Image:
     else:
         raise VisionInputError(
             f"cannot read an image from a {type(source).__name__}; pass a file path, a "
-            "data: URL, the file's bytes or a PIL.Image")
+            "data: URL, the file's bytes or a PIL.Image"
+        )
     image = open_file(file, name)
     if image is None:
         raise VisionInputError(
             f"{name} is not an image PIL can read; pass a PNG, JPEG, WebP, GIF, BMP or TIFF "
-            "file (videos go through the video path)")
+            "file (videos go through the video path)"
+        )
     return ImageOps.exif_transpose(_decoded(image, name))
 
 
@@ -67,15 +69,18 @@ def local_source(source):
     """What can be read here (a path, PIL image, bytes or base64 data: URL): file:// URLs become
     paths; web URLs are refused, as nothing is downloaded."""
     if source is None:
-        raise VisionInputError("an image or video item has no source; give a path, a PIL "
-                               "image, bytes or a data: URL")
+        raise VisionInputError(
+            "an image or video item has no source; give a path, a PIL image, bytes or a data: URL"
+        )
     if not isinstance(source, str):
         return source
     if source.startswith("file://"):
-        return urllib.parse.unquote(source[len("file://"):])
+        return urllib.parse.unquote(source[len("file://") :])
     if source.startswith(("http://", "https://")):
-        raise VisionInputError(f"{source[:80]}: web URLs are not fetched; download the file "
-                               "first and pass its path (or a data: URL)")
+        raise VisionInputError(
+            f"{source[:80]}: web URLs are not fetched; download the file "
+            "first and pass its path (or a data: URL)"
+        )
     return source
 
 
@@ -98,9 +103,13 @@ def open_file(file, name) -> Image.Image | None:
         raise VisionInputError(f"{name} cannot be read ({error})") from None
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and image.width * image.height > limit:
-        raise VisionInputError(_bomb_message(
-            name, f"{image.width}×{image.height} = {image.width * image.height} pixels is above "
-                  f"the limit of {limit}"))
+        raise VisionInputError(
+            _bomb_message(
+                name,
+                f"{image.width}×{image.height} = {image.width * image.height} pixels is above "
+                f"the limit of {limit}",
+            )
+        )
     return image
 
 
@@ -110,20 +119,22 @@ def _decoded(image: Image.Image, name) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise VisionInputError(
             f"{name} cannot be decoded ({error}); the file is truncated or corrupt, get a "
-            "complete copy") from None
+            "complete copy"
+        ) from None
     return image
 
 
 def _bomb_message(name, detail: str) -> str:
-    return (f"{name}: {detail} (PIL's guard against decompression bombs). If you trust the "
-            "file, raise the limit before loading: `PIL.Image.MAX_IMAGE_PIXELS = <pixels>`")
+    return (
+        f"{name}: {detail} (PIL's guard against decompression bombs). If you trust the "
+        "file, raise the limit before loading: `PIL.Image.MAX_IMAGE_PIXELS = <pixels>`"
+    )
 
 
 def _data_url_bytes(url: str) -> bytes:
     header, _, data = url.partition(",")
     if not header.endswith(";base64"):
-        raise VisionInputError("only base64 data: URLs are supported "
-                               "(data:image/png;base64,...)")
+        raise VisionInputError("only base64 data: URLs are supported (data:image/png;base64,...)")
     try:
         return base64.b64decode(data, validate=True)
     except ValueError:
@@ -153,13 +164,15 @@ def open_frames(source, *, source_fps: float | None, default_fps: float) -> Fram
         VisionInputError: a missing path, an empty folder, a file without decodable frames, a
             still image, or a video file without PyAV installed.
     """
-    if source_fps is not None and not (isinstance(source_fps, (int, float))
-                                       and math.isfinite(source_fps) and source_fps > 0):
+    if source_fps is not None and not (
+        isinstance(source_fps, (int, float)) and math.isfinite(source_fps) and source_fps > 0
+    ):
         raise VisionInputError(f"a video's fps must be a positive number, got {source_fps!r}")
     if not isinstance(source, (str, Path)):
         raise VisionInputError(
             f"cannot read a video from a {type(source).__name__}; pass the path of a video "
-            "file, an animated GIF or a directory of frame images")
+            "file, an animated GIF or a directory of frame images"
+        )
     path = existing_file(source)
     if path.is_dir():
         return _directory_frames(path, source_fps or default_fps)
@@ -182,13 +195,21 @@ def _natural_key(path: Path) -> list:
 def _directory_frames(directory: Path, fps: float) -> Frames:
     """Image files of a folder in name order, numbers compared by value (frame2 < frame10)."""
     extensions = Image.registered_extensions()
-    files = sorted((file for file in directory.iterdir() if file.is_file()
-                    and not file.name.startswith(".") and file.suffix.lower() in extensions),
-                   key=_natural_key)
+    files = sorted(
+        (
+            file
+            for file in directory.iterdir()
+            if file.is_file()
+            and not file.name.startswith(".")
+            and file.suffix.lower() in extensions
+        ),
+        key=_natural_key,
+    )
     if not files:
         raise VisionInputError(
             f"{directory} holds no image files (.png, .jpg, ...); put the video's frames "
-            "there, or pass a video file")
+            "there, or pass a video file"
+        )
     first = open_image(files[0])
     size = first.size
 
@@ -198,7 +219,8 @@ def _directory_frames(directory: Path, fps: float) -> Frames:
             if frame.size != size:
                 raise VisionInputError(
                     f"{files[index]} is {frame.width}×{frame.height} but {files[0].name} is "
-                    f"{size[0]}×{size[1]}; the frames of a video must share one size")
+                    f"{size[0]}×{size[1]}; the frames of a video must share one size"
+                )
             yield frame
 
     return _uniform(len(files), fps, first.height, first.width, read)
@@ -214,8 +236,10 @@ def _animated_frames(path: Path, image: Image.Image, source_fps: float | None) -
             delay = image.info.get("duration") or 0
             delays.append(delay if delay >= MIN_FRAME_MS else DEFAULT_FRAME_MS)
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise VisionInputError(f"{path} cannot be decoded ({error}); the file is truncated or "
-                               "corrupt, get a complete copy") from None
+        raise VisionInputError(
+            f"{path} cannot be decoded ({error}); the file is truncated or "
+            "corrupt, get a complete copy"
+        ) from None
 
     def read(indices: Sequence[int]) -> Iterator[Image.Image]:
         for index in indices:
@@ -233,21 +257,30 @@ def _check_animation_size(path: Path, frames: int, width: int, height: int) -> N
     if frames > MAX_ANIMATION_FRAMES:
         raise VisionInputError(
             f"{path} has {frames} frames, more than the {MAX_ANIMATION_FRAMES} an animation may "
-            "have here; cut it, or pass it as a video file or a folder of sampled frames")
+            "have here; cut it, or pass it as a video file or a folder of sampled frames"
+        )
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and frames * width * height > ANIMATION_PIXELS_PER_IMAGE_LIMIT * limit:
-        raise VisionInputError(_bomb_message(
-            path, f"{frames} frames of {width}×{height} = {frames * width * height} pixels to "
-                  f"decode is above {ANIMATION_PIXELS_PER_IMAGE_LIMIT} × the limit of {limit} "
-                  "(animation frames decode one after another)"))
+        raise VisionInputError(
+            _bomb_message(
+                path,
+                f"{frames} frames of {width}×{height} = {frames * width * height} pixels to "
+                f"decode is above {ANIMATION_PIXELS_PER_IMAGE_LIMIT} × the limit of {limit} "
+                "(animation frames decode one after another)",
+            )
+        )
 
 
 def _check_frame_size(path: Path, width: int, height: int) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
-        raise VisionInputError(_bomb_message(
-            path, f"frames of {width}×{height} = {width * height} pixels are above the limit of "
-                  f"{limit}"))
+        raise VisionInputError(
+            _bomb_message(
+                path,
+                f"frames of {width}×{height} = {width * height} pixels are above the limit of "
+                f"{limit}",
+            )
+        )
 
 
 def _video_file_frames(path: Path, source_fps: float | None) -> Frames:
@@ -256,9 +289,12 @@ def _video_file_frames(path: Path, source_fps: float | None) -> Frames:
     except ImportError:
         raise VisionInputError(
             f"{path}: reading video files needs PyAV; install it with {VIDEO_EXTRA}, or pass "
-            "a directory of frames or an animated GIF") from None
-    undecodable = (f"{path} has no decodable video frames: it is not a video file or it is "
-                   "empty or corrupt; check that a player opens it, or re-encode it")
+            "a directory of frames or an animated GIF"
+        ) from None
+    undecodable = (
+        f"{path} has no decodable video frames: it is not a video file or it is "
+        "empty or corrupt; check that a player opens it, or re-encode it"
+    )
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -291,6 +327,7 @@ def _video_file_frames(path: Path, source_fps: float | None) -> Frames:
             raise VisionInputError(f"{path} stops decoding ({error}); re-encode it") from None
         raise VisionInputError(
             f"{path} says it has {count} frames but fewer decode; re-encode it (e.g. "
-            f"`ffmpeg -i {path.name} fixed.mp4`) or pass source frames as a directory")
+            f"`ffmpeg -i {path.name} fixed.mp4`) or pass source frames as a directory"
+        )
 
     return _uniform(count, float(rate), height, width, read)

@@ -19,8 +19,11 @@ def copy_checkpoint(make_checkpoint, tmp_path, spec=Spec()) -> Path:
 
 def contents(directory: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under `directory`."""
-    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(directory.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(directory.rglob("*"))
+        if f.is_file()
+    }
 
 
 def rewrite_weights(file: Path, edit) -> None:

@@ -1,8 +1,8 @@
 """The released Qwen3.5 processor files, for test checkpoints.
 
 preprocessor_config.json and video_preprocessor_config.json hold what every Qwen3.5 size ships
-(docs/ARCHITECTURE.md §5); the canonical dicts live in qwen35_mlx.processor, which falls back to them
-when a checkpoint has no such files.
+(docs/ARCHITECTURE.md §5); the canonical dicts live in qwen35_mlx.processor, which falls back to
+them when a checkpoint has no such files.
 """
 
 import json

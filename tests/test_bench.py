@@ -33,14 +33,28 @@ from qwen35_mlx.gated_delta import SCAN_PATHS
 from metrics import relative_error
 
 # the released vocabulary: the released tokenizer's special tokens (image pad, ...) are in it
-TINY_TEXT = dict(vocab_size=TEXT_COMMON["vocab_size"], hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
-                 linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=4096,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10_000_000,
-                                  "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
-                                  "mrope_interleaved": True})
-TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                   num_position_embeddings=16)
+TINY_TEXT = dict(
+    vocab_size=TEXT_COMMON["vocab_size"],
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    max_position_embeddings=4096,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 10_000_000,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    },
+)
+TINY_VISION = dict(
+    depth=1, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16
+)
 # (size whose other fields are kept, DeltaNet value heads): tied head with Hv = Hk like the
 # 0.8B, untied lm_head with Hv = 2 Hk like the 9B
 VARIANTS = {"0.8B-tied": ("0.8B", 2), "9B-untied": ("9B", 4)}
@@ -48,9 +62,14 @@ VARIANTS = {"0.8B-tied": ("0.8B", 2), "9B-untied": ("9B", 4)}
 
 def tiny(variant: str) -> dict:
     size, value_heads = VARIANTS[variant]
-    return dict(size=size, num_layers=4, overrides={
-        "text_config": {**TINY_TEXT, "linear_num_value_heads": value_heads},
-        "vision_config": TINY_VISION})
+    return dict(
+        size=size,
+        num_layers=4,
+        overrides={
+            "text_config": {**TINY_TEXT, "linear_num_value_heads": value_heads},
+            "vision_config": TINY_VISION,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +84,12 @@ def header(file) -> dict:
 
 # Exact counts of the released checkpoints (docs/ARCHITECTURE.md §1.4): (decoder, embeddings,
 # vision tower, MTP head), and the total = Hugging Face's safetensors.total.
-RELEASED = {"0.8B": ((498_113_344, 254_279_680, 100_592_896, 20_452_864), 873_438_784),
-            "2B": ((1_373_265_728, 508_559_360, 331_416_576, 60_828_160), 2_274_069_824),
-            "4B": ((3_570_052_096, 635_699_200, 333_514_240, 120_599_552), 4_659_865_088),
-            "9B": ((6_919_565_824, 2 * 1_017_118_720, 456_010_480, 243_290_624),
-                   9_653_104_368)}
+RELEASED = {
+    "0.8B": ((498_113_344, 254_279_680, 100_592_896, 20_452_864), 873_438_784),
+    "2B": ((1_373_265_728, 508_559_360, 331_416_576, 60_828_160), 2_274_069_824),
+    "4B": ((3_570_052_096, 635_699_200, 333_514_240, 120_599_552), 4_659_865_088),
+    "9B": ((6_919_565_824, 2 * 1_017_118_720, 456_010_480, 243_290_624), 9_653_104_368),
+}
 
 
 @pytest.mark.parametrize("size", RELEASED)
@@ -95,9 +115,13 @@ def test_shapes_add_up_to_the_released_parameter_counts(size):
 def test_transformers_loads_it_and_agrees_with_us(tmp_path, variant):
     directory = write_random_checkpoint(tmp_path / "ckpt", dtype="float32", **tiny(variant))
     reference, info = Qwen3_5ForConditionalGeneration.from_pretrained(
-        directory, dtype=torch.float32, output_loading_info=True)
+        directory, dtype=torch.float32, output_loading_info=True
+    )
     assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (
-        set(), set(), set())
+        set(),
+        set(),
+        set(),
+    )
     model, _ = load(directory)
     ids = np.random.default_rng(0).integers(0, 512, size=(1, 70))  # crosses a 64-token chunk
     with torch.no_grad():
@@ -107,11 +131,17 @@ def test_transformers_loads_it_and_agrees_with_us(tmp_path, variant):
 
 def test_disk_dtypes_and_layout_are_the_release_ones(bf16_checkpoint):
     directory = bf16_checkpoint
-    dtypes = {name: spec["dtype"] for name, spec in header(directory / "model.safetensors").items()
-              if name != "__metadata__"}
+    dtypes = {
+        name: spec["dtype"]
+        for name, spec in header(directory / "model.safetensors").items()
+        if name != "__metadata__"
+    }
     f32 = {name for name, dtype in dtypes.items() if dtype == "F32"}
-    assert f32 == {f"model.language_model.layers.{i}.linear_attn.{t}"
-                   for i in range(3) for t in ("A_log", "norm.weight")}
+    assert f32 == {
+        f"model.language_model.layers.{i}.linear_attn.{t}"
+        for i in range(3)
+        for t in ("A_log", "norm.weight")
+    }
     assert set(dtypes.values()) == {"F32", "BF16"}
     assert "lm_head.weight" not in dtypes  # tied, as the 0.8B release
     config = json.loads((directory / "config.json").read_text())
@@ -120,8 +150,9 @@ def test_disk_dtypes_and_layout_are_the_release_ones(bf16_checkpoint):
 
 def test_same_seed_same_bytes_and_a_full_folder_is_refused(tmp_path, bf16_checkpoint):
     again = write_random_checkpoint(tmp_path / "again", **tiny("0.8B-tied"))
-    assert ((again / "model.safetensors").read_bytes()
-            == (bf16_checkpoint / "model.safetensors").read_bytes())
+    assert (again / "model.safetensors").read_bytes() == (
+        bf16_checkpoint / "model.safetensors"
+    ).read_bytes()
     with pytest.raises(ValueError, match="not an empty folder"):
         write_random_checkpoint(bf16_checkpoint, **tiny("0.8B-tied"))
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -144,14 +175,18 @@ def test_it_carries_the_released_tokenizer_and_chat_template(tmp_path, variant, 
     directory = write_random_checkpoint(tmp_path / "ckpt", **tiny(variant))
     model, tokenizer = load(directory)
     config = json.loads((directory / "config.json").read_text())
-    for name, key in [("<|image_pad|>", "image_token_id"), ("<|video_pad|>", "video_token_id"),
-                      ("<|vision_start|>", "vision_start_token_id"),
-                      ("<|vision_end|>", "vision_end_token_id")]:
+    for name, key in [
+        ("<|image_pad|>", "image_token_id"),
+        ("<|video_pad|>", "video_token_id"),
+        ("<|vision_start|>", "vision_start_token_id"),
+        ("<|vision_end|>", "vision_end_token_id"),
+    ]:
         assert tokenizer.encode(name) == [config[key]]
     assert tokenizer.encode("<|im_end|>") == [248046]
     assert tokenizer.eos_token_ids == {248046, config["text_config"]["eos_token_id"]}
-    template = (tokenizer_files.THINKING_TEMPLATE if thinking
-                else tokenizer_files.NON_THINKING_TEMPLATE)
+    template = (
+        tokenizer_files.THINKING_TEMPLATE if thinking else tokenizer_files.NON_THINKING_TEMPLATE
+    )
     assert (directory / "chat_template.jinja").read_bytes() == template.read_bytes()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
     generation_prompt = "<|im_start|>assistant\n<think>\n"
@@ -161,28 +196,56 @@ def test_it_carries_the_released_tokenizer_and_chat_template(tmp_path, variant, 
 
 
 def test_bench_generate_times_our_setup(bf16_checkpoint, capsys):
-    assert cli.main(["bench", "generate", "--model", str(bf16_checkpoint), "--prompt-tokens", "16",
-                     "--generation-tokens", "4"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "generate",
+                "--model",
+                str(bf16_checkpoint),
+                "--prompt-tokens",
+                "16",
+                "--generation-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "4 of 4" in table and "mlx-lm" not in table
 
 
 def test_generate_benchmark_races_mlx_lm(bf16_checkpoint, capsys):
-    assert generate_benchmark.main(["--model", str(bf16_checkpoint), "--prompt-tokens", "16",
-                                    "--generation-tokens", "4"]) == 0
+    assert (
+        generate_benchmark.main(
+            ["--model", str(bf16_checkpoint), "--prompt-tokens", "16", "--generation-tokens", "4"]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "4 of 4" in table and "ours/mlx-lm" in table
 
 
 def test_convert_benchmark_runs_end_to_end(bf16_checkpoint, tmp_path, capsys):
-    assert convert_benchmark.main(["--hf-path", str(bf16_checkpoint), "--bits", "8",
-                                   "--out-dir", str(tmp_path / "out")]) == 0
+    assert (
+        convert_benchmark.main(
+            ["--hf-path", str(bf16_checkpoint), "--bits", "8", "--out-dir", str(tmp_path / "out")]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    rows = {tuple(line.split()[:3]): line.split()[3:] for line in lines
-            if line.startswith(("qwen35_mlx ", "mlx-lm "))}
-    assert set(rows) == {("qwen35_mlx", "-", "bfloat16"), ("mlx-lm", "-", "bfloat16"),
-                         ("qwen35_mlx", "hybrid", "8"), ("qwen35_mlx", "uniform", "8"),
-                         ("mlx-lm", "default", "8")}
+    rows = {
+        tuple(line.split()[:3]): line.split()[3:]
+        for line in lines
+        if line.startswith(("qwen35_mlx ", "mlx-lm "))
+    }
+    assert set(rows) == {
+        ("qwen35_mlx", "-", "bfloat16"),
+        ("mlx-lm", "-", "bfloat16"),
+        ("qwen35_mlx", "hybrid", "8"),
+        ("qwen35_mlx", "uniform", "8"),
+        ("mlx-lm", "default", "8"),
+    }
     for (tool, _, _), cells in rows.items():  # vision, mtp: ours keeps both, mlx-lm drops them
         assert cells[2:4] == (["yes", "yes"] if tool == "qwen35_mlx" else ["no", "no"])
     # our float output computes exactly what the source does
@@ -192,18 +255,26 @@ def test_convert_benchmark_runs_end_to_end(bf16_checkpoint, tmp_path, capsys):
 
 
 def test_vision_benchmark_runs_end_to_end(bf16_checkpoint, capsys):
-    assert vision_benchmark.main(["--model", str(bf16_checkpoint), "--image-size", "64",
-                                  "--repeats", "2"]) == 0
+    assert (
+        vision_benchmark.main(
+            ["--model", str(bf16_checkpoint), "--image-size", "64", "--repeats", "2"]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert "grid (1, 4, 4) = 16 patches -> 4 tokens" in lines[0]
-    rows = {line.split()[0]: line.split()[1:] for line in lines
-            if line.startswith(("qwen35_mlx ", "mlx-vlm ", "ours/mlx-vlm "))}
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in lines
+        if line.startswith(("qwen35_mlx ", "mlx-vlm ", "ours/mlx-vlm "))
+    }
     assert set(rows) == {"qwen35_mlx", "mlx-vlm", "ours/mlx-vlm"}
     for column in range(3):  # best s, median s, work GB: the ratio row is ours / theirs
         ours, theirs = float(rows["qwen35_mlx"][column]), float(rows["mlx-vlm"][column])
         assert ours > 0 and theirs > 0
         assert float(rows["ours/mlx-vlm"][column].rstrip("x")) == pytest.approx(
-            ours / theirs, rel=5e-3, abs=1e-3)
+            ours / theirs, rel=5e-3, abs=1e-3
+        )
     assert float(rows["qwen35_mlx"][0]) <= float(rows["qwen35_mlx"][1])  # best <= median
     error = float(next(line for line in lines if line.startswith("features:")).split()[-1])
     assert error <= 1e-2  # the same features in bfloat16: both ran the same tower
@@ -213,11 +284,15 @@ def test_kernels_benchmark_table(capsys):
     assert kernels_benchmark.main(["--tokens", "16", "3", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
-    timings = {(c[0], c[1], int(c[2])): (float(c[3]), float(c[4].rstrip("x")), float(c[5]))
-               for c in cells if c[0] in ("0.8B", "9B")}
+    timings = {
+        (c[0], c[1], int(c[2])): (float(c[3]), float(c[4].rstrip("x")), float(c[5]))
+        for c in cells
+        if c[0] in ("0.8B", "9B")
+    }
     names = [f"ours {path}" for path in SCAN_PATHS] + ["mx.fast", "mlx-lm"]
-    assert set(timings) == {(size, name, T) for size in ("0.8B", "9B") for name in names
-                            for T in (16, 3)}
+    assert set(timings) == {
+        (size, name, T) for size in ("0.8B", "9B") for name in names for T in (16, 3)
+    }
     for size, _, T in timings:  # each ratio is the fastest peer's time over the row's
         fastest_peer = min(timings[size, peer, T][0] for peer in ("mx.fast", "mlx-lm"))
         for name in names:
@@ -225,8 +300,11 @@ def test_kernels_benchmark_table(capsys):
             assert ratio == pytest.approx(fastest_peer / ms, rel=1e-2, abs=6e-3)
             assert peak_gb > 0
     decode_paths = ("ours plain", "ours fused", "mlx-lm", "mlx-lm metal")
-    counts = {c[0]: (int(c[1]), float(c[2].rstrip("x")), float(c[3].rstrip("x")))
-              for c in cells if c[0] in decode_paths}
+    counts = {
+        c[0]: (int(c[1]), float(c[2].rstrip("x")), float(c[3].rstrip("x")))
+        for c in cells
+        if c[0] in decode_paths
+    }
     assert set(counts) == set(decode_paths)
     for count, vs_mlx_lm, vs_mlx_lm_metal in counts.values():
         assert vs_mlx_lm == pytest.approx(count / counts["mlx-lm"][0], abs=6e-3)
@@ -237,8 +315,22 @@ def test_kernels_benchmark_table(capsys):
 
 def test_bench_prompt_cache_table_and_plot(bf16_checkpoint, tmp_path, capsys):
     plot = tmp_path / "ttft.png"
-    assert cli.main(["bench", "prompt-cache", "--model", str(bf16_checkpoint), "--history",
-                     "64", "160", "--plot", str(plot)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "prompt-cache",
+                "--model",
+                str(bf16_checkpoint),
+                "--history",
+                "64",
+                "160",
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
     assert len(rows) == 2

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from checkpoints import Spec
 from qwen35_mlx import load, stream_generate
 from qwen35_mlx.chat import ChatSession
 from qwen35_mlx.cli import main
 from qwen35_mlx.cli.options import GENERATION_KWARGS, MEDIA_KWARGS
+
+from checkpoints import Spec
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,9 @@ def test_generate_prints_what_the_api_generates(tiny, capsys):
     model, tokenizer = load(tiny)
     messages = [{"role": "user", "content": "Hi there"}]
     expected = "".join(r.text for r in stream_generate(model, tokenizer, messages, max_tokens=12))
-    assert main(["generate", "--model", str(tiny), "--prompt", "Hi there", "--max-tokens", "12"]) == 0
+    assert (
+        main(["generate", "--model", str(tiny), "--prompt", "Hi there", "--max-tokens", "12"]) == 0
+    )
     out, err = capsys.readouterr()
     assert out == expected + "\n"
     assert "generation: 12 tokens" in err or "finish: stop" in err
@@ -36,19 +39,72 @@ def test_every_generation_flag_maps_to_a_keyword(tiny, monkeypatch):
         return iter(())
 
     monkeypatch.setattr("qwen35_mlx.cli.generate.stream_generate", fake_stream)
-    main(["generate", "--model", str(tiny), "--prompt", "x", "--no-enable-thinking",
-          "--max-tokens", "5", "--temp", "0.7", "--top-p", "0.8", "--top-k", "20",
-          "--min-p", "0.05", "--repetition-penalty", "1.1", "--presence-penalty", "1.5",
-          "--frequency-penalty", "0.2", "--seed", "3", "--prefill-step-size", "128",
-          "--stop", "END", "--stop", "###", "--kv-bits", "8", "--kv-group-size", "32",
-          "--quantized-kv-start", "16",
-          "--image", "a.png", "--video", "v.mp4", "--image", "b.png", "c.png"])
-    assert seen == dict(enable_thinking=False, max_tokens=5, temp=0.7, top_p=0.8, top_k=20,
-                        min_p=0.05, repetition_penalty=1.1, presence_penalty=1.5,
-                        frequency_penalty=0.2, seed=3, prefill_step_size=128,
-                        stop=["END", "###"], kv_bits=8, kv_group_size=32,
-                        quantized_kv_start=16,
-                        images=["a.png", "b.png", "c.png"], videos=["v.mp4"])
+    main(
+        [
+            "generate",
+            "--model",
+            str(tiny),
+            "--prompt",
+            "x",
+            "--no-enable-thinking",
+            "--max-tokens",
+            "5",
+            "--temp",
+            "0.7",
+            "--top-p",
+            "0.8",
+            "--top-k",
+            "20",
+            "--min-p",
+            "0.05",
+            "--repetition-penalty",
+            "1.1",
+            "--presence-penalty",
+            "1.5",
+            "--frequency-penalty",
+            "0.2",
+            "--seed",
+            "3",
+            "--prefill-step-size",
+            "128",
+            "--stop",
+            "END",
+            "--stop",
+            "###",
+            "--kv-bits",
+            "8",
+            "--kv-group-size",
+            "32",
+            "--quantized-kv-start",
+            "16",
+            "--image",
+            "a.png",
+            "--video",
+            "v.mp4",
+            "--image",
+            "b.png",
+            "c.png",
+        ]
+    )
+    assert seen == dict(
+        enable_thinking=False,
+        max_tokens=5,
+        temp=0.7,
+        top_p=0.8,
+        top_k=20,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=1.5,
+        frequency_penalty=0.2,
+        seed=3,
+        prefill_step_size=128,
+        stop=["END", "###"],
+        kv_bits=8,
+        kv_group_size=32,
+        quantized_kv_start=16,
+        images=["a.png", "b.png", "c.png"],
+        videos=["v.mp4"],
+    )
     assert set(seen) == set(GENERATION_KWARGS) | set(MEDIA_KWARGS)
 
 
@@ -74,15 +130,30 @@ def image(tmp_path_factory):
 
 
 @pytest.mark.parametrize("max_pixels", [None, 65536], ids=["default", "max-pixels"])
-def test_generate_with_an_image_prints_what_the_api_generates(tiny_vision, image, max_pixels,
-                                                              capsys):
+def test_generate_with_an_image_prints_what_the_api_generates(
+    tiny_vision, image, max_pixels, capsys
+):
     options = {"max_pixels": max_pixels} if max_pixels else None
     model, tokenizer = load(tiny_vision, processor_options=options)
-    responses = list(stream_generate(model, tokenizer, "What is it?", images=[image],
-                                     max_tokens=6))
+    responses = list(stream_generate(model, tokenizer, "What is it?", images=[image], max_tokens=6))
     flags = ["--max-pixels", str(max_pixels)] if max_pixels else []
-    assert main(["generate", "--model", str(tiny_vision), "--prompt", "What is it?", "--image",
-                 image, "--max-tokens", "6", *flags]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_vision),
+                "--prompt",
+                "What is it?",
+                "--image",
+                image,
+                "--max-tokens",
+                "6",
+                *flags,
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out == "".join(r.text for r in responses) + "\n"
     assert f"prompt: {responses[-1].prompt_tokens} tokens" in err
@@ -91,8 +162,10 @@ def test_generate_with_an_image_prints_what_the_api_generates(tiny_vision, image
 @pytest.mark.parametrize("how", ["flag", "command"])
 def test_chat_shows_an_image_with_the_next_message(tiny_vision, image, how, monkeypatch, capsys):
     model, tokenizer = load(tiny_vision)
-    expected = "".join(r.text for r in ChatSession(model, tokenizer, max_tokens=5).send(
-        "What is it?", images=[image]))
+    expected = "".join(
+        r.text
+        for r in ChatSession(model, tokenizer, max_tokens=5).send("What is it?", images=[image])
+    )
     lines = "What is it?\n" if how == "flag" else f"/image {image}\nWhat is it?\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
     flags = ["--image", image] if how == "flag" else []
@@ -111,8 +184,21 @@ def test_chat_reports_a_bad_image_and_goes_on(tiny_vision, tmp_path, monkeypatch
 
 
 def test_images_need_the_chat_template(tiny_vision, image, capsys):
-    assert main(["generate", "--model", str(tiny_vision), "--prompt", "x", "--image", image,
-                 "--ignore-chat-template"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_vision),
+                "--prompt",
+                "x",
+                "--image",
+                image,
+                "--ignore-chat-template",
+            ]
+        )
+        == 2
+    )
     assert "drop --ignore-chat-template" in capsys.readouterr().err
 
 

@@ -8,8 +8,12 @@ from qwen35_mlx.bench.random_checkpoint import SIZES, config_json
 from qwen35_mlx.models.config import ConfigError, ModelConfig
 
 # docs/ARCHITECTURE.md §1.2, derived values
-EXPECTED = {"0.8B": (24, 6144, 64, True), "2B": (24, 6144, 64, True),
-            "4B": (32, 8192, 64, True), "9B": (32, 8192, 64, False)}
+EXPECTED = {
+    "0.8B": (24, 6144, 64, True),
+    "2B": (24, 6144, 64, True),
+    "4B": (32, 8192, 64, True),
+    "9B": (32, 8192, 64, False),
+}
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -33,13 +37,17 @@ def test_fields_seen_in_real_configs_are_accepted():
     ModelConfig.from_hf(config)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"output_gate_type": "sigmoid"}, "output_gate_type 'sigmoid' is not supported"),
-    ({"sliding_window": 4096}, r"unknown field\(s\) \['sliding_window'\]"),
-    ({"layer_types": ["linear_attention"] * 3}, "layer_types has 3 entries"),
-    ({"linear_num_value_heads": 24}, "multiple of linear_num_key_heads"),
-    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e7}}, "rope_type 'dynamic'"),
-], ids=["gate", "unknown-key", "layer-types", "heads", "rope-type"])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"output_gate_type": "sigmoid"}, "output_gate_type 'sigmoid' is not supported"),
+        ({"sliding_window": 4096}, r"unknown field\(s\) \['sliding_window'\]"),
+        ({"layer_types": ["linear_attention"] * 3}, "layer_types has 3 entries"),
+        ({"linear_num_value_heads": 24}, "multiple of linear_num_key_heads"),
+        ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e7}}, "rope_type 'dynamic'"),
+    ],
+    ids=["gate", "unknown-key", "layer-types", "heads", "rope-type"],
+)
 def test_bad_configs_name_the_problem(fields, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf(with_text(**fields))
@@ -55,20 +63,40 @@ BAD_TEXT_VALUES = {
     "zero-eps": ({"rms_norm_eps": 0}, "rms_norm_eps = 0 must be > 0"),
     "negative-eps": ({"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 must be > 0"),
     "string-eps": ({"rms_norm_eps": "1e-6"}, "rms_norm_eps = '1e-6' must be a finite number"),
-    "zero-theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": 0,
-                                        "mrope_section": [11, 11, 10]}},
-                   "rope_parameters: rope_theta = 0 must be > 0"),
-    "negative-theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": -1e7}},
-                       "rope_theta = -10000000.0 must be > 0"),
-    "string-bias": ({"attention_bias": "false"}, "attention_bias = 'false' must be true or "
-                                                 "false"),
-    "layer-types-string": ({"layer_types": "linear_attention"},
-                           "layer_types = 'linear_attention' must be a list"),
-    "mrope-strings": ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e7,
-                                           "mrope_section": ["11", 11, 10]}},
-                      "mrope_section = \\['11', 11, 10\\] must be a list of integers"),
-    "eos-outside-vocab": ({"eos_token_id": 248320}, r"eos_token_id \[248320\] is outside the "
-                                                    "vocabulary"),
+    "zero-theta": (
+        {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 0,
+                "mrope_section": [11, 11, 10],
+            }
+        },
+        "rope_parameters: rope_theta = 0 must be > 0",
+    ),
+    "negative-theta": (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": -1e7}},
+        "rope_theta = -10000000.0 must be > 0",
+    ),
+    "string-bias": ({"attention_bias": "false"}, "attention_bias = 'false' must be true or false"),
+    "layer-types-string": (
+        {"layer_types": "linear_attention"},
+        "layer_types = 'linear_attention' must be a list",
+    ),
+    "mrope-strings": (
+        {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e7,
+                "mrope_section": ["11", 11, 10],
+            }
+        },
+        "mrope_section = \\['11', 11, 10\\] must be a list of integers",
+    ),
+    "eos-outside-vocab": (
+        {"eos_token_id": 248320},
+        r"eos_token_id \[248320\] is outside the "
+        "vocabulary",
+    ),
 }
 
 
@@ -86,16 +114,26 @@ def with_top(**fields):
 
 
 BAD_TOP_VALUES = {
-    "string-tie": ({"tie_word_embeddings": "false"},
-                   "config.json: tie_word_embeddings = 'false' must be true or false"),
-    "token-id-outside-vocab": ({"image_token_id": 10**6},
-                               r"image_token_id \[1000000\] is outside the vocabulary"),
-    "vision-zero-size": ({"vision_config": {**config_json("0.8B")["vision_config"], "depth": 0}},
-                         "config.json vision_config: depth = 0 must be an integer from 1"),
-    "quantization-bits": ({"quantization": {"group_size": 64, "bits": "4"}},
-                          "config.json quantization: bits = '4' must be an integer from 1 to 8"),
-    "text-config-list": ({"text_config": []},
-                         "config.json: text_config = \\[\\] must be an object"),
+    "string-tie": (
+        {"tie_word_embeddings": "false"},
+        "config.json: tie_word_embeddings = 'false' must be true or false",
+    ),
+    "token-id-outside-vocab": (
+        {"image_token_id": 10**6},
+        r"image_token_id \[1000000\] is outside the vocabulary",
+    ),
+    "vision-zero-size": (
+        {"vision_config": {**config_json("0.8B")["vision_config"], "depth": 0}},
+        "config.json vision_config: depth = 0 must be an integer from 1",
+    ),
+    "quantization-bits": (
+        {"quantization": {"group_size": 64, "bits": "4"}},
+        "config.json quantization: bits = '4' must be an integer from 1 to 8",
+    ),
+    "text-config-list": (
+        {"text_config": []},
+        "config.json: text_config = \\[\\] must be an object",
+    ),
 }
 
 
@@ -107,8 +145,9 @@ def test_bad_top_level_values_name_the_field(fields, message):
 
 @pytest.mark.parametrize("value", [[], "qwen3_5", 3], ids=["list", "string", "number"])
 def test_config_that_is_not_an_object(value):
-    with pytest.raises(ConfigError, match=f"config.json: holds a JSON {type(value).__name__}, "
-                                          "not an object"):
+    with pytest.raises(
+        ConfigError, match=f"config.json: holds a JSON {type(value).__name__}, not an object"
+    ):
         ModelConfig.from_hf(value)
 
 

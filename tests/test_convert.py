@@ -49,8 +49,6 @@ GROUP = 32
 LINEAR_LAYERS = (0, 1, 2)  # layer 3 is full attention (full_attention_interval 4)
 
 
-
-
 def logits(directory: Path, ids) -> np.ndarray:
     return np.array(load_model(directory)(mx.array(ids)).astype(mx.float32))
 
@@ -66,7 +64,10 @@ def bits_on_disk(weights: dict[str, mx.array], base: str) -> int | None:
     """Bits of an affine-quantized matrix from its packed shape; None when it is float."""
     if f"{base}.scales" not in weights:
         return None
-    packed, scales = weights[f"{base}.weight"], weights[f"{base}.scales"]  # [O, I·bits/32], [O, I/g]
+    packed, scales = (
+        weights[f"{base}.weight"],
+        weights[f"{base}.scales"],
+    )  # [O, I·bits/32], [O, I/g]
     return packed.shape[-1] * 32 // (scales.shape[-1] * GROUP)
 
 
@@ -77,9 +78,11 @@ def tree(root: Path) -> tuple[dict[str, str], list[str]]:
 
 def matrices(directory: Path) -> list[str]:
     """Paths of the text model's Linear and Embedding modules, read from a float checkpoint."""
-    return ["language_model." + path
-            for path, module in load_model(directory).language_model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Embedding))]
+    return [
+        "language_model." + path
+        for path, module in load_model(directory).language_model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Embedding))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +103,9 @@ def converted(make_checkpoint, tmp_path_factory):
 
 
 def quantized(bits, recipe="hybrid", dtype="float32", **kwargs) -> dict:
-    return dict(quantize=True, q_bits=bits, q_group_size=GROUP, recipe=recipe, dtype=dtype,
-                **kwargs)
+    return dict(
+        quantize=True, q_bits=bits, q_group_size=GROUP, recipe=recipe, dtype=dtype, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +164,10 @@ def test_hybrid_recipe_no_worse_than_uniform_at_4_bits(converted, deltanet_heavy
     source, reference = deltanet_heavy
     ids = prompt()
     expected = reference_logits(reference, ids)
-    errors = {recipe: relative_error(logits(converted(source, **quantized(4, recipe)), ids),
-                                     expected)
-              for recipe in ("hybrid", "uniform")}
+    errors = {
+        recipe: relative_error(logits(converted(source, **quantized(4, recipe)), ids), expected)
+        for recipe in ("hybrid", "uniform")
+    }
     assert errors["hybrid"] < errors["uniform"] < 0.5, errors
 
 
@@ -191,11 +196,18 @@ def test_recipe_decides_each_matrix(converted, recipe):
 def test_norms_a_log_and_conv_never_quantized(converted, recipe):
     weights = tensors(converted(CONDITIONAL, **quantized(4, recipe, dtype="bfloat16")))
     kept = [n for n in weights if n.endswith(("norm.weight", "A_log", "conv1d.weight", "dt_bias"))]
-    for kind in ("input_layernorm.weight", "linear_attn.norm.weight", "q_norm.weight",
-                 "model.norm.weight", "conv1d.weight", "A_log", "dt_bias"):
+    for kind in (
+        "input_layernorm.weight",
+        "linear_attn.norm.weight",
+        "q_norm.weight",
+        "model.norm.weight",
+        "conv1d.weight",
+        "A_log",
+        "dt_bias",
+    ):
         assert any(n.endswith(kind) for n in kept), kind
     for name in kept:
-        base = name[:-len(".weight")] if name.endswith(".weight") else name
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
         assert f"{base}.scales" not in weights, name
         # Model.cast_predicate: the vision tower's LayerNorms follow the dtype
         float32 = name.endswith(("norm.weight", "A_log")) and not name.startswith("vision_tower.")
@@ -206,16 +218,26 @@ def test_norms_a_log_and_conv_never_quantized(converted, recipe):
 # 3. What the output folder carries.
 
 
-@pytest.mark.parametrize("recipe, bits", [("hybrid", 4), ("hybrid", 6), ("hybrid", 8),
-                                          ("uniform", 4)],
-                         ids=["hybrid-4bit", "hybrid-6bit", "hybrid-8bit", "uniform-4bit"])
+@pytest.mark.parametrize(
+    "recipe, bits",
+    [("hybrid", 4), ("hybrid", 6), ("hybrid", 8), ("uniform", 4)],
+    ids=["hybrid-4bit", "hybrid-6bit", "hybrid-8bit", "uniform-4bit"],
+)
 def test_config_quantization_block(converted, recipe, bits):
-    config = json.loads((converted(CONDITIONAL, **quantized(bits, recipe)) / "config.json")
-                        .read_text())
+    config = json.loads(
+        (converted(CONDITIONAL, **quantized(bits, recipe)) / "config.json").read_text()
+    )
     expected = {"group_size": GROUP, "bits": bits, "mode": "affine"}
     if recipe == "hybrid" and bits < 8:  # per-layer overrides, as mlx-lm and mlx-vlm read them
-        expected.update({f"language_model.model.layers.{i}.linear_attn.out_proj":
-                         {"group_size": GROUP, "bits": 8} for i in LINEAR_LAYERS})
+        expected.update(
+            {
+                f"language_model.model.layers.{i}.linear_attn.out_proj": {
+                    "group_size": GROUP,
+                    "bits": 8,
+                }
+                for i in LINEAR_LAYERS
+            }
+        )
     assert config["quantization"] == expected
     assert config["quantization_config"] == expected
 
@@ -239,21 +261,34 @@ def test_safetensors_carry_the_mlx_marker(converted):
 def test_tokenizer_files_and_chat_template_copied(make_checkpoint, converted):
     source, _ = make_checkpoint(CONDITIONAL)
     target = converted(CONDITIONAL, **quantized(4))
-    names = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-             "generation_config.json"]
+    names = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ]
     for name in names:
         assert (target / name).read_bytes() == (source / name).read_bytes(), name
     ids = Tokenizer.from_pretrained(target).encode(PROMPT)
     assert ids == Tokenizer.from_pretrained(source).encode(PROMPT)
 
 
-@pytest.mark.parametrize("kwargs, lines", [
-    (quantized(4), ["Affine 4-bit quantization, group size 32, recipe `hybrid`",
-                    "`in_proj_a`/`in_proj_b` kept float; `linear_attn.out_proj` at 8 bits",
-                    "Vision tower kept float; MTP head kept float"]),
-    (quantized(6, "uniform"), ["Affine 6-bit quantization, group size 32, recipe `uniform`"]),
-    (dict(dtype="float32"), ["Not quantized: float weights in float32"]),
-], ids=["hybrid-4bit", "uniform-6bit", "float"])
+@pytest.mark.parametrize(
+    "kwargs, lines",
+    [
+        (
+            quantized(4),
+            [
+                "Affine 4-bit quantization, group size 32, recipe `hybrid`",
+                "`in_proj_a`/`in_proj_b` kept float; `linear_attn.out_proj` at 8 bits",
+                "Vision tower kept float; MTP head kept float",
+            ],
+        ),
+        (quantized(6, "uniform"), ["Affine 6-bit quantization, group size 32, recipe `uniform`"]),
+        (dict(dtype="float32"), ["Not quantized: float weights in float32"]),
+    ],
+    ids=["hybrid-4bit", "uniform-6bit", "float"],
+)
 def test_model_card_names_the_recipe(converted, kwargs, lines):
     card = (converted(CONDITIONAL, **kwargs) / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: mlx\n")
@@ -294,9 +329,11 @@ def overlap(source: Path, where: str) -> tuple[Path, str]:
         link = source.parent / "link"
         link.symlink_to(source, target_is_directory=True)
         return link, "is the source checkpoint"
-    return {"source": (source, "is the source checkpoint"),
-            "parent": (source.parent, "contains the source checkpoint"),
-            "inside": (source / "mlx", "lies inside the source checkpoint")}[where]
+    return {
+        "source": (source, "is the source checkpoint"),
+        "parent": (source.parent, "contains the source checkpoint"),
+        "inside": (source / "mlx", "lies inside the source checkpoint"),
+    }[where]
 
 
 @pytest.mark.parametrize("where", ["source", "symlink", "parent", "inside"])
@@ -304,10 +341,14 @@ def test_output_overlapping_the_source_is_refused(make_checkpoint, tmp_path, whe
     source = copy_checkpoint(make_checkpoint, tmp_path / "parent", CONDITIONAL)
     target, problem = overlap(source, where)
     before = tree(tmp_path)
-    with pytest.raises(ConvertError, match=re.escape(
+    with pytest.raises(
+        ConvertError,
+        match=re.escape(
             f"--mlx-path {target} {problem} {source}; writing there could overwrite or delete "
             "the weights being converted. Choose an --mlx-path apart from it: not the source, "
-            "not a folder above it, not one inside it")):
+            "not a folder above it, not one inside it"
+        ),
+    ):
         convert(str(source), str(target), force=True, verify_output=False)
     assert tree(tmp_path) == before  # nothing deleted, nothing written
 
@@ -329,10 +370,14 @@ def test_force_replaces_only_a_converted_checkpoint(make_checkpoint, tmp_path, k
     target = tmp_path / "out"
     unconverted_output(make_checkpoint, target, kind)
     before = tree(tmp_path)
-    with pytest.raises(FileExistsError, match=re.escape(
+    with pytest.raises(
+        FileExistsError,
+        match=re.escape(
             f"{target} exists and is not a converted MLX checkpoint (config.json and safetensors "
             "marked {'format': 'mlx'}); --force only replaces one of those. Choose another "
-            f"--mlx-path, or move or delete {target} yourself")):
+            f"--mlx-path, or move or delete {target} yourself"
+        ),
+    ):
         convert(str(source), str(target), force=True, verify_output=False)
     assert tree(tmp_path) == before
 
@@ -343,23 +388,32 @@ def test_force_replaces_only_a_converted_checkpoint(make_checkpoint, tmp_path, k
 H, I, NH, NKV, HD = 64, 128, 4, 2, 32  # the tiny decoder's dims (tests/checkpoints.py)
 # docs/ARCHITECTURE.md §6, scaled down: fc [H, 2H]; q_proj [2·nh·hd, H] (query and gate).
 MTP_SHAPES = {
-    "mtp.fc.weight": (H, 2 * H), "mtp.pre_fc_norm_embedding.weight": (H,),
-    "mtp.pre_fc_norm_hidden.weight": (H,), "mtp.norm.weight": (H,),
+    "mtp.fc.weight": (H, 2 * H),
+    "mtp.pre_fc_norm_embedding.weight": (H,),
+    "mtp.pre_fc_norm_hidden.weight": (H,),
+    "mtp.norm.weight": (H,),
     "mtp.layers.0.input_layernorm.weight": (H,),
     "mtp.layers.0.post_attention_layernorm.weight": (H,),
     "mtp.layers.0.self_attn.q_proj.weight": (2 * NH * HD, H),
     "mtp.layers.0.self_attn.k_proj.weight": (NKV * HD, H),
     "mtp.layers.0.self_attn.v_proj.weight": (NKV * HD, H),
     "mtp.layers.0.self_attn.o_proj.weight": (H, NH * HD),
-    "mtp.layers.0.self_attn.q_norm.weight": (HD,), "mtp.layers.0.self_attn.k_norm.weight": (HD,),
-    "mtp.layers.0.mlp.gate_proj.weight": (I, H), "mtp.layers.0.mlp.up_proj.weight": (I, H),
+    "mtp.layers.0.self_attn.q_norm.weight": (HD,),
+    "mtp.layers.0.self_attn.k_norm.weight": (HD,),
+    "mtp.layers.0.mlp.gate_proj.weight": (I, H),
+    "mtp.layers.0.mlp.up_proj.weight": (I, H),
     "mtp.layers.0.mlp.down_proj.weight": (H, I),
 }
-MTP_MATRICES = ["mtp.fc"] + [f"mtp.layers.0.self_attn.{p}_proj" for p in "qkvo"] + [
-    f"mtp.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
-VISION_MATRICES = [f"vision_tower.blocks.{i}.{m}" for i in (0, 1) for m in (
-    "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")] + [
-    "vision_tower.merger.linear_fc1", "vision_tower.merger.linear_fc2"]
+MTP_MATRICES = (
+    ["mtp.fc"]
+    + [f"mtp.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    + [f"mtp.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
+)
+VISION_MATRICES = [
+    f"vision_tower.blocks.{i}.{m}"
+    for i in (0, 1)
+    for m in ("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")
+] + ["vision_tower.merger.linear_fc1", "vision_tower.merger.linear_fc2"]
 
 
 @pytest.fixture(scope="module")
@@ -367,28 +421,40 @@ def mtp_source(make_checkpoint, tmp_path_factory):
     """CONDITIONAL plus an MTP head, as the released checkpoints carry one."""
     directory = copy_checkpoint(make_checkpoint, tmp_path_factory.mktemp("mtp"), CONDITIONAL)
     rng = np.random.default_rng(0)
-    mtp = {name: mx.array(0.1 * rng.standard_normal(shape).astype(np.float32))
-           for name, shape in MTP_SHAPES.items()}
+    mtp = {
+        name: mx.array(0.1 * rng.standard_normal(shape).astype(np.float32))
+        for name, shape in MTP_SHAPES.items()
+    }
     rewrite_weights(directory / "model.safetensors", lambda t: t.update(mtp))
     return directory
 
 
-@pytest.mark.parametrize("vision, mtp", [(False, False), (True, False), (False, True),
-                                         (True, True)],
-                         ids=["default", "vision", "mtp", "vision+mtp"])
+@pytest.mark.parametrize(
+    "vision, mtp",
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["default", "vision", "mtp", "vision+mtp"],
+)
 def test_vision_and_mtp_quantized_only_when_asked(converted, mtp_source, vision, mtp):
     model = load_model(mtp_source)
-    expected = {k: v for k, v in {**dict(tree_flatten(model.parameters())),
-                                  **model.mtp_weights}.items()
-                if k.startswith(("vision_tower.", "mtp."))}  # run-time layout, float
+    expected = {
+        k: v
+        for k, v in {**dict(tree_flatten(model.parameters())), **model.mtp_weights}.items()
+        if k.startswith(("vision_tower.", "mtp."))
+    }  # run-time layout, float
     assert {n for n in expected if n.startswith("mtp.")} == set(MTP_SHAPES)
-    weights = tensors(converted(mtp_source, **quantized(8, quantize_vision=vision,
-                                                        quantize_mtp=mtp)))
+    weights = tensors(
+        converted(mtp_source, **quantized(8, quantize_vision=vision, quantize_mtp=mtp))
+    )
     chosen = (VISION_MATRICES if vision else []) + (MTP_MATRICES if mtp else [])
     for base in chosen:
         assert bits_on_disk(weights, base) == 8, base
-        restored = mx.dequantize(weights[f"{base}.weight"], weights[f"{base}.scales"],
-                                 weights[f"{base}.biases"], group_size=GROUP, bits=8)
+        restored = mx.dequantize(
+            weights[f"{base}.weight"],
+            weights[f"{base}.scales"],
+            weights[f"{base}.biases"],
+            group_size=GROUP,
+            bits=8,
+        )
         assert relative_error(restored, expected[f"{base}.weight"]) < 1e-2, base
     pending = {n for n in weights if n.startswith(("vision_tower.", "mtp."))}
     assert pending == set(expected) | {f"{b}.{p}" for b in chosen for p in ("scales", "biases")}
@@ -414,12 +480,20 @@ def test_dequantize_gives_the_quantized_model_in_float(converted, mtp_source, tm
     for name, value in weights.items():
         assert mx.issubdtype(value.dtype, mx.floating), name
     for base in VISION_MATRICES + MTP_MATRICES:
-        restored = mx.dequantize(packed[f"{base}.weight"], packed[f"{base}.scales"],
-                                 packed[f"{base}.biases"], group_size=GROUP, bits=8)
+        restored = mx.dequantize(
+            packed[f"{base}.weight"],
+            packed[f"{base}.scales"],
+            packed[f"{base}.biases"],
+            group_size=GROUP,
+            bits=8,
+        )
         assert relative_error(weights[f"{base}.weight"], restored) <= 1e-5, base
     model = load_model(target)
-    assert not [p for p, m in model.named_modules()
-                if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert not [
+        p
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    ]
     ids = prompt()
     assert relative_error(np.array(model(mx.array(ids))), logits(source, ids)) <= 1e-5
 
@@ -433,9 +507,15 @@ def test_dequantize_gives_the_quantized_model_in_float(converted, mtp_source, tm
 
 def already_converted(make_checkpoint, converted, tmp_path):
     source = Path(shutil.copytree(converted(CONDITIONAL, dtype="float32"), tmp_path / "mlx"))
-    return source, {}, ConvertError, (
-        f"{source} is already a converted MLX checkpoint; converting it again would transform "
-        "its weights twice. Load it directly, or pass --dequantize for float weights")
+    return (
+        source,
+        {},
+        ConvertError,
+        (
+            f"{source} is already a converted MLX checkpoint; converting it again would transform "
+            "its weights twice. Load it directly, or pass --dequantize for float weights"
+        ),
+    )
 
 
 def missing_shard(make_checkpoint, converted, tmp_path):
@@ -443,15 +523,21 @@ def missing_shard(make_checkpoint, converted, tmp_path):
     shards = sorted(source.glob("model-*.safetensors"))
     assert len(shards) >= 2
     shards[1].unlink()
-    return source, {}, CheckpointError, (
-        f"{source}: shard(s) [{shards[1].name!r}] listed in model.safetensors.index.json are "
-        "missing; download them again")
+    return (
+        source,
+        {},
+        CheckpointError,
+        (
+            f"{source}: shard(s) [{shards[1].name!r}] listed in model.safetensors.index.json are "
+            "missing; download them again"
+        ),
+    )
 
 
 def corrupt_shard(make_checkpoint, converted, tmp_path):
     source = copy_checkpoint(make_checkpoint, tmp_path, SHARDED)
     shard = sorted(source.glob("model-*.safetensors"))[1]
-    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     return source, {}, CheckpointError, f"{shard}: cannot be read as safetensors"
 
 
@@ -459,29 +545,52 @@ def unknown_architecture(make_checkpoint, converted, tmp_path):
     source = copy_checkpoint(make_checkpoint, tmp_path, CAUSAL)
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    return source, {}, CheckpointError, (
-        f"{source}: config.json: model_type 'llama' is not a Qwen3.5 model")
+    return (
+        source,
+        {},
+        CheckpointError,
+        (f"{source}: config.json: model_type 'llama' is not a Qwen3.5 model"),
+    )
 
 
 def output_exists(make_checkpoint, converted, tmp_path):
     shutil.copytree(converted(CONDITIONAL, dtype="float32"), tmp_path / "out")
-    return copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL), quantized(4), \
-        FileExistsError, (f"{tmp_path / 'out'} already exists; choose another --mlx-path or "
-                          "pass --force to replace it")
+    return (
+        copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL),
+        quantized(4),
+        FileExistsError,
+        (
+            f"{tmp_path / 'out'} already exists; choose another --mlx-path or "
+            "pass --force to replace it"
+        ),
+    )
 
 
 def nothing_to_dequantize(make_checkpoint, converted, tmp_path):
     source, *_ = already_converted(make_checkpoint, converted, tmp_path)
-    return source, {"dequantize": True}, ConvertError, (
-        f"{source} is not quantized; there is nothing to dequantize")
+    return (
+        source,
+        {"dequantize": True},
+        ConvertError,
+        (f"{source} is not quantized; there is nothing to dequantize"),
+    )
 
 
-@pytest.mark.parametrize("bad_input", [already_converted, missing_shard, corrupt_shard,
-                                       unknown_architecture, output_exists,
-                                       nothing_to_dequantize],
-                         ids=lambda case: case.__name__.replace("_", "-"))
-def test_bad_input_is_a_clear_error_and_writes_nothing(make_checkpoint, converted, tmp_path,
-                                                       bad_input):
+@pytest.mark.parametrize(
+    "bad_input",
+    [
+        already_converted,
+        missing_shard,
+        corrupt_shard,
+        unknown_architecture,
+        output_exists,
+        nothing_to_dequantize,
+    ],
+    ids=lambda case: case.__name__.replace("_", "-"),
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(
+    make_checkpoint, converted, tmp_path, bad_input
+):
     source, kwargs, error, message = bad_input(make_checkpoint, converted, tmp_path)
     before = tree(tmp_path)
     with pytest.raises(error, match=re.escape(message)):
@@ -516,8 +625,12 @@ convert(sys.argv[1], sys.argv[2], dtype="float32", verify_output=False)
 def test_interrupted_conversion_leaves_no_checkpoint(make_checkpoint, tmp_path):
     source, reference = make_checkpoint(CONDITIONAL)
     target, staging = tmp_path / "out", tmp_path / ".out.incomplete"
-    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(source),
-                             str(target)], capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_WRITING, str(source), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not target.exists()
     assert len(list(staging.glob("*.safetensors"))) == 2  # it died in the middle of writing
@@ -541,8 +654,9 @@ def fake_disk_usage(free: int, asked: list):
     return disk_usage
 
 
-def test_too_little_free_space_is_an_error_before_writing(make_checkpoint, converted,
-                                                          tmp_path, monkeypatch):
+def test_too_little_free_space_is_an_error_before_writing(
+    make_checkpoint, converted, tmp_path, monkeypatch
+):
     source, _ = make_checkpoint(CONDITIONAL)
     index = converted(CONDITIONAL, dtype="float32") / "model.safetensors.index.json"
     needed = json.loads(index.read_text())["metadata"]["total_size"] * HEADROOM
@@ -550,10 +664,14 @@ def test_too_little_free_space_is_an_error_before_writing(make_checkpoint, conve
     parent = tmp_path.resolve() / "new"
     asked = []
     monkeypatch.setattr(shutil, "disk_usage", fake_disk_usage(math.ceil(needed) - 1, asked))
-    with pytest.raises(WriteError, match=re.escape(
+    with pytest.raises(
+        WriteError,
+        match=re.escape(
             f"writing the checkpoint needs {needed / 1e6:,.1f} MB but {parent} has "
             f"{(math.ceil(needed) - 1) / 1e6:,.1f} MB free; free some space or choose another "
-            "--mlx-path")) as raised:
+            "--mlx-path"
+        ),
+    ) as raised:
         convert(str(source), str(target), dtype="float32", verify_output=False)
     assert raised.value.errno == errno.ENOSPC
     assert asked == [tmp_path.resolve()] and not any(tmp_path.iterdir())
@@ -577,9 +695,13 @@ def test_disk_filling_up_while_writing_leaves_nothing(make_checkpoint, tmp_path,
 
     monkeypatch.setattr(mx, "save_safetensors", save_until_full)
     target = tmp_path / "out"
-    with pytest.raises(WriteError, match=re.escape(
+    with pytest.raises(
+        WriteError,
+        match=re.escape(
             f"the disk filled up while writing {target}; nothing was left there. Free some "
-            "space and run again")) as raised:
+            "space and run again"
+        ),
+    ) as raised:
         convert(str(source), str(target), dtype="float32", verify_output=False)
     assert raised.value.errno == errno.ENOSPC
     assert len(saved) == 1 and not any(tmp_path.iterdir())
@@ -623,8 +745,9 @@ def test_convert_package_does_not_import_mlx_lm():
     for file in [*package.glob("*.py"), commands / "convert.py", commands / "upload.py"]:
         nodes = list(ast.walk(ast.parse(file.read_text())))
         modules = [node.module or "" for node in nodes if isinstance(node, ast.ImportFrom)]
-        modules += [alias.name for node in nodes if isinstance(node, ast.Import)
-                    for alias in node.names]
+        modules += [
+            alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names
+        ]
         assert not [m for m in modules if m.split(".")[0] == "mlx_lm"], file
 
 
@@ -659,14 +782,17 @@ def test_dequantize_modules_matches_mlx_lm(converted, mtp_source):
         assert found[name].dtype == value.dtype, name
         assert mx.array_equal(found[name], value).item(), name
     assert [type(m).__name__ for _, m in ours.named_modules()] == [
-        type(m).__name__ for _, m in theirs.named_modules()]
+        type(m).__name__ for _, m in theirs.named_modules()
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # 8. What convert prints: the verification line and the per-tensor report.
 
-VERIFY_LINE = re.compile(r"\[verify\] (\d+) tokens: logits relative error (\S+), "
-                         r"KL\(source \|\| converted\) (\S+) nats/token")
+VERIFY_LINE = re.compile(
+    r"\[verify\] (\d+) tokens: logits relative error (\S+), "
+    r"KL\(source \|\| converted\) (\S+) nats/token"
+)
 
 
 def mean_kl(reference: np.ndarray, ours: np.ndarray) -> float:
@@ -679,8 +805,9 @@ def mean_kl(reference: np.ndarray, ours: np.ndarray) -> float:
     return float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("kwargs", [dict(dtype="float32"), quantized(4)],
-                         ids=["float", "hybrid-4bit"])
+@pytest.mark.parametrize(
+    "kwargs", [dict(dtype="float32"), quantized(4)], ids=["float", "hybrid-4bit"]
+)
 def test_verify_line_reports_the_logit_error(make_checkpoint, tmp_path, capsys, kwargs):
     source, _ = make_checkpoint(CONDITIONAL)
     target = convert(str(source), str(tmp_path / "out"), **kwargs)
@@ -697,12 +824,14 @@ def test_verify_line_reports_the_logit_error(make_checkpoint, tmp_path, capsys, 
 
 def test_report_prints_every_quantized_matrix(make_checkpoint, tmp_path, capsys):
     source, _ = make_checkpoint(CONDITIONAL)
-    target = convert(str(source), str(tmp_path / "out"), report=True, verify_output=False,
-                     **quantized(4))
+    target = convert(
+        str(source), str(tmp_path / "out"), report=True, verify_output=False, **quantized(4)
+    )
     lines = capsys.readouterr().out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split() == ["tensor", "bits",
-                                                                         "relative", "error"])
-    rows = [line.split() for line in lines[header + 1:]]
+    header = next(
+        i for i, line in enumerate(lines) if line.split() == ["tensor", "bits", "relative", "error"]
+    )
+    rows = [line.split() for line in lines[header + 1 :]]
     reported = {name: (int(bits), float(error)) for name, bits, error in rows}
     assert len(reported) == len(rows)
     original, model = load_model(source), load_model(target)
@@ -711,8 +840,13 @@ def test_report_prints_every_quantized_matrix(make_checkpoint, tmp_path, capsys)
     for path, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             weight = float_modules[path].weight
-            restored = mx.dequantize(module.weight, module.scales, module.biases,
-                                     group_size=module.group_size, bits=module.bits)
+            restored = mx.dequantize(
+                module.weight,
+                module.scales,
+                module.biases,
+                group_size=module.group_size,
+                bits=module.bits,
+            )
             expected[path] = (module.bits, relative_error(restored, weight))
     assert reported.keys() == expected.keys()
     for path, (bits, error) in expected.items():
@@ -746,8 +880,13 @@ def uploaded_files(api, folder: Path, repo_id: str) -> set[str]:
     assert upload["repo_id"] == repo_id and Path(upload["folder_path"]) == folder
     assert upload.get("repo_type", "model") == "model"
     files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    return set(filter_repo_objects(files, allow_patterns=upload.get("allow_patterns"),
-                                   ignore_patterns=upload.get("ignore_patterns")))
+    return set(
+        filter_repo_objects(
+            files,
+            allow_patterns=upload.get("allow_patterns"),
+            ignore_patterns=upload.get("ignore_patterns"),
+        )
+    )
 
 
 def test_convert_uploads_when_asked(make_checkpoint, tmp_path, hub, capsys):
@@ -767,8 +906,14 @@ def test_upload_command(converted, hub):
 def test_upload_sends_only_the_checkpoint_files(converted, tmp_path, hub):
     folder = Path(shutil.copytree(converted(CONDITIONAL, **quantized(4)), tmp_path / "mlx"))
     checkpoint = set(contents(folder))
-    assert {"config.json", "model.safetensors.index.json", "README.md", "tokenizer.json",
-            "chat_template.jinja", "preprocessor_config.json"} <= checkpoint
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "README.md",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+    } <= checkpoint
     (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
     (folder / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
     (folder / "notes.txt").write_text("draft")
@@ -784,8 +929,10 @@ def test_upload_sends_only_the_checkpoint_files(converted, tmp_path, hub):
 def test_upload_rejects_unconverted_folder(make_checkpoint, tmp_path, hub, capsys, folder):
     path = make_checkpoint(CONDITIONAL)[0] if folder == "hf-checkpoint" else tmp_path
     assert main(["upload", "--path", str(path), "--upload-repo", "me/x"]) == 2
-    assert (f"qwen35-mlx upload: error: {path} is not a converted checkpoint; run `qwen35-mlx "
-            "convert` first") in capsys.readouterr().err
+    assert (
+        f"qwen35-mlx upload: error: {path} is not a converted checkpoint; run `qwen35-mlx "
+        "convert` first"
+    ) in capsys.readouterr().err
     assert hub.method_calls == []
 
 
@@ -793,8 +940,9 @@ def junk_shard(folder: Path) -> str:
     """config.json beside one MLX-marked shard holding a tensor no model has."""
     for file in folder.glob("model*.safetensors*"):
         file.unlink()
-    mx.save_safetensors(str(folder / "model.safetensors"), {"x": mx.zeros((2,))},
-                        metadata={"format": "mlx"})
+    mx.save_safetensors(
+        str(folder / "model.safetensors"), {"x": mx.zeros((2,))}, metadata={"format": "mlx"}
+    )
     return "tensor(s) missing from the checkpoint"
 
 
@@ -805,8 +953,9 @@ def wrong_config(folder: Path) -> str:
     return "but config.json implies"
 
 
-@pytest.mark.parametrize("damage", [junk_shard, wrong_config],
-                         ids=lambda case: case.__name__.replace("_", "-"))
+@pytest.mark.parametrize(
+    "damage", [junk_shard, wrong_config], ids=lambda case: case.__name__.replace("_", "-")
+)
 def test_upload_rejects_checkpoint_that_does_not_load(converted, tmp_path, hub, capsys, damage):
     folder = Path(shutil.copytree(converted(CONDITIONAL, **quantized(4)), tmp_path / "mlx"))
     problem = damage(folder)
@@ -823,8 +972,9 @@ def overflowing_in_float16(make_checkpoint, tmp_path) -> Path:
     float16 ones are NaN."""
     source = copy_checkpoint(make_checkpoint, tmp_path, CONDITIONAL)
     name = "model.language_model.embed_tokens.weight"
-    rewrite_weights(source / "model.safetensors",
-                    lambda t: t.update({name: t[name].astype(mx.float32) * 1e6}))
+    rewrite_weights(
+        source / "model.safetensors", lambda t: t.update({name: t[name].astype(mx.float32) * 1e6})
+    )
     return source
 
 
@@ -833,13 +983,23 @@ def test_failed_verification_stops_the_upload(make_checkpoint, tmp_path, hub, ca
     ids = mx.array([Tokenizer.from_pretrained(source).encode(PROMPT)])
     assert mx.isnan(load_model(source, dtype="float16")(ids)).any().item()
     target = tmp_path / "out"
-    argv = ["convert", "--hf-path", str(source), "--mlx-path", str(target), "--dtype", "float16",
-            "--upload-repo", "me/x"]
+    argv = [
+        "convert",
+        "--hf-path",
+        str(source),
+        "--mlx-path",
+        str(target),
+        "--dtype",
+        "float16",
+        "--upload-repo",
+        "me/x",
+    ]
     assert main(argv) == 2
     limit = convert_module.MAX_LOGIT_ERROR["float"]
-    assert ("qwen35-mlx convert: error: verification failed: the converted model's logits are "
-            f"nan (relative error; at most {limit} passes) from the source's") in \
-        capsys.readouterr().err
+    assert (
+        "qwen35-mlx convert: error: verification failed: the converted model's logits are "
+        f"nan (relative error; at most {limit} passes) from the source's"
+    ) in capsys.readouterr().err
     assert hub.method_calls == []
     assert is_converted(target)  # kept for inspection
 
@@ -849,8 +1009,9 @@ def test_failed_verification_stops_the_upload(make_checkpoint, tmp_path, hub, ca
     assert uploaded_files(hub, target, "me/x") == set(contents(target))
 
 
-def test_logit_error_above_the_threshold_stops_the_upload(make_checkpoint, tmp_path, hub,
-                                                          capsys, monkeypatch):
+def test_logit_error_above_the_threshold_stops_the_upload(
+    make_checkpoint, tmp_path, hub, capsys, monkeypatch
+):
     monkeypatch.setitem(convert_module.MAX_LOGIT_ERROR, "quantized", 1e-3)  # 4 bits: ~1e-1
     source, _ = make_checkpoint(CONDITIONAL)
     with pytest.raises(ConvertError, match="verification failed") as raised:
@@ -862,8 +1023,10 @@ def test_logit_error_above_the_threshold_stops_the_upload(make_checkpoint, tmp_p
 
 def test_upload_needs_verification(make_checkpoint, tmp_path, hub):
     source, _ = make_checkpoint(CONDITIONAL)
-    with pytest.raises(ConvertError, match=re.escape(
-            "--upload-repo uploads only a verified checkpoint; drop --no-verify")):
+    with pytest.raises(
+        ConvertError,
+        match=re.escape("--upload-repo uploads only a verified checkpoint; drop --no-verify"),
+    ):
         convert(str(source), str(tmp_path / "out"), upload_repo="me/x", verify_output=False)
     assert not any(tmp_path.iterdir()) and hub.method_calls == []
 
@@ -875,8 +1038,18 @@ def test_upload_needs_verification(make_checkpoint, tmp_path, hub):
 def test_convert_command(make_checkpoint, tmp_path, capsys):
     source, _ = make_checkpoint(CONDITIONAL)
     target = tmp_path / "out"
-    argv = ["convert", "--hf-path", str(source), "--mlx-path", str(target), "-q", "--q-bits", "8",
-            "--q-group-size", "32"]
+    argv = [
+        "convert",
+        "--hf-path",
+        str(source),
+        "--mlx-path",
+        str(target),
+        "-q",
+        "--q-bits",
+        "8",
+        "--q-group-size",
+        "32",
+    ]
     assert main(argv) == 0
     assert VERIFY_LINE.search(capsys.readouterr().out)
     model = load_model(target)
@@ -885,6 +1058,8 @@ def test_convert_command(make_checkpoint, tmp_path, capsys):
 
     before = tree(tmp_path)
     assert main(argv) == 2
-    assert (f"qwen35-mlx convert: error: {target} already exists; choose another --mlx-path or "
-            "pass --force to replace it") in capsys.readouterr().err
+    assert (
+        f"qwen35-mlx convert: error: {target} already exists; choose another --mlx-path or "
+        "pass --force to replace it"
+    ) in capsys.readouterr().err
     assert tree(tmp_path) == before

@@ -29,6 +29,5 @@ def citations() -> dict[str, set[str]]:
 def test_every_cited_section_exists():
     cited = citations()
     assert {"2.4", "3", "5", "6", "9"} <= set(cited)  # the scan found the comments
-    missing = {number: sorted(files) for number, files in cited.items()
-               if number not in headings()}
+    missing = {number: sorted(files) for number, files in cited.items() if number not in headings()}
     assert missing == {}

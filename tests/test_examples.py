@@ -34,8 +34,9 @@ def generated_tokens(stdout: str) -> int:
 
 def test_stream_answer_example(make_checkpoint, run_example):
     directory, _ = make_checkpoint(Spec(thinking_by_default=True))
-    stdout = run_example("stream_answer.py", "--model", directory, "--max-tokens", 12,
-                         "What is MLX?")
+    stdout = run_example(
+        "stream_answer.py", "--model", directory, "--max-tokens", 12, "What is MLX?"
+    )
     assert "[thinking]" in stdout  # the 4B/9B-style template thinks by default
     assert 1 <= generated_tokens(stdout) <= 12
 
@@ -45,8 +46,7 @@ def media(tmp_path_factory):
     """Two PNGs and a 4-frame GIF of noise."""
     folder = tmp_path_factory.mktemp("example-media")
     rng = np.random.default_rng(0)
-    frames = [Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
-              for _ in range(4)]
+    frames = [Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)) for _ in range(4)]
     frames[0].save(folder / "a.png")
     frames[1].save(folder / "b.png")
     frames[0].save(folder / "clip.gif", save_all=True, append_images=frames[1:], duration=250)

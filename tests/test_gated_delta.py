@@ -6,10 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metrics import relative_error
-from qwen35_mlx.gated_delta import SCAN_PATHS, gated_delta_update
-from qwen35_mlx.gated_delta import chunked
+from qwen35_mlx.gated_delta import SCAN_PATHS, chunked, gated_delta_update
 from qwen35_mlx.gated_delta.chunked import unit_lower_inverse
+
+from metrics import relative_error
 
 
 def softplus(x):
@@ -17,7 +17,8 @@ def softplus(x):
 
 
 def gated_delta_reference(q, k, v, a, b, A_log, dt_bias, state=None):
-    """docs/ARCHITECTURE.md §2.4 steps 5-7 in float64, one token at a time; state [B, Hv, Dk, Dv]."""
+    """docs/ARCHITECTURE.md §2.4 steps 5-7 in float64, one token at a time; state [B, Hv, Dk,
+    Dv]."""
     q, k, v, a, b = (np.asarray(x, dtype=np.float64) for x in (q, k, v, a, b))
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
@@ -38,10 +39,15 @@ def gated_delta_reference(q, k, v, a, b, A_log, dt_bias, state=None):
 
 def make_inputs(B, T, Hk, Hv, Dk, Dv, seed=0, with_state=False):
     rng = np.random.default_rng(seed)
-    arrays = dict(q=rng.normal(size=(B, T, Hk, Dk)), k=rng.normal(size=(B, T, Hk, Dk)),
-                  v=rng.normal(size=(B, T, Hv, Dv)), a=rng.normal(size=(B, T, Hv)),
-                  b=rng.normal(size=(B, T, Hv)), A_log=np.log(rng.uniform(1, 16, Hv)),
-                  dt_bias=rng.normal(size=Hv))
+    arrays = dict(
+        q=rng.normal(size=(B, T, Hk, Dk)),
+        k=rng.normal(size=(B, T, Hk, Dk)),
+        v=rng.normal(size=(B, T, Hv, Dv)),
+        a=rng.normal(size=(B, T, Hv)),
+        b=rng.normal(size=(B, T, Hv)),
+        A_log=np.log(rng.uniform(1, 16, Hv)),
+        dt_bias=rng.normal(size=Hv),
+    )
     state = rng.normal(size=(B, Hv, Dk, Dv)) * 0.5 if with_state else None
     return {k: v.astype(np.float32) for k, v in arrays.items()}, state
 
@@ -51,21 +57,31 @@ def make_inputs(B, T, Hk, Hv, Dk, Dv, seed=0, with_state=False):
 # factor meets every T. The small head size is not a power of two and has Dk != Dv (multiples
 # of 8, which the Metal kernels tested with these cases need).
 SMALL = (24, 16)
-FIRST = {1: (1, 1, (128, 128), False), 63: (1, 2, (128, 128), True),
-         64: (2, 1, (128, 128), True), 65: (2, 2, (128, 128), False), 200: (1, 2, SMALL, False)}
+FIRST = {
+    1: (1, 1, (128, 128), False),
+    63: (1, 2, (128, 128), True),
+    64: (2, 1, (128, 128), True),
+    65: (2, 2, (128, 128), False),
+    200: (1, 2, SMALL, False),
+}
 
 
 def complement(B, ratio, dims, with_state):
     return 3 - B, 3 - ratio, SMALL if dims != SMALL else (128, 128), not with_state
 
 
-CASES = [dict(B=B, T=T, Hk=2, Hv=2 * ratio, Dk=dims[0], Dv=dims[1], with_state=state)
-         for T, first in FIRST.items() for B, ratio, dims, state in (first, complement(*first))]
+CASES = [
+    dict(B=B, T=T, Hk=2, Hv=2 * ratio, Dk=dims[0], Dv=dims[1], with_state=state)
+    for T, first in FIRST.items()
+    for B, ratio, dims, state in (first, complement(*first))
+]
 
 
 def case_id(case):
-    return (f"T{case['T']}-B{case['B']}-Hv{case['Hv']}/Hk{case['Hk']}-Dk{case['Dk']}-Dv{case['Dv']}"
-            f"-{'state' if case['with_state'] else 'nostate'}")
+    return (
+        f"T{case['T']}-B{case['B']}-Hv{case['Hv']}/Hk{case['Hk']}-Dk{case['Dk']}-Dv{case['Dv']}"
+        f"-{'state' if case['with_state'] else 'nostate'}"
+    )
 
 
 def run_path(path, inputs, state, dtype=mx.float32):
@@ -78,8 +94,10 @@ def run_path(path, inputs, state, dtype=mx.float32):
 
 def rounded(inputs, dtype):
     """The inputs as the scan sees them: q, k, v, a, b rounded to `dtype`."""
-    return {k: np.array(mx.array(v).astype(dtype).astype(mx.float32)) if k in "qkvab" else v
-            for k, v in inputs.items()}
+    return {
+        k: np.array(mx.array(v).astype(dtype).astype(mx.float32)) if k in "qkvab" else v
+        for k, v in inputs.items()
+    }
 
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}

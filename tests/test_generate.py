@@ -6,14 +6,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from checkpoints import Spec
 from qwen35_mlx import generate, generate_step, load, stream_generate
 from qwen35_mlx.chat import ChatSession
 from qwen35_mlx.generate import ContextLengthError
-from qwen35_mlx.prompt import prompt_tokens
 from qwen35_mlx.models.cache import KVCache
 from qwen35_mlx.models.state import PromptCache
+from qwen35_mlx.prompt import prompt_tokens
 from qwen35_mlx.sampling import Penalties
+
+from checkpoints import Spec
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 
@@ -28,9 +29,14 @@ def tiny(make_checkpoint):
 def reference_greedy(reference, ids, max_new_tokens, eos_token_id=None):
     reference.generation_config.eos_token_id = eos_token_id
     with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=0, eos_token_id=eos_token_id)
-    return out[0, len(ids):].tolist()
+        out = reference.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+            eos_token_id=eos_token_id,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def test_greedy_32_tokens_match_transformers(tiny):
@@ -43,8 +49,9 @@ def test_greedy_32_tokens_match_transformers(tiny):
 def test_chat_prompt_stops_like_transformers(tiny):
     directory, reference, model, tokenizer = tiny
     hf_tokenizer = AutoTokenizer.from_pretrained(directory)
-    ids = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
-                                           return_dict=False)
+    ids = hf_tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     stop_ids = sorted(tokenizer.eos_token_ids)
     expected = reference_greedy(reference, list(ids), 40, eos_token_id=stop_ids)
     responses = list(stream_generate(model, tokenizer, MESSAGES, max_tokens=40))
@@ -57,8 +64,9 @@ def test_prefill_step_size_does_not_change_tokens(tiny):
     *_, model, tokenizer = tiny
     ids = list(range(3, 150))
     whole = [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=8)]
-    chunked = [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=8,
-                                                prefill_step_size=7)]
+    chunked = [
+        r.token for r in stream_generate(model, tokenizer, ids, max_tokens=8, prefill_step_size=7)
+    ]
     assert chunked == whole
 
 
@@ -74,8 +82,12 @@ def test_seeded_sampling_is_reproducible(tiny):
 def test_top_k_one_is_greedy(tiny):
     *_, model, tokenizer = tiny
     greedy = [r.token for r in stream_generate(model, tokenizer, MESSAGES, max_tokens=12)]
-    sampled = [r.token for r in stream_generate(model, tokenizer, MESSAGES, max_tokens=12,
-                                                temp=5.0, top_k=1, seed=3)]
+    sampled = [
+        r.token
+        for r in stream_generate(
+            model, tokenizer, MESSAGES, max_tokens=12, temp=5.0, top_k=1, seed=3
+        )
+    ]
     assert sampled == greedy
 
 
@@ -83,8 +95,10 @@ def test_large_presence_penalty_forbids_repeats(tiny):
     *_, model, tokenizer = tiny
     greedy = [r.token for r in stream_generate(model, tokenizer, MESSAGES, max_tokens=30)]
     assert len(set(greedy)) < len(greedy), "the unpenalised model should repeat itself"
-    penalised = [r.token for r in stream_generate(model, tokenizer, MESSAGES, max_tokens=30,
-                                                  presence_penalty=1e4)]
+    penalised = [
+        r.token
+        for r in stream_generate(model, tokenizer, MESSAGES, max_tokens=30, presence_penalty=1e4)
+    ]
     body = penalised[:-1] if penalised[-1] in tokenizer.eos_token_ids else penalised
     assert len(set(body)) == len(body)
 
@@ -121,15 +135,17 @@ class ScriptedModel:
     def __init__(self, script, prompt_length, vocab, model):
         self.script, self.prompt_length, self.vocab = script, prompt_length, vocab
         # the real model's config and weights: the memory check plans for them
-        self.config, self.parameters, self.mtp_weights = (model.config, model.parameters,
-                                                          model.mtp_weights)
+        self.config, self.parameters, self.mtp_weights = (
+            model.config,
+            model.parameters,
+            model.mtp_weights,
+        )
 
     def make_cache(self, **kv):
         return PromptCache([KVCache()], fingerprint="scripted")
 
     def check_token_ids(self, ids):
         pass  # any ids: the script decides the tokens
-
 
     def __call__(self, tokens, cache=None, **_):
         cache[0].update_and_fetch(*(mx.zeros((1, 1, tokens.shape[1], 2)),) * 2)
@@ -145,8 +161,9 @@ def test_reasoning_is_returned_apart_from_the_answer(make_checkpoint, enable_thi
     script = tokenizer.encode("Let me think.</think>\n\nThe answer.<|im_end|>")
     length = len(prompt_tokens(tokenizer, MESSAGES, enable_thinking))
     scripted = ScriptedModel(script, length, 512, model)
-    result = generate(scripted, tokenizer, MESSAGES, enable_thinking=enable_thinking,
-                      max_tokens=100)
+    result = generate(
+        scripted, tokenizer, MESSAGES, enable_thinking=enable_thinking, max_tokens=100
+    )
     assert (result.reasoning, result.text) == ("Let me think.", "The answer.")
     assert result.finish_reason == "stop" and result.generation_tokens == len(script)
 
@@ -178,8 +195,9 @@ def test_chat_turn_is_a_fresh_render_and_feeds_only_what_is_new(tiny):
     counting = CountingModel(model)
     session = ChatSession(counting, tokenizer, max_tokens=6)
     first = [r.token for r in session.send("Hello")]
-    assert first == [r.token for r in stream_generate(model, tokenizer, session.messages[:1],
-                                                      max_tokens=6)]
+    assert first == [
+        r.token for r in stream_generate(model, tokenizer, session.messages[:1], max_tokens=6)
+    ]
     counting.fed.clear()
     second = [r.token for r in session.send("And now?")]
     history = session.messages[:3]
@@ -203,12 +221,24 @@ def test_undo_and_retry_roll_the_conversation_back(tiny):
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
     retried = "".join(r.text for r in session.retry())
     assert session.messages[-1]["content"] == retried
-    fresh = "".join(r.text for r in stream_generate(model, tokenizer, session.messages[:1],
-                                                    max_tokens=5, temp=1.0, seed=3))
+    fresh = "".join(
+        r.text
+        for r in stream_generate(
+            model, tokenizer, session.messages[:1], max_tokens=5, temp=1.0, seed=3
+        )
+    )
     assert retried == fresh  # the same seed from the same rendered prompt
     session.messages[0]["content"] = "Goodbye"  # edit an earlier message, then reply again
     del session.messages[1:]
     edited = [r.token for r in session.reply()]
-    assert edited == [r.token for r in stream_generate(
-        model, tokenizer, [{"role": "user", "content": "Goodbye"}], max_tokens=5, temp=1.0,
-        seed=3)]
+    assert edited == [
+        r.token
+        for r in stream_generate(
+            model,
+            tokenizer,
+            [{"role": "user", "content": "Goodbye"}],
+            max_tokens=5,
+            temp=1.0,
+            seed=3,
+        )
+    ]

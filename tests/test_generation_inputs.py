@@ -10,11 +10,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from checkpoints import Spec
 from qwen35_mlx import generate, load, stream_generate
 from qwen35_mlx.chat import ChatSession
 from qwen35_mlx.cli import main
 from qwen35_mlx.generate import ContextLengthError
+
+from checkpoints import Spec
 
 VOCAB = 512  # the tiny checkpoints' vocab_size
 
@@ -29,8 +30,11 @@ def tiny(make_checkpoint):
 def test_token_ids_outside_the_vocabulary_are_refused(tiny, bad):
     _, model, tokenizer = tiny
     cache = model.make_cache()
-    with pytest.raises(ValueError, match=f"token id {bad} at position 2 is outside the model's "
-                                         rf"vocabulary \[0, {VOCAB}\)"):
+    with pytest.raises(
+        ValueError,
+        match=f"token id {bad} at position 2 is outside the model's "
+        rf"vocabulary \[0, {VOCAB}\)",
+    ):
         next(stream_generate(model, tokenizer, [1, 2, bad], cache=cache))
     assert all(not c.state for c in cache)  # nothing ran
     with pytest.raises(ValueError, match=f"token id {bad} at position 1 is outside"):
@@ -39,24 +43,49 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny, bad):
         model.embed_inputs(mx.array([[bad]]))
 
 
-@pytest.mark.parametrize("prompt", [None, 3.5, [1.5, 2.0], [[1, 2]], {"role": "user"},
-                                    [True, False], b"bytes", np.zeros((2, 2), np.int32)])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        None,
+        3.5,
+        [1.5, 2.0],
+        [[1, 2]],
+        {"role": "user"},
+        [True, False],
+        b"bytes",
+        np.zeros((2, 2), np.int32),
+    ],
+)
 def test_prompts_of_the_wrong_type_are_refused(tiny, prompt):
     _, model, tokenizer = tiny
-    with pytest.raises(ValueError, match="a prompt is text, a list of token ids or a list of "
-                                         "chat messages"):
+    with pytest.raises(
+        ValueError, match="a prompt is text, a list of token ids or a list of chat messages"
+    ):
         next(stream_generate(model, tokenizer, prompt))
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"temp": -1.0}, "temp"), ({"temp": math.nan}, "temp"), ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.01}, "top_p"), ({"top_k": -1}, "top_k"), ({"min_p": 1.5}, "min_p"),
-    ({"presence_penalty": math.nan}, "presence_penalty"),
-    ({"frequency_penalty": math.inf}, "frequency_penalty"),
-    ({"repetition_penalty": -1.0}, "repetition_penalty"), ({"max_tokens": "5"}, "max_tokens"),
-    ({"max_tokens": 2.0}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"),
-    ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"stop": ""}, "stop"),
-    ({"stop": ["ok", 3]}, "stop"), ({"prefill_step_size": 0}, "prefill_step_size")])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"temp": -1.0}, "temp"),
+        ({"temp": math.nan}, "temp"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"presence_penalty": math.nan}, "presence_penalty"),
+        ({"frequency_penalty": math.inf}, "frequency_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": 2.0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["ok", 3]}, "stop"),
+        ({"prefill_step_size": 0}, "prefill_step_size"),
+    ],
+)
 def test_bad_generation_arguments_are_named_before_any_work(tiny, kwargs, name):
     _, model, tokenizer = tiny
     cache = model.make_cache()
@@ -67,8 +96,10 @@ def test_bad_generation_arguments_are_named_before_any_work(tiny, kwargs, name):
 
 def test_a_prompt_that_fills_the_context_exactly_says_so(tiny):
     _, model, tokenizer = tiny
-    with pytest.raises(ContextLengthError, match="fills the model's context window of 64 "
-                                                 "exactly, leaving no room for a reply"):
+    with pytest.raises(
+        ContextLengthError,
+        match="fills the model's context window of 64 exactly, leaving no room for a reply",
+    ):
         next(stream_generate(model, tokenizer, list(range(64))))
     assert list(stream_generate(model, tokenizer, list(range(64)), max_tokens=0)) == []
     assert len(list(stream_generate(model, tokenizer, list(range(63)), max_tokens=5))) == 1
@@ -79,9 +110,10 @@ def test_stop_strings_end_the_answer_where_they_first_appear(tiny):
     full = generate(model, tokenizer, "Tell me", max_tokens=40)
     assert len(full.text) > 12, "the tiny model's greedy text is too short to cut"
     stop = full.text[6:9]
-    cut = full.text[:full.text.find(stop)]
-    streamed = list(stream_generate(model, tokenizer, "Tell me", max_tokens=40,
-                                    stop=["never there", stop]))
+    cut = full.text[: full.text.find(stop)]
+    streamed = list(
+        stream_generate(model, tokenizer, "Tell me", max_tokens=40, stop=["never there", stop])
+    )
     assert "".join(r.text for r in streamed) == cut
     assert streamed[-1].finish_reason == "stop"
     assert generate(model, tokenizer, "Tell me", max_tokens=40, stop=stop).text == cut
@@ -94,9 +126,23 @@ def test_cli_stop_flag_cuts_like_the_api(tiny, capsys):
     messages = [{"role": "user", "content": "Tell me"}]
     full = generate(model, tokenizer, messages, max_tokens=30).text
     stop = full[4:7]
-    assert main(["generate", "--model", str(directory), "--prompt", "Tell me",
-                 "--max-tokens", "30", "--stop", stop]) == 0
-    assert capsys.readouterr().out == full[:full.find(stop)] + "\n"
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(directory),
+                "--prompt",
+                "Tell me",
+                "--max-tokens",
+                "30",
+                "--stop",
+                stop,
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == full[: full.find(stop)] + "\n"
 
 
 def test_a_reply_closed_early_still_ends_the_turn(tiny):
@@ -170,12 +216,15 @@ def test_help_speaks_to_users(capsys):
 
 def test_transformers_is_never_imported_at_run_time(tiny):
     directory, *_ = tiny
-    script = ("import sys, qwen35_mlx, qwen35_mlx.cli\n"
-              f"model, tokenizer = qwen35_mlx.load({str(directory)!r})\n"
-              "qwen35_mlx.generate(model, tokenizer, 'Hi', max_tokens=2)\n"
-              "print(sorted(m for m in ('transformers', 'torch', 'mlx_lm') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True).stdout
+    script = (
+        "import sys, qwen35_mlx, qwen35_mlx.cli\n"
+        f"model, tokenizer = qwen35_mlx.load({str(directory)!r})\n"
+        "qwen35_mlx.generate(model, tokenizer, 'Hi', max_tokens=2)\n"
+        "print(sorted(m for m in ('transformers', 'torch', 'mlx_lm') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 

@@ -7,18 +7,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_map
-from msl_emulator import EmulatorError, emulate, run_on_emulator
 
-from metrics import relative_error
+from benchmarks.count import decode_primitive_counts, primitive_counts
 from qwen35_mlx.gated_delta import dispatch as gated_delta
 from qwen35_mlx.gated_delta.chunked import chunked_scan
 from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
-from benchmarks.count import decode_primitive_counts, primitive_counts
 from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step_call
-from qwen35_mlx.gated_delta.kernel import KernelSpec
 from qwen35_mlx.gated_delta.dispatch import scan_inputs
+from qwen35_mlx.gated_delta.kernel import KernelSpec
 from qwen35_mlx.models.config import LINEAR, TextConfig
 from qwen35_mlx.models.text import GatedDeltaNet
+
+from metrics import relative_error
+from msl_emulator import EmulatorError, emulate, run_on_emulator
 from test_gated_delta import CASES, case_id, gated_delta_reference, make_inputs
 
 TOLERANCE = {mx.float32: 1e-5, mx.bfloat16: 1e-2}
@@ -34,15 +35,20 @@ def broken_copy(spec, tmp_path, correct: str, broken: str):
 
 # ---- chunked prefill kernel ----
 
+
 def scan_case(inputs, state, dtype):
     """Scan inputs as `gated_delta_update` prepares them, and the state in [B, Hv, Dv, Dk]."""
     args = {k: mx.array(v).astype(dtype if k in "qkvab" else mx.float32) for k, v in inputs.items()}
     B, _, Hv, Dv = args["v"].shape
-    q, k, g, beta = scan_inputs(args["q"], args["k"], args["a"], args["b"], args["A_log"],
-                                args["dt_bias"], Hv)
+    q, k, g, beta = scan_inputs(
+        args["q"], args["k"], args["a"], args["b"], args["A_log"], args["dt_bias"], Hv
+    )
     Dk = q.shape[-1]
-    start = (mx.zeros((B, Hv, Dv, Dk)) if state is None
-             else mx.array(state.swapaxes(-1, -2).astype(np.float32)))
+    start = (
+        mx.zeros((B, Hv, Dv, Dk))
+        if state is None
+        else mx.array(state.swapaxes(-1, -2).astype(np.float32))
+    )
     return (q, k, args["v"].astype(mx.float32), g, beta, start)
 
 
@@ -53,18 +59,23 @@ def emulate_chunked(spec, scan_args):
 
 def rounded(inputs, dtype):
     """The inputs as the kernel sees them after the cast to `dtype`."""
-    return {k: np.array(mx.array(v).astype(dtype).astype(mx.float32)) if k in "qkvab" else v
-            for k, v in inputs.items()}
+    return {
+        k: np.array(mx.array(v).astype(dtype).astype(mx.float32)) if k in "qkvab" else v
+        for k, v in inputs.items()
+    }
 
 
 # every case in float32; bfloat16 inputs at T = 1 and 65 (keeps the file near a minute)
-CHUNKED_CASES = ([(case, mx.float32) for case in CASES]
-                 + [(case, mx.bfloat16) for case in CASES if case["T"] in (1, 65)])
+CHUNKED_CASES = [(case, mx.float32) for case in CASES] + [
+    (case, mx.bfloat16) for case in CASES if case["T"] in (1, 65)
+]
 
 
 @pytest.mark.parametrize(
-    "case, dtype", CHUNKED_CASES,
-    ids=[f"{case_id(c)}-{'float32' if d == mx.float32 else 'bfloat16'}" for c, d in CHUNKED_CASES])
+    "case, dtype",
+    CHUNKED_CASES,
+    ids=[f"{case_id(c)}-{'float32' if d == mx.float32 else 'bfloat16'}" for c, d in CHUNKED_CASES],
+)
 def test_chunked_kernel_matches_definition_and_plain_path(case, dtype):
     inputs, state = make_inputs(**case)
     scan_args = scan_case(inputs, state, dtype)
@@ -93,8 +104,12 @@ def test_chunked_kernel_missing_barrier_is_caught(tmp_path):
     # drop the barrier after A and P^T are built: k decayed to the chunk end then overwrites q^T
     # while other threads still read it
     built = "    PT[j * C + i] = decay * qk;\n  }\n"
-    spec = broken_copy(CHUNKED_SCAN, tmp_path,
-                       built + "  threadgroup_barrier(mem_flags::mem_threadgroup);\n", built)
+    spec = broken_copy(
+        CHUNKED_SCAN,
+        tmp_path,
+        built + "  threadgroup_barrier(mem_flags::mem_threadgroup);\n",
+        built,
+    )
     inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
     with pytest.raises(EmulatorError, match="thread order"):
         emulate_chunked(spec, scan_case(inputs, state, mx.float32))
@@ -106,17 +121,25 @@ def test_chunked_kernel_missing_barrier_after_solve_is_caught(tmp_path):
     # thread solves its column before any thread passes its next sync): only the race detector
     # sees it, naming column 8's solver, its token 1 (C = 32: element 8 * 32 + 1) and both lines
     solved = "      x[i] = acc;\n    }\n  }\n"
-    spec = broken_copy(CHUNKED_SCAN, tmp_path,
-                       solved + "  threadgroup_barrier(mem_flags::mem_threadgroup);\n", solved)
+    spec = broken_copy(
+        CHUNKED_SCAN,
+        tmp_path,
+        solved + "  threadgroup_barrier(mem_flags::mem_threadgroup);\n",
+        solved,
+    )
     lines = spec.source.splitlines()
     load = lines.index("      simdgroup_load(xt, XT + row0 * C + 8 * jb, C);") + 1
     solve = lines.index("      x[i] = acc;") + 1
     inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
-    with pytest.raises(EmulatorError, match=(
+    with pytest.raises(
+        EmulatorError,
+        match=(
             rf"thread_index_in_threadgroup 32 .*data race on threadgroup array 'XT' element 257 .*"
             rf"reads it .*at broken_chunked_scan.metal:{load} and thread_index_in_threadgroup 8 "
             rf"\(simdgroup 0, lane 8\) wrote it at broken_chunked_scan.metal:{solve}, in another "
-            rf"SIMD group")):
+            rf"SIMD group"
+        ),
+    ):
         emulate_chunked(spec, scan_case(inputs, state, mx.float32))
 
 
@@ -132,18 +155,30 @@ DECODE_CASES = [  # (B, Hk, Hv, Dk, Dv, dtype, with_state)
 
 def decode_id(case):
     B, Hk, Hv, Dk, Dv, dtype, with_state = case
-    return (f"B{B}-Hv{Hv}/Hk{Hk}-Dk{Dk}-Dv{Dv}-{'float32' if dtype == mx.float32 else 'bfloat16'}"
-            f"-{'state' if with_state else 'nostate'}")
+    return (
+        f"B{B}-Hv{Hv}/Hk{Hk}-Dk{Dk}-Dv{Dv}-{'float32' if dtype == mx.float32 else 'bfloat16'}"
+        f"-{'state' if with_state else 'nostate'}"
+    )
 
 
 def make_layer(Hk, Hv, Dk, Dv, dtype, seed=0):
     """A DeltaNet layer with random weights in `dtype`, A_log and norm weight in float32 as
     the loader keeps them."""
     config = TextConfig(
-        vocab_size=16, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, linear_num_key_heads=Hk,
-        linear_num_value_heads=Hv, linear_key_head_dim=Dk, linear_value_head_dim=Dv,
-        linear_conv_kernel_dim=4, layer_types=(LINEAR,))
+        vocab_size=16,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        linear_num_key_heads=Hk,
+        linear_num_value_heads=Hv,
+        linear_key_head_dim=Dk,
+        linear_value_head_dim=Dv,
+        linear_conv_kernel_dim=4,
+        layer_types=(LINEAR,),
+    )
     layer = GatedDeltaNet(config)
     mx.random.seed(seed)
     layer.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.3, layer.parameters()))
@@ -157,18 +192,19 @@ def make_layer(Hk, Hv, Dk, Dv, dtype, seed=0):
 def decode_definition(qkv, z, a, b, layer, conv_state, state):
     """The layer between its projections and out_proj in float64, from the same (rounded)
     projections: conv + SiLU, the gated delta rule (test_gated_delta), gated RMSNorm."""
-    f64 = lambda x: np.array(x.astype(mx.float32), dtype=np.float64)  # noqa: E731
+    f64 = lambda x: np.array(x.astype(mx.float32), dtype=np.float64)
     B, _, Hv, Dv = z.shape
     Hk, Dk = layer.Hk, layer.Dk
     padded = np.concatenate([f64(conv_state), f64(qkv)], axis=1)  # [B, K, C]
     weight = f64(layer.conv1d.weight)[..., 0]  # [C, K]
     conv = np.einsum("bkc,ck->bc", padded, weight)[:, None]  # [B, 1, C]
     mixed = conv / (1 + np.exp(-conv))
-    q = mixed[..., :Hk * Dk].reshape(B, 1, Hk, Dk)
-    k = mixed[..., Hk * Dk:2 * Hk * Dk].reshape(B, 1, Hk, Dk)
-    v = mixed[..., 2 * Hk * Dk:].reshape(B, 1, Hv, Dv)
-    out, new_state = gated_delta_reference(q, k, v, f64(a), f64(b), f64(layer.A_log),
-                                           f64(layer.dt_bias), f64(state).swapaxes(-1, -2))
+    q = mixed[..., : Hk * Dk].reshape(B, 1, Hk, Dk)
+    k = mixed[..., Hk * Dk : 2 * Hk * Dk].reshape(B, 1, Hk, Dk)
+    v = mixed[..., 2 * Hk * Dk :].reshape(B, 1, Hv, Dv)
+    out, new_state = gated_delta_reference(
+        q, k, v, f64(a), f64(b), f64(layer.A_log), f64(layer.dt_bias), f64(state).swapaxes(-1, -2)
+    )
     normed = out / np.sqrt((out**2).mean(axis=-1, keepdims=True) + layer.norm.eps)
     gate = f64(z)
     y = normed * f64(layer.norm.weight) * gate / (1 + np.exp(-gate))
@@ -182,19 +218,30 @@ def test_decode_step_matches_definition_and_plain_layer(case):
     x = mx.random.normal((B, 1, 64)).astype(dtype)
     channels = layer.conv1d.weight.shape[0]
     conv_state = mx.random.normal((B, 3, channels)).astype(dtype)
-    state = (mx.random.normal((B, Hv, Dv, Dk)) * 0.5 if with_state
-             else mx.zeros((B, Hv, Dv, Dk)))
+    state = mx.random.normal((B, Hv, Dv, Dk)) * 0.5 if with_state else mx.zeros((B, Hv, Dv, Dk))
 
     qkv, z = layer.in_proj_qkv(x), layer.in_proj_z(x).reshape(B, 1, Hv, Dv)
     a, b = layer.in_proj_a(x), layer.in_proj_b(x)
     kernel_inputs, launch = decode_step_call(
-        qkv, z, a, b, layer.conv1d.weight, layer.A_log, layer.dt_bias, layer.norm.weight,
-        layer.norm.eps, conv_state, state, Hk)
+        qkv,
+        z,
+        a,
+        b,
+        layer.conv1d.weight,
+        layer.A_log,
+        layer.dt_bias,
+        layer.norm.weight,
+        layer.norm.eps,
+        conv_state,
+        state,
+        Hk,
+    )
     y, new_state, new_conv_state = emulate(DECODE_STEP, kernel_inputs, launch)
 
     tolerance = TOLERANCE[dtype]
-    for ours, reference in zip((y, new_state, new_conv_state),
-                               decode_definition(qkv, z, a, b, layer, conv_state, state)):
+    for ours, reference in zip(
+        (y, new_state, new_conv_state), decode_definition(qkv, z, a, b, layer, conv_state, state)
+    ):
         assert relative_error(ours, reference) <= tolerance
 
     layer.decode_path = "plain"
@@ -217,9 +264,9 @@ def test_layer_decodes_through_the_fused_step_like_the_plain_layer(monkeypatch):
     fused_cache, plain_cache = [None, None], [None, None]
     for t in range(tokens.shape[1]):
         layer.decode_path = "fused"
-        fused = layer(tokens[:, t:t + 1], fused_cache)
+        fused = layer(tokens[:, t : t + 1], fused_cache)
         layer.decode_path = "plain"
-        plain = layer(tokens[:, t:t + 1], plain_cache)
+        plain = layer(tokens[:, t : t + 1], plain_cache)
         assert relative_error(fused, plain) <= 1e-5
         assert relative_error(fused_cache[1], plain_cache[1]) <= 1e-5
         assert relative_error(fused_cache[0], plain_cache[0]) == 0.0
@@ -227,15 +274,26 @@ def test_layer_decodes_through_the_fused_step_like_the_plain_layer(monkeypatch):
 
 def test_decode_step_out_of_bounds_read_is_caught(tmp_path):
     # read a whole 32-lane row of the state when Dk = 16: past the buffer's end on its last row
-    spec = broken_copy(DECODE_STEP, tmp_path, "s[i] = d < Dk ? s_in[d] * decay : 0.0f;",
-                       "s[i] = s_in[d] * decay;")
+    spec = broken_copy(
+        DECODE_STEP, tmp_path, "s[i] = d < Dk ? s_in[d] * decay : 0.0f;", "s[i] = s_in[d] * decay;"
+    )
     layer = make_layer(1, 1, 16, 16, mx.float32)
     x = mx.random.normal((1, 1, 64))
     qkv, z = layer.in_proj_qkv(x), layer.in_proj_z(x).reshape(1, 1, 1, 16)
     kernel_inputs, launch = decode_step_call(
-        qkv, z, layer.in_proj_a(x), layer.in_proj_b(x), layer.conv1d.weight, layer.A_log,
-        layer.dt_bias, layer.norm.weight, layer.norm.eps, mx.zeros((1, 3, 48)),
-        mx.zeros((1, 1, 16, 16)), 1)
+        qkv,
+        z,
+        layer.in_proj_a(x),
+        layer.in_proj_b(x),
+        layer.conv1d.weight,
+        layer.A_log,
+        layer.dt_bias,
+        layer.norm.weight,
+        layer.norm.eps,
+        mx.zeros((1, 3, 48)),
+        mx.zeros((1, 1, 16, 16)),
+        1,
+    )
     with pytest.raises(EmulatorError, match="state_in"):
         emulate(spec, kernel_inputs, launch)
 

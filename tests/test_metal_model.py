@@ -4,14 +4,15 @@ MSL-on-CPU emulator, as a Mac would send it to the GPU."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl_emulator import run_on_emulator
+from test_model import prompt, reference_logits
+
+from qwen35_mlx.gated_delta import dispatch as gated_delta
+from qwen35_mlx.gated_delta.kernel import KernelSpec
+from qwen35_mlx.loading import load_model
 
 from checkpoints import Spec
 from metrics import relative_error
-from qwen35_mlx.loading import load_model
-from qwen35_mlx.gated_delta import dispatch as gated_delta
-from qwen35_mlx.gated_delta.kernel import KernelSpec
-from test_model import prompt, reference_logits
+from msl_emulator import run_on_emulator
 
 
 @pytest.fixture
@@ -30,6 +31,6 @@ def test_metal_prefill_then_fused_decode_match_transformers(make_checkpoint, met
     cache = model.make_cache()
     pieces = [np.array(model(mx.array(ids[:, :-decoded]), cache=cache))]  # chunked kernel
     for t in range(ids.shape[1] - decoded, ids.shape[1]):
-        pieces.append(np.array(model(mx.array(ids[:, t:t + 1]), cache=cache)))
+        pieces.append(np.array(model(mx.array(ids[:, t : t + 1]), cache=cache)))
     ours = np.concatenate(pieces, axis=1)
     assert relative_error(ours, reference_logits(reference, ids)) <= 1e-4

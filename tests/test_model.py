@@ -14,8 +14,10 @@ from checkpoints import Spec
 from helpers import prompt, reference_logits
 from metrics import relative_error
 
-SPECS = [Spec(layout=layout, hv_per_hk=ratio, tied=tied)
-         for layout, ratio, tied in itertools.product(("causal", "conditional"), (1, 2), (False, True))]
+SPECS = [
+    Spec(layout=layout, hv_per_hk=ratio, tied=tied)
+    for layout, ratio, tied in itertools.product(("causal", "conditional"), (1, 2), (False, True))
+]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])
@@ -51,8 +53,11 @@ def test_sharded_checkpoint_loads(make_checkpoint):
     assert relative_error(np.array(model(mx.array(ids))), reference_logits(reference, ids)) <= 1e-4
 
 
-@pytest.mark.parametrize("splits", [[100], [37, 1, 50, 12], [64, 36], [1] * 100],
-                         ids=["full", "uneven", "chunk-edge", "token-by-token"])
+@pytest.mark.parametrize(
+    "splits",
+    [[100], [37, 1, 50, 12], [64, 36], [1] * 100],
+    ids=["full", "uneven", "chunk-edge", "token-by-token"],
+)
 def test_cached_forward_matches_full(make_checkpoint, splits):
     directory, _ = make_checkpoint(Spec(hv_per_hk=2))
     model = load_model(directory)
@@ -60,7 +65,7 @@ def test_cached_forward_matches_full(make_checkpoint, splits):
     full = np.array(model(mx.array(ids)))
     cache, pieces, start = model.make_cache(), [], 0
     for size in splits:
-        pieces.append(np.array(model(mx.array(ids[:, start:start + size]), cache=cache)))
+        pieces.append(np.array(model(mx.array(ids[:, start : start + size]), cache=cache)))
         start += size
     assert relative_error(np.concatenate(pieces, axis=1), full) <= 1e-5
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoints import VISION_IDS, Spec
-from metrics import relative_error
 from qwen35_mlx import VisionCache, load, stream_generate
 from qwen35_mlx.chat import ChatSession
 from qwen35_mlx.generate import ContextLengthError
 from qwen35_mlx.prompt import prepare_prompt
+
+from checkpoints import VISION_IDS, Spec
+from metrics import relative_error
 
 IMAGE_ID, VIDEO_ID = VISION_IDS["image_token_id"], VISION_IDS["video_token_id"]
 
@@ -34,8 +35,7 @@ def files(tmp_path_factory):
     for name, (height, width) in {"square": (64, 64), "wide": (48, 80)}.items():
         paths[name] = folder / f"{name}.png"
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(paths[name])
-    frames = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-              for _ in range(4)]
+    frames = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
     paths["gif"] = folder / "clip.gif"
     frames[0].save(paths["gif"], save_all=True, append_images=frames[1:], duration=500, loop=0)
     return paths
@@ -48,20 +48,30 @@ def reference_greedy(reference, ids, max_new_tokens, stop_ids, images=None, vide
     types = (input_ids == IMAGE_ID).long() + 2 * (input_ids == VIDEO_ID).long()
     inputs = {}
     if images is not None:
-        inputs.update(pixel_values=torch.from_numpy(images.pixel_values),
-                      image_grid_thw=torch.from_numpy(images.grid_thw))
+        inputs.update(
+            pixel_values=torch.from_numpy(images.pixel_values),
+            image_grid_thw=torch.from_numpy(images.grid_thw),
+        )
     if videos:
         inputs.update(
             pixel_values_videos=torch.from_numpy(np.concatenate([v.pixel_values for v in videos])),
-            video_grid_thw=torch.from_numpy(np.concatenate([v.grid_thw for v in videos])))
+            video_grid_thw=torch.from_numpy(np.concatenate([v.grid_thw for v in videos])),
+        )
     reference.generation_config.eos_token_id = stop_ids
     with torch.no_grad():
-        out = reference.generate(input_ids, mm_token_type_ids=types, do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                 pad_token_id=0, output_logits=True,
-                                 return_dict_in_generate=True, **inputs)
+        out = reference.generate(
+            input_ids,
+            mm_token_type_ids=types,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **inputs,
+        )
     logprobs = torch.log_softmax(torch.cat(out.logits), dim=-1).numpy()
-    return out.sequences[0, len(ids):].tolist(), logprobs
+    return out.sequences[0, len(ids) :].tolist(), logprobs
 
 
 def assert_same_generation(responses, expected):
@@ -73,8 +83,9 @@ def assert_same_generation(responses, expected):
 
 
 def ask(text, images=(), videos=()):
-    items = ([{"type": "image", "image": str(image)} for image in images]
-             + [{"type": "video", "video": str(video)} for video in videos])
+    items = [{"type": "image", "image": str(image)} for image in images] + [
+        {"type": "video", "video": str(video)} for video in videos
+    ]
     return [{"role": "user", "content": [*items, {"type": "text", "text": text}]}]
 
 
@@ -86,8 +97,14 @@ def test_two_images_greedy_matches_transformers(tiny, files, prefill_step_size):
     stop_ids = sorted(tokenizer.eos_token_ids)
     images = tokenizer.processor.images([files["square"], files["wide"]])
     expected = reference_greedy(reference, ids, 24, stop_ids, images=images)
-    assert_same_generation(list(stream_generate(model, tokenizer, messages, max_tokens=24,
-                                                prefill_step_size=prefill_step_size)), expected)
+    assert_same_generation(
+        list(
+            stream_generate(
+                model, tokenizer, messages, max_tokens=24, prefill_step_size=prefill_step_size
+            )
+        ),
+        expected,
+    )
     assert ids.count(IMAGE_ID) == int(images.grid_thw.prod(axis=1).sum()) // 4
 
 
@@ -97,10 +114,10 @@ def test_video_greedy_matches_transformers(tiny, files):
     ids = prepare_prompt(model, tokenizer, messages).ids
     video = tokenizer.processor.video(files["gif"])
     assert len(video.timestamps) == 2 and ids.count(VIDEO_ID) == 2 * 4  # 2 groups of 2x2
-    expected = reference_greedy(reference, ids, 24, sorted(tokenizer.eos_token_ids),
-                                videos=[video])
-    assert_same_generation(list(stream_generate(model, tokenizer, messages, max_tokens=24)),
-                           expected)
+    expected = reference_greedy(reference, ids, 24, sorted(tokenizer.eos_token_ids), videos=[video])
+    assert_same_generation(
+        list(stream_generate(model, tokenizer, messages, max_tokens=24)), expected
+    )
 
 
 class CountingTower:
@@ -123,8 +140,9 @@ class CountingTower:
 def turn(session, content, **media):
     """(the ids of the conversation as rendered for the reply, the reply's responses)."""
     responses = list(session.send(content, **media))
-    ids = prepare_prompt(session.model, session.tokenizer, session.messages[:-1],
-                         vision_cache=session.vision_cache).ids
+    ids = prepare_prompt(
+        session.model, session.tokenizer, session.messages[:-1], vision_cache=session.vision_cache
+    ).ids
     return ids, responses
 
 
@@ -134,27 +152,37 @@ def test_chat_about_one_image_encodes_it_once_and_matches_a_fresh_run(tiny, file
     session = ChatSession(counting, tokenizer, max_tokens=8)
     turn(session, "What is this?", images=[files["square"]])
     second = turn(session, "Say more.")
-    third = turn(session, [{"type": "image", "image": str(files["square"])},
-                           {"type": "text", "text": "Again?"}])
+    third = turn(
+        session,
+        [{"type": "image", "image": str(files["square"])}, {"type": "text", "text": "Again?"}],
+    )
     assert counting.runs == 1  # the tower ran once: later turns read it from the LRU
 
     image = tokenizer.processor.images([files["square"]])
     # transformers over the whole conversation as the chat template renders it
     stop_ids = sorted(tokenizer.eos_token_ids)
     twice = tokenizer.processor.images([files["square"]] * 2)
-    assert_same_generation(second[1], reference_greedy(reference, second[0], 8, stop_ids,
-                                                       images=image))
-    assert_same_generation(third[1], reference_greedy(reference, third[0], 8, stop_ids,
-                                                      images=twice))
+    assert_same_generation(
+        second[1], reference_greedy(reference, second[0], 8, stop_ids, images=image)
+    )
+    assert_same_generation(
+        third[1], reference_greedy(reference, third[0], 8, stop_ids, images=twice)
+    )
 
 
 def test_content_list_image_url_and_simple_form_agree(tiny, files):
     _, model, tokenizer = tiny
     data_url = "data:image/png;base64," + base64.b64encode(files["wide"].read_bytes()).decode()
     content_list = ask("Describe.", images=[files["wide"]])
-    image_url = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url}},
-        {"type": "text", "text": "Describe."}]}]
+    image_url = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "text", "text": "Describe."},
+            ],
+        }
+    ]
     pil = Image.open(files["wide"])
 
     def tokens(prompt, **media):
@@ -164,9 +192,13 @@ def test_content_list_image_url_and_simple_form_agree(tiny, files):
     assert tokens("Describe.", images=[files["wide"]]) == expected
     assert tokens("Describe.", images=pil) == expected
     assert tokens(image_url) == expected
-    assert tokens([{"role": "user", "content": "Describe."}], images=[str(files["wide"])]) == expected
-    assert (prepare_prompt(model, tokenizer, "Describe.", images=[files["wide"]]).ids
-            == prepare_prompt(model, tokenizer, content_list).ids)
+    assert (
+        tokens([{"role": "user", "content": "Describe."}], images=[str(files["wide"])]) == expected
+    )
+    assert (
+        prepare_prompt(model, tokenizer, "Describe.", images=[files["wide"]]).ids
+        == prepare_prompt(model, tokenizer, content_list).ids
+    )
 
 
 def test_vision_cache_keeps_features_between_calls(tiny, files):
@@ -174,14 +206,18 @@ def test_vision_cache_keeps_features_between_calls(tiny, files):
     counting = CountingTower(model)
     cache = VisionCache(max_entries=1)
     for image in ("square", "square", "wide", "square"):
-        list(stream_generate(counting, tokenizer, "Hi", images=[files[image]], max_tokens=1,
-                             vision_cache=cache))
+        list(
+            stream_generate(
+                counting, tokenizer, "Hi", images=[files[image]], max_tokens=1, vision_cache=cache
+            )
+        )
     assert counting.runs == 3 and len(cache) == 1  # the second "square" hit; one entry kept
 
 
 def test_context_check_counts_the_image_tokens(make_checkpoint, files):
-    model, tokenizer = load(make_checkpoint(Spec(layout="conditional",
-                                                 max_position_embeddings=64))[0])
+    model, tokenizer = load(
+        make_checkpoint(Spec(layout="conditional", max_position_embeddings=64))[0]
+    )
     text_only = len(prepare_prompt(model, tokenizer, "Hi", images=[]).ids)
     with_image = len(prepare_prompt(model, tokenizer, "Hi", images=[files["wide"]]).ids)
     assert text_only < 64 < with_image
@@ -195,10 +231,14 @@ def test_text_only_checkpoint_refuses_images(make_checkpoint, files):
         next(stream_generate(model, tokenizer, "What is this?", images=[files["square"]]))
 
 
-@pytest.mark.parametrize("source, problem", [
-    ("https://example.com/cat.png", "web URLs are not fetched"),
-    ("missing.png", "no such file"),
-], ids=["web-url", "missing-file"])
+@pytest.mark.parametrize(
+    "source, problem",
+    [
+        ("https://example.com/cat.png", "web URLs are not fetched"),
+        ("missing.png", "no such file"),
+    ],
+    ids=["web-url", "missing-file"],
+)
 def test_bad_image_sources_are_clear_errors(tiny, source, problem):
     _, model, tokenizer = tiny
     with pytest.raises(ValueError, match=problem):
@@ -215,12 +255,35 @@ def test_a_video_items_fps_sets_the_frame_timestamps(tiny, tmp_path):
     _, model, tokenizer = tiny
     for index in range(5):
         Image.fromarray(np.full((64, 64, 3), 40 * index, np.uint8)).save(tmp_path / f"{index}.png")
-    messages = [{"role": "user", "content": [
-        {"type": "video", "video": str(tmp_path), "fps": 1}, {"type": "text", "text": "Go"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(tmp_path), "fps": 1},
+                {"type": "text", "text": "Go"},
+            ],
+        }
+    ]
     text = tokenizer.decode(prepare_prompt(model, tokenizer, messages).ids)
     # 5 frames at 1 fps: groups of 2 centred at 0.5 s and 2.5 s, the last frame (4 s) padded
     assert [t for t in ("<0.5 seconds>", "<2.5 seconds>", "<4.0 seconds>") if t in text] == [
-        "<0.5 seconds>", "<2.5 seconds>", "<4.0 seconds>"]
-    default = tokenizer.decode(prepare_prompt(model, tokenizer, [{"role": "user", "content": [
-        {"type": "video", "video": str(tmp_path)}, {"type": "text", "text": "Go"}]}]).ids)
+        "<0.5 seconds>",
+        "<2.5 seconds>",
+        "<4.0 seconds>",
+    ]
+    default = tokenizer.decode(
+        prepare_prompt(
+            model,
+            tokenizer,
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video", "video": str(tmp_path)},
+                        {"type": "text", "text": "Go"},
+                    ],
+                }
+            ],
+        ).ids
+    )
     assert "<0.2 seconds>" in default  # the sampling rate, 2 fps: (0 + 0.5) / 2 = 0.25

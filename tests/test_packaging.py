@@ -17,18 +17,38 @@ def test_wheel_carries_modules_kernel_sources_and_templates(tmp_path):
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / part, source)
     for package in ("qwen35_mlx", "convert"):
-        shutil.copytree(ROOT / package, source / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
-                    "--no-build-isolation", "-q", "-w", str(tmp_path)],
-                   check=True, capture_output=True, cwd=tmp_path)
+        shutil.copytree(
+            ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     (wheel,) = tmp_path.glob("*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     package = ROOT / "qwen35_mlx"
-    expected = {f"qwen35_mlx/{f.relative_to(package)}" for f in package.rglob("*")
-                if f.suffix in (".py", ".metal", ".jinja") and "__pycache__" not in f.parts}
+    expected = {
+        f"qwen35_mlx/{f.relative_to(package)}"
+        for f in package.rglob("*")
+        if f.suffix in (".py", ".metal", ".jinja") and "__pycache__" not in f.parts
+    }
     expected |= {f"qwen35_mlx/convert/{f.name}" for f in (ROOT / "convert").glob("*.py")}
     assert any(name.endswith(".metal") for name in expected)
-    assert {"qwen35_mlx/bench/templates/qwen3_5_chat_template_thinking.jinja",
-            "qwen35_mlx/bench/templates/qwen3_5_chat_template_nonthinking.jinja"} <= expected
+    assert {
+        "qwen35_mlx/bench/templates/qwen3_5_chat_template_thinking.jinja",
+        "qwen35_mlx/bench/templates/qwen3_5_chat_template_nonthinking.jinja",
+    } <= expected
     assert expected <= shipped, sorted(expected - shipped)

@@ -22,33 +22,49 @@ import torch
 from mlx.utils import tree_flatten
 from mlx_vlm.speculative.drafters import load_drafter
 
-from checkpoints import Spec
-from metrics import relative_error
 from qwen35_mlx.convert import convert
 from qwen35_mlx.loading import load_model
 
+from checkpoints import Spec
+from metrics import relative_error
+
 SOURCES = {"untied": Spec(layout="conditional"), "tied": Spec(layout="conditional", tied=True)}
 Q4 = dict(quantize=True, q_bits=4, q_group_size=32)
-RECIPES = {"float": {}, "q4-hybrid": Q4, "q4-uniform": {**Q4, "recipe": "uniform"},
-           "q4-vision-mtp": {**Q4, "quantize_vision": True, "quantize_mtp": True}}
+RECIPES = {
+    "float": {},
+    "q4-hybrid": Q4,
+    "q4-uniform": {**Q4, "recipe": "uniform"},
+    "q4-vision-mtp": {**Q4, "quantize_vision": True, "quantize_mtp": True},
+}
 # The 15 MTP tensors of docs/ARCHITECTURE.md §6 at the tiny dims (H=64, I=128, 4 heads x 32, 2 KV).
 H, I, NH, NKV, HD = 64, 128, 4, 2, 32
 MTP_SHAPES = {
-    "fc": (H, 2 * H), "pre_fc_norm_embedding": (H,), "pre_fc_norm_hidden": (H,), "norm": (H,),
-    "layers.0.input_layernorm": (H,), "layers.0.post_attention_layernorm": (H,),
-    "layers.0.self_attn.q_proj": (2 * NH * HD, H), "layers.0.self_attn.k_proj": (NKV * HD, H),
-    "layers.0.self_attn.v_proj": (NKV * HD, H), "layers.0.self_attn.o_proj": (H, NH * HD),
-    "layers.0.self_attn.q_norm": (HD,), "layers.0.self_attn.k_norm": (HD,),
-    "layers.0.mlp.gate_proj": (I, H), "layers.0.mlp.up_proj": (I, H),
-    "layers.0.mlp.down_proj": (H, I)}
+    "fc": (H, 2 * H),
+    "pre_fc_norm_embedding": (H,),
+    "pre_fc_norm_hidden": (H,),
+    "norm": (H,),
+    "layers.0.input_layernorm": (H,),
+    "layers.0.post_attention_layernorm": (H,),
+    "layers.0.self_attn.q_proj": (2 * NH * HD, H),
+    "layers.0.self_attn.k_proj": (NKV * HD, H),
+    "layers.0.self_attn.v_proj": (NKV * HD, H),
+    "layers.0.self_attn.o_proj": (H, NH * HD),
+    "layers.0.self_attn.q_norm": (HD,),
+    "layers.0.self_attn.k_norm": (HD,),
+    "layers.0.mlp.gate_proj": (I, H),
+    "layers.0.mlp.up_proj": (I, H),
+    "layers.0.mlp.down_proj": (H, I),
+}
 GRID = [[1, 4, 4]]  # one 64x64 image: 16 patches, 4 merged tokens
 IDS = np.random.default_rng(0).integers(0, 496, size=(1, 64))
 
 
 def mtp_tensors(seed=0) -> dict[str, mx.array]:
     rng = np.random.default_rng(seed)
-    return {f"mtp.{name}.weight": mx.array(0.1 * rng.standard_normal(shape).astype(np.float32))
-            for name, shape in MTP_SHAPES.items()}
+    return {
+        f"mtp.{name}.weight": mx.array(0.1 * rng.standard_normal(shape).astype(np.float32))
+        for name, shape in MTP_SHAPES.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +98,13 @@ def converted(source, tmp_path_factory):
     def make(name, recipe):
         if (name, recipe) not in built:
             out = tmp_path_factory.mktemp(f"{name}-{recipe}") / "mlx"
-            convert(str(source(name)[0]), str(out), dtype="float32", verify_output=False,
-                    **RECIPES[recipe])
+            convert(
+                str(source(name)[0]),
+                str(out),
+                dtype="float32",
+                verify_output=False,
+                **RECIPES[recipe],
+            )
             built[name, recipe] = (out, load_model(out))
         return built[name, recipe]
 
@@ -96,9 +117,11 @@ def reference_logits(torch_model) -> np.ndarray:
 
 
 def quantized_layers(model: nn.Module, prefix: str = "") -> dict[str, tuple]:
-    return {path: (m.bits, m.group_size, m.mode) for path, m in model.named_modules()
-            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-            and path.startswith(prefix)}
+    return {
+        path: (m.bits, m.group_size, m.mode)
+        for path, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and path.startswith(prefix)
+    }
 
 
 def assert_same_tensors(theirs: dict, ours: dict) -> None:
@@ -127,8 +150,9 @@ def test_mlx_vlm_loads_conversion(source, converted, name, recipe):
     out, ours = converted(name, recipe)
     peer = mlx_vlm.utils.load_model(out)
     # every tensor as we hold it: no second norm shift or conv transpose, vision included
-    assert_same_tensors(dict(tree_flatten(peer.parameters())),
-                        dict(tree_flatten(ours.parameters())))
+    assert_same_tensors(
+        dict(tree_flatten(peer.parameters())), dict(tree_flatten(ours.parameters()))
+    )
     assert_same_quantization(peer, ours, recipe)
     if recipe.endswith("vision-mtp"):
         assert set(quantized_layers(peer, "vision_tower.").values()) == {(4, 32, "affine")}
@@ -147,8 +171,10 @@ def test_mlx_lm_loads_conversion(converted, name, recipe):
     out, ours = converted(name, recipe)
     peer, _ = mlx_lm.load(str(out))
     text = dict(tree_flatten(ours.parameters()))
-    assert_same_tensors(dict(tree_flatten(peer.parameters())),
-                        {k: v for k, v in text.items() if k.startswith("language_model.")})
+    assert_same_tensors(
+        dict(tree_flatten(peer.parameters())),
+        {k: v for k, v in text.items() if k.startswith("language_model.")},
+    )
     assert_same_quantization(peer, ours, recipe)
     logits = np.array(peer(mx.array(IDS)))
     assert relative_error(logits, np.array(ours(mx.array(IDS)))) <= 1e-5
@@ -184,8 +210,10 @@ def test_mtp_drafter_from_hf_source(source, converted):
     directory, _, mtp = source("untied")
     from_source, _ = drafter_tensors(directory)
     from_converted, _ = drafter_tensors(converted("untied", "float")[0])
-    expected = {name[len("mtp."):]: value + 1.0 if value.ndim == 1 else value  # 1-D: the norms
-                for name, value in mtp.items()}
+    expected = {
+        name[len("mtp.") :]: value + 1.0 if value.ndim == 1 else value  # 1-D: the norms
+        for name, value in mtp.items()
+    }
     assert len(expected) == 15
     assert_same_tensors(from_source, expected)
     assert_same_tensors(from_converted, expected)
@@ -195,7 +223,7 @@ def test_mtp_drafter_from_hf_source(source, converted):
 def test_mtp_drafter_from_conversion(converted, recipe):
     out, ours = converted("untied", recipe)
     tensors, drafter = drafter_tensors(out)
-    expected = {k[len("mtp."):]: v for k, v in ours.mtp_weights.items() if k.startswith("mtp.")}
+    expected = {k[len("mtp.") :]: v for k, v in ours.mtp_weights.items() if k.startswith("mtp.")}
     assert_same_tensors(tensors, expected)
     quantized = quantized_layers(drafter)
     if recipe.endswith("vision-mtp"):  # the 8 MTP matrices

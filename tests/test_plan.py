@@ -118,10 +118,13 @@ def narrow_08b(tmp_path_factory):
         vision=False,
         mtp=False,
         # the special token ids moved inside the small vocabulary, as config.json requires
-        overrides={"text_config": {"vocab_size": 1024, "bos_token_id": 1023,
-                                   "eos_token_id": 1023},
-                   "image_token_id": 1019, "video_token_id": 1020,
-                   "vision_start_token_id": 1021, "vision_end_token_id": 1022},
+        overrides={
+            "text_config": {"vocab_size": 1024, "bos_token_id": 1023, "eos_token_id": 1023},
+            "image_token_id": 1019,
+            "video_token_id": 1020,
+            "vision_start_token_id": 1021,
+            "vision_end_token_id": 1022,
+        },
     )
 
 

@@ -15,15 +15,16 @@ import zlib
 
 import numpy as np
 import pytest
-from checkpoints import VISION_IDS, Spec
-from metrics import relative_error
 from PIL import Image, ImageFile
-from processor_files import write_processor_files
-from tokenizer_files import write_tokenizer_files
 
 from qwen35_mlx.processor import PREPROCESSOR_CONFIG, ImageInputs, Processor, VideoInputs
 from qwen35_mlx.sources import VisionInputError
 from qwen35_mlx.tokenizer import Tokenizer
+
+from checkpoints import VISION_IDS, Spec
+from metrics import relative_error
+from processor_files import write_processor_files
+from tokenizer_files import write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor  # noqa: E402
@@ -68,9 +69,14 @@ def mode_image(mode: str) -> Image.Image:
 
 
 SIZES = {  # (width, height)
-    "37x91": (37, 91), "300x500": (300, 500), "641x479": (641, 479),
-    "tiny-5x7-upscaled": (5, 7), "1x1": (1, 1),
-    "tall-32x3000": (32, 3000), "wide-3000x40": (3000, 40), "ratio-199": (20, 3980),
+    "37x91": (37, 91),
+    "300x500": (300, 500),
+    "641x479": (641, 479),
+    "tiny-5x7-upscaled": (5, 7),
+    "1x1": (1, 1),
+    "tall-32x3000": (32, 3000),
+    "wide-3000x40": (3000, 40),
+    "ratio-199": (20, 3980),
 }
 MODES = ["L", "RGBA", "P", "P-transparent", "LA", "CMYK", "I;16", "1"]
 
@@ -122,8 +128,9 @@ def test_exif_orientation_is_applied(processor, checkpoint, tmp_path):
     exif[0x0112] = 6  # rotate 90° clockwise to display
     image.save(tmp_path / "rotated.png", exif=exif)
     upright = image.transpose(Image.Transpose.ROTATE_270)  # PIL's exif_transpose for 6
-    assert_images_equal(processor.images([tmp_path / "rotated.png"]),
-                        reference_images(checkpoint, [upright]))
+    assert_images_equal(
+        processor.images([tmp_path / "rotated.png"]), reference_images(checkpoint, [upright])
+    )
 
 
 def test_pixel_bounds_overrides_match_transformers(checkpoint):
@@ -141,13 +148,16 @@ def test_expanded_prompt_tokens_match_transformers(processor, checkpoint):
 
     reference = ImageOnlyProcessor(
         image_processor=Qwen2VLImageProcessorPil.from_pretrained(checkpoint),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(checkpoint), video_processor=None)
+        tokenizer=transformers.AutoTokenizer.from_pretrained(checkpoint),
+        video_processor=None,
+    )
     images = [Image.fromarray(noise(300, 500)), Image.fromarray(noise(37, 91))]
     text = f"Compare {IMAGE} with\n{IMAGE} please."
     expected = reference(text=[text], images=images)["input_ids"][0]
     inputs = processor.images(images)
     ids = Tokenizer.from_pretrained(checkpoint).encode(
-        processor.expand(text, image_grid_thw=inputs.grid_thw))
+        processor.expand(text, image_grid_thw=inputs.grid_thw)
+    )
     assert ids == list(expected)
     assert ids.count(505) == int(inputs.grid_thw.prod(axis=1).sum()) // 4
 
@@ -157,10 +167,14 @@ def test_checkpoint_tokens_come_from_its_files(make_checkpoint):
     processor = Processor.from_pretrained(directory)
     tokenizer = Tokenizer.from_pretrained(directory)
     tokens = processor.tokens
-    assert [tokenizer.encode(token) for token in (tokens.image, tokens.video, tokens.start,
-                                                  tokens.end)] == [
-        [VISION_IDS["image_token_id"]], [VISION_IDS["video_token_id"]],
-        [VISION_IDS["vision_start_token_id"]], [VISION_IDS["vision_end_token_id"]]]
+    assert [
+        tokenizer.encode(token) for token in (tokens.image, tokens.video, tokens.start, tokens.end)
+    ] == [
+        [VISION_IDS["image_token_id"]],
+        [VISION_IDS["video_token_id"]],
+        [VISION_IDS["vision_start_token_id"]],
+        [VISION_IDS["vision_end_token_id"]],
+    ]
     assert (processor.min_pixels, processor.max_pixels) == (65536, 16777216)
     assert (processor.video_min_pixels, processor.video_max_pixels) == (4096, 25165824)
     assert (processor.fps, processor.min_frames, processor.max_frames) == (2.0, 4, 768)
@@ -168,8 +182,18 @@ def test_checkpoint_tokens_come_from_its_files(make_checkpoint):
 
 def test_missing_files_give_the_released_settings(tmp_path, processor):
     defaults = Processor.from_pretrained(tmp_path)
-    for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "fps",
-                 "min_frames", "max_frames", "patch_size", "merge_size", "tokens"):
+    for name in (
+        "min_pixels",
+        "max_pixels",
+        "video_min_pixels",
+        "video_max_pixels",
+        "fps",
+        "min_frames",
+        "max_frames",
+        "patch_size",
+        "merge_size",
+        "tokens",
+    ):
         assert getattr(defaults, name) == getattr(processor, name), name
 
 
@@ -177,7 +201,8 @@ def test_bad_settings_are_errors(tmp_path):
     with pytest.raises(VisionInputError, match="max_pixel"):
         Processor.from_pretrained(tmp_path, max_pixel=100)
     (tmp_path / "preprocessor_config.json").write_text(
-        json.dumps({**PREPROCESSOR_CONFIG, "resample": 2}))
+        json.dumps({**PREPROCESSOR_CONFIG, "resample": 2})
+    )
     with pytest.raises(VisionInputError, match="resample=2"):
         Processor.from_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text("{not json")
@@ -189,11 +214,15 @@ def test_bad_settings_are_errors(tmp_path):
 
 # --- bad images ------------------------------------------------------------------------------
 
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares a size and holds no pixels: a bomb to PIL's size check."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
@@ -246,12 +275,14 @@ def test_data_url_image(processor, checkpoint, tmp_path):
 
 # --- videos ----------------------------------------------------------------------------------
 
+
 def frame_pixels(index: int, width=64, height=48) -> np.ndarray:
     """A frame whose content says its index (a gradient shifted by it) and survives mpeg4."""
     y, x = np.mgrid[0:height, 0:width]
     base = (x * 3 + y * 2 + index * 20) % 256
-    return np.stack([base, (base + 85) % 256, np.full_like(base, index * 12 % 256)],
-                    axis=-1).astype(np.uint8)
+    return np.stack(
+        [base, (base + 85) % 256, np.full_like(base, index * 12 % 256)], axis=-1
+    ).astype(np.uint8)
 
 
 def write_video(path, frames: int, fps: int):
@@ -274,20 +305,28 @@ def decoded_frames(path) -> list[np.ndarray]:
 def naive_video_patches(frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
     """transformers' PIL-path transforms per frame, then patches by explicit index loops in
     the order (group, block row, block col, row, col), each vector (C, Tp, 16, 16)."""
-    pixels = [normalize(rescale(resize(frame, (height, width), resample=3,
-                                       input_data_format="channels_last"), 1 / 255),
-                        [0.5] * 3, [0.5] * 3, input_data_format="channels_last")
-              for frame in frames]
+    pixels = [
+        normalize(
+            rescale(
+                resize(frame, (height, width), resample=3, input_data_format="channels_last"),
+                1 / 255,
+            ),
+            [0.5] * 3,
+            [0.5] * 3,
+            input_data_format="channels_last",
+        )
+        for frame in frames
+    ]
     pixels += pixels[-1:] * (len(pixels) % 2)
     patches = []
     for group in range(len(pixels) // 2):
-        pair = np.stack(pixels[2 * group: 2 * group + 2])  # [Tp, H, W, C]
+        pair = np.stack(pixels[2 * group : 2 * group + 2])  # [Tp, H, W, C]
         for block_row in range(height // 32):
             for block_col in range(width // 32):
                 for r in range(2):
                     for c in range(2):
                         row, col = 2 * block_row + r, 2 * block_col + c
-                        patch = pair[:, 16 * row: 16 * row + 16, 16 * col: 16 * col + 16]
+                        patch = pair[:, 16 * row : 16 * row + 16, 16 * col : 16 * col + 16]
                         patches.append(patch.transpose(3, 0, 1, 2).reshape(-1))
     return np.stack(patches)
 
@@ -305,16 +344,24 @@ def test_video_file_sampling_timestamps_and_patches(processor, tmp_path):
     video = processor.video(tmp_path / "clip.mp4")
     # 16 frames at 8 fps = 2 s -> 4 frames at 2 fps: linspace(0, 15, 4) = 0, 5, 10, 15;
     # 64×48 rounds to 64×64 (4·64·64 is inside [4096, 25165824]); groups (0,5) and (10,15)
-    assert_video(video, [frames[i] for i in (0, 5, 10, 15)], [2, 4, 4],
-                 [(0 + 5 / 8) / 2, (10 / 8 + 15 / 8) / 2])
+    assert_video(
+        video,
+        [frames[i] for i in (0, 5, 10, 15)],
+        [2, 4, 4],
+        [(0 + 5 / 8) / 2, (10 / 8 + 15 / 8) / 2],
+    )
 
 
 def test_short_video_takes_min_frames(processor, tmp_path):
     write_video(tmp_path / "short.mp4", frames=6, fps=24)
     frames = decoded_frames(tmp_path / "short.mp4")
     # int(6/24·2) = 0 -> min_frames 4: linspace(0, 5, 4) = 0, 1.67, 3.33, 5 -> 0, 2, 3, 5
-    assert_video(processor.video(tmp_path / "short.mp4"), [frames[i] for i in (0, 2, 3, 5)],
-                 [2, 4, 4], [(0 + 2 / 24) / 2, (3 / 24 + 5 / 24) / 2])
+    assert_video(
+        processor.video(tmp_path / "short.mp4"),
+        [frames[i] for i in (0, 2, 3, 5)],
+        [2, 4, 4],
+        [(0 + 2 / 24) / 2, (3 / 24 + 5 / 24) / 2],
+    )
 
 
 def test_frame_directory_in_natural_order_with_padding(processor, tmp_path):
@@ -339,9 +386,14 @@ def test_frame_directory_default_rate_is_the_sampling_rate(processor, tmp_path):
 def test_gif_frame_delays_are_the_clock(processor, tmp_path):
     frames = [frame_pixels(i) for i in range(6)]
     delays = [100, 300, 100, 500, 200, 100]  # ms; starts 0, .1, .4, .5, 1.0, 1.2; total 1.3 s
-    Image.fromarray(frames[0]).save(tmp_path / "anim.gif", save_all=True, duration=delays,
-                                    append_images=[Image.fromarray(f) for f in frames[1:]],
-                                    loop=0, disposal=1)
+    Image.fromarray(frames[0]).save(
+        tmp_path / "anim.gif",
+        save_all=True,
+        duration=delays,
+        append_images=[Image.fromarray(f) for f in frames[1:]],
+        loop=0,
+        disposal=1,
+    )
     reference = []
     with Image.open(tmp_path / "anim.gif") as gif:
         for index in range(gif.n_frames):
@@ -349,31 +401,42 @@ def test_gif_frame_delays_are_the_clock(processor, tmp_path):
             reference.append(np.asarray(gif.convert("RGB")))
     # int(1.3 s · 2) = 2 -> min_frames 4: linspace(0, 5, 4) -> 0, 2, 3, 5
     video = processor.video(tmp_path / "anim.gif")
-    assert_video(video, [reference[i] for i in (0, 2, 3, 5)], [2, 4, 4],
-                 [(0 + 0.4) / 2, (0.5 + 1.2) / 2])
+    assert_video(
+        video, [reference[i] for i in (0, 2, 3, 5)], [2, 4, 4], [(0 + 0.4) / 2, (0.5 + 1.2) / 2]
+    )
 
 
 def test_max_frames_and_video_pixel_bounds(checkpoint, tmp_path):
     write_video(tmp_path / "clip.mp4", frames=20, fps=4)
-    processor = Processor.from_pretrained(checkpoint, fps=4, max_frames=6,
-                                          video_max_pixels=6 * 32 * 32)
+    processor = Processor.from_pretrained(
+        checkpoint, fps=4, max_frames=6, video_max_pixels=6 * 32 * 32
+    )
     frames = decoded_frames(tmp_path / "clip.mp4")
     # 20 frames at 4 fps sampled at 4 fps -> 20, capped at 6: linspace(0, 19, 6).round();
     # 6·64·64 > 6·32·32 -> beta = sqrt(6·48·64 / 6144) = 1.732, 48/β -> 32, 64/β -> 32
     indices = [0, 4, 8, 11, 15, 19]
-    assert_video(processor.video(tmp_path / "clip.mp4"), [frames[i] for i in indices],
-                 [3, 2, 2], [(indices[g] + indices[g + 1]) / 8 for g in (0, 2, 4)])
+    assert_video(
+        processor.video(tmp_path / "clip.mp4"),
+        [frames[i] for i in indices],
+        [3, 2, 2],
+        [(indices[g] + indices[g + 1]) / 8 for g in (0, 2, 4)],
+    )
 
 
 def test_expand_writes_timestamped_groups_and_pads(processor):
-    video = VideoInputs(pixel_values=np.zeros((2 * 4 * 6, 1536), np.float32),
-                        grid_thw=np.array([[2, 4, 6]]), timestamps=[0.25, 1.75])
+    video = VideoInputs(
+        pixel_values=np.zeros((2 * 4 * 6, 1536), np.float32),
+        grid_thw=np.array([[2, 4, 6]]),
+        timestamps=[0.25, 1.75],
+    )
     grid = np.array([[1, 2, 4]])
     text = processor.expand(f"a {IMAGE} b {VIDEO} c", image_grid_thw=grid, videos=[video])
     pads = "<|video_pad|>" * 6
-    assert text == ("a <|vision_start|>" + "<|image_pad|>" * 2 + "<|vision_end|> b "
-                    f"<0.2 seconds><|vision_start|>{pads}<|vision_end|>"
-                    f"<1.8 seconds><|vision_start|>{pads}<|vision_end|> c")
+    assert text == (
+        "a <|vision_start|>" + "<|image_pad|>" * 2 + "<|vision_end|> b "
+        f"<0.2 seconds><|vision_start|>{pads}<|vision_end|>"
+        f"<1.8 seconds><|vision_start|>{pads}<|vision_end|> c"
+    )
 
 
 def test_placeholder_count_mismatches_are_errors(processor):
@@ -390,6 +453,7 @@ def test_placeholder_count_mismatches_are_errors(processor):
 
 
 # --- bad videos ------------------------------------------------------------------------------
+
 
 def test_undecodable_videos_are_errors(processor, tmp_path):
     pytest.importorskip("av")
@@ -425,7 +489,6 @@ def test_mixed_frame_sizes_are_an_error(processor, tmp_path):
         processor.video(tmp_path, source_fps=2)
 
 
-
 def test_frame_folder_rate_set_per_load(checkpoint, tmp_path):
     frames = [frame_pixels(i) for i in range(5)]
     for index, frame in enumerate(frames):
@@ -451,15 +514,17 @@ def write_gif(path, frames: int, side: int) -> None:
     images[0].save(path, save_all=True, append_images=images[1:], duration=100)
 
 
-def test_animation_too_large_to_decode_is_refused_before_decoding(processor, tmp_path,
-                                                                   monkeypatch):
+def test_animation_too_large_to_decode_is_refused_before_decoding(processor, tmp_path, monkeypatch):
     write_gif(tmp_path / "bomb.gif", frames=12, side=100)  # 120,000 pixels to decode
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # each frame is under it
     decoded = []
     load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1) or load(self))
-    with pytest.raises(VisionInputError, match=r"12 frames of 100×100 = 120000 pixels to decode "
-                                               r"is above 4 × the limit of 20000"):
+    with pytest.raises(
+        VisionInputError,
+        match=r"12 frames of 100×100 = 120000 pixels to decode "
+        r"is above 4 × the limit of 20000",
+    ):
         processor.video(tmp_path / "bomb.gif")
     assert decoded == []  # refused from the header, no frame decoded
     monkeypatch.setattr("qwen35_mlx.sources.MAX_ANIMATION_FRAMES", 11)

@@ -4,9 +4,9 @@ Every ```sh block is read from README.md. Runnable commands run in a shell as a 
 type them, changed only to stay offline and quick: set-up steps (virtual environments, pip
 install, the test suite itself) are left out, the hub repo id is swapped for a small local random
 checkpoint, /tmp/ paths move into the test's folder, generation is cut to a few tokens and
-`bench make-checkpoint` writes 4 decoder layers instead of the size's full depth. A usage block (`[--flag ...]`
-placeholders) is checked against the command line itself: each command it shows exists and
-accepts every flag it names.
+`bench make-checkpoint` writes 4 decoder layers instead of the size's full depth. A usage block
+(`[--flag ...]` placeholders) is checked against the command line itself: each command it shows
+exists and accepts every flag it names.
 """
 
 from __future__ import annotations
@@ -20,21 +20,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bench import TINY_TEXT, TINY_VISION
 
 from qwen35_mlx import cli
 from qwen35_mlx.bench.random_checkpoint import write_random_checkpoint
-from test_bench import TINY_TEXT, TINY_VISION
 
 README = Path(__file__).parent.parent / "README.md"
 HUB_REPO = "Qwen/Qwen3.5-0.8B"
 SET_UP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
 MAX_TOKENS = "2"
 # As after `. .venv/bin/activate`: this interpreter's scripts (qwen35-mlx) come first on PATH.
-ACTIVATED = {**os.environ,
-             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+ACTIVATED = {
+    **os.environ,
+    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+}
 # A stand-in for the hub model: the released vocabulary and tokenizer, a tiny decoder.
-HUB_STAND_IN = {"text_config": {**TINY_TEXT, "linear_num_value_heads": 2},
-                "vision_config": TINY_VISION}
+HUB_STAND_IN = {
+    "text_config": {**TINY_TEXT, "linear_num_value_heads": 2},
+    "vision_config": TINY_VISION,
+}
 
 
 def sh_blocks(text: str) -> list[str]:
@@ -64,8 +68,12 @@ def is_set_up(command: str) -> bool:
 
 
 BLOCKS = [commands(block) for block in sh_blocks(README.read_text(encoding="utf-8"))]
-RUNNABLE = [run for block in BLOCKS if not any(is_usage(c) for c in block)
-            if (run := [c for c in block if not is_set_up(c)])]
+RUNNABLE = [
+    run
+    for block in BLOCKS
+    if not any(is_usage(c) for c in block)
+    if (run := [c for c in block if not is_set_up(c)])
+]
 USAGE = [c for block in BLOCKS if any(is_usage(c) for c in block) for c in block]
 
 
@@ -101,8 +109,14 @@ def hub_stand_in(tmp_path_factory) -> Path:
 def test_commands_run(block, hub_stand_in, tmp_path):
     for command in block:
         command = as_run_here(command, hub_stand_in, tmp_path)
-        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=ACTIVATED,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            ["bash", "-c", command],
+            cwd=tmp_path,
+            env=ACTIVATED,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
 
 

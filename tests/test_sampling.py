@@ -7,8 +7,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen35_mlx.sampling import (Penalties, check_seed, keep_min_p, keep_top_k, keep_top_p,
-                                 make_sampler)
+from qwen35_mlx.sampling import (
+    Penalties,
+    check_seed,
+    keep_min_p,
+    keep_top_k,
+    keep_top_p,
+    make_sampler,
+)
 
 VOCAB = 40
 
@@ -26,7 +32,7 @@ def reference_top_p(lp: np.ndarray, p: float) -> set[int]:
     """The fewest most likely tokens whose probabilities sum to at least p."""
     order = np.argsort(-lp)
     mass = np.cumsum(np.exp(lp[order]))
-    return set(order[:int(np.searchsorted(mass, p * mass[-1])) + 1].tolist())
+    return set(order[: int(np.searchsorted(mass, p * mass[-1])) + 1].tolist())
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -74,20 +80,39 @@ def test_temperature_zero_is_argmax():
     assert int(make_sampler(0.0)(mx.array(lp[None]))[0]) == int(np.argmax(lp))
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("temp", {"temp": -0.1}), ("temp", {"temp": math.nan}), ("temp", {"temp": math.inf}),
-    ("temp", {"temp": "0.7"}), ("top_p", {"top_p": 0.0}), ("top_p", {"top_p": 1.5}),
-    ("top_p", {"top_p": math.nan}), ("top_k", {"top_k": -1}), ("top_k", {"top_k": 2.5}),
-    ("top_k", {"top_k": True}), ("min_p", {"min_p": -0.1}), ("min_p", {"min_p": 2.0})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("temp", {"temp": -0.1}),
+        ("temp", {"temp": math.nan}),
+        ("temp", {"temp": math.inf}),
+        ("temp", {"temp": "0.7"}),
+        ("top_p", {"top_p": 0.0}),
+        ("top_p", {"top_p": 1.5}),
+        ("top_p", {"top_p": math.nan}),
+        ("top_k", {"top_k": -1}),
+        ("top_k", {"top_k": 2.5}),
+        ("top_k", {"top_k": True}),
+        ("min_p", {"min_p": -0.1}),
+        ("min_p", {"min_p": 2.0}),
+    ],
+)
 def test_bad_sampling_arguments_are_named(name, kwargs):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         make_sampler(**kwargs)
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("repetition_penalty", {"repetition": 0.0}), ("repetition_penalty", {"repetition": math.nan}),
-    ("presence_penalty", {"presence": math.nan}), ("presence_penalty", {"presence": math.inf}),
-    ("frequency_penalty", {"frequency": -math.inf}), ("frequency_penalty", {"frequency": "1"})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("repetition_penalty", {"repetition": 0.0}),
+        ("repetition_penalty", {"repetition": math.nan}),
+        ("presence_penalty", {"presence": math.nan}),
+        ("presence_penalty", {"presence": math.inf}),
+        ("frequency_penalty", {"frequency": -math.inf}),
+        ("frequency_penalty", {"frequency": "1"}),
+    ],
+)
 def test_bad_penalties_are_named(name, kwargs):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         Penalties(**kwargs)

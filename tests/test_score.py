@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import Spec
-from metrics import relative_error
 from qwen35_mlx import load, score
 from qwen35_mlx.cli import main
 
-TEXT = ("The octopus has three hearts and blue blood. Two hearts pump blood to the gills, "
-        "one to the rest of the body.\n")
+from checkpoints import Spec
+from metrics import relative_error
+
+TEXT = (
+    "The octopus has three hearts and blue blood. Two hearts pump blood to the gills, "
+    "one to the rest of the body.\n"
+)
 
 
 def prompt(length=100, seed=0):
@@ -65,8 +68,13 @@ def test_chunked_scoring_equals_one_pass(tiny):
     _, _, model, tokenizer = tiny
     ids = prompt()  # 99 scored tokens: 19 chunks of 5 and one of 4
     calls = []
-    chunked = score(model, tokenizer, ids, prefill_step_size=5,
-                    progress=lambda done, total: calls.append((done, total)))
+    chunked = score(
+        model,
+        tokenizer,
+        ids,
+        prefill_step_size=5,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     whole = score(model, tokenizer, ids, prefill_step_size=2048)
     assert relative_error(np.array(chunked.logprobs), np.array(whole.logprobs)) <= 1e-5
     assert relative_error(chunked.nll, whole.nll) <= 1e-5
@@ -90,9 +98,15 @@ def test_ids_outside_the_vocabulary_are_refused(tiny, bad):
         score(model, tokenizer, ids)
 
 
-@pytest.mark.parametrize("ids, message", [([], "has 0 token"), ([7], "has 1 token"),
-                                          ([1.5, 2], "a list of token ids"),
-                                          ([[1, 2]], "a list of token ids")])
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([], "has 0 token"),
+        ([7], "has 1 token"),
+        ([1.5, 2], "a list of token ids"),
+        ([[1, 2]], "a list of token ids"),
+    ],
+)
 def test_unscorable_inputs_are_refused(tiny, ids, message):
     _, _, model, tokenizer = tiny
     with pytest.raises(ValueError, match=message):
@@ -116,18 +130,37 @@ def test_perplexity_command_prints_what_the_api_computes(tiny, tmp_path, capsys)
     file = tmp_path / "text.txt"
     file.write_text(TEXT * 3, encoding="utf-8")
     expected = score(model, tokenizer, TEXT * 3, prefill_step_size=7, max_tokens=60)
-    assert main(["perplexity", "--model", str(directory), "--file", str(file),
-                 "--prefill-step-size", "7", "--max-tokens", "60"]) == 0
+    assert (
+        main(
+            [
+                "perplexity",
+                "--model",
+                str(directory),
+                "--file",
+                str(file),
+                "--prefill-step-size",
+                "7",
+                "--max-tokens",
+                "60",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
-    assert out == (f"tokens: 59 | mean NLL: {expected.mean_nll:.4f} | "
-                   f"perplexity: {expected.perplexity:.4f}\n")
+    assert out == (
+        f"tokens: 59 | mean NLL: {expected.mean_nll:.4f} | perplexity: {expected.perplexity:.4f}\n"
+    )
     assert "scoring: 59/59 tokens (100%)" in err and "scoring: 7/59 tokens" in err
 
 
-@pytest.mark.parametrize("content, message", [(None, "no such file"),
-                                              (b"caf\xe9\n", "not UTF-8 text (byte 0xe9 at "
-                                                             "offset 3)"),
-                                              (b" \n\n", "the file is empty")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 3)"),
+        (b" \n\n", "the file is empty"),
+    ],
+)
 def test_perplexity_command_refuses_a_bad_file(tiny, tmp_path, capsys, content, message):
     file = tmp_path / "text.txt"
     if content is not None:

@@ -10,11 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from checkpoints import Spec
-from metrics import relative_error
 from qwen35_mlx import generate, load, stream_generate
 from qwen35_mlx.generate import ContextLengthError
 from qwen35_mlx.prompt_cache import PrefixCache, load_prompt_cache, save_prompt_cache
+
+from checkpoints import Spec
+from metrics import relative_error
 
 LAYOUTS = {"causal": Spec(), "conditional": Spec(layout="conditional")}
 VOCAB = 496  # ids below the tiny tokenizer's special tokens
@@ -39,8 +40,10 @@ def states(cache) -> list[np.ndarray]:
     for layer in cache:
         if hasattr(layer, "offset"):
             keys, values = layer.state
-            arrays += [np.array(keys[..., :layer.offset, :]),
-                       np.array(values[..., :layer.offset, :])]
+            arrays += [
+                np.array(keys[..., : layer.offset, :]),
+                np.array(values[..., : layer.offset, :]),
+            ]
         else:
             arrays += [np.array(a) for a in layer.state]
     return arrays
@@ -52,7 +55,9 @@ def assert_same_state(cache, reference):
         assert ours.shape == theirs.shape and relative_error(ours, theirs) <= 1e-6
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_restore_and_continue_equals_a_fresh_run(tiny, data):
     model, _ = tiny
@@ -108,15 +113,16 @@ def test_an_error_inside_the_model_rolls_back_its_step(tiny, monkeypatch, after_
         monkeypatch.setattr(Explode, "__new__", lambda cls, *a: KeyboardInterrupt())
     fed = []
     with pytest.raises((Explode, KeyboardInterrupt)):
-        for response in stream_generate(model, tokenizer, [11, 12, 13, 14], cache=cache,
-                                        max_tokens=8, prefill_step_size=2):
+        for response in stream_generate(
+            model, tokenizer, [11, 12, 13, 14], cache=cache, max_tokens=8, prefill_step_size=2
+        ):
             fed.append(response.token)
     monkeypatch.undo()
     # every layer holds the same tokens: those fed before the failing call
     reference = model.make_cache()
     logits(model, reference, cache.tokens)
     assert_same_state(cache, reference)
-    assert cache.tokens[:len(history)] == history
+    assert cache.tokens[: len(history)] == history
 
 
 def test_a_consumer_that_stops_reading_leaves_a_consistent_cache(tiny):
@@ -167,15 +173,18 @@ def test_a_resent_history_reuses_the_cache_and_changes_no_token(tiny):
     prefixes = PrefixCache()
     turns, replies = ["Tell me about octopuses.", "And squids?", "Which is larger?"], []
     for turn in range(len(turns)):
-        messages = history(turns[:turn + 1], replies)
+        messages = history(turns[: turn + 1], replies)
         plain = generate(model, tokenizer, messages, max_tokens=12)
         cached = generate(model, tokenizer, messages, max_tokens=12, prompt_cache=prefixes)
         assert cached.text == plain.text and cached.finish_reason == plain.finish_reason
         assert cached.prompt_tokens == plain.prompt_tokens
         if turn:  # the history up to the last reply came from the cache: the template
             # renders a past reply unlike the generation prompt it followed
-            previous = tokenizer.encode(tokenizer.apply_chat_template(
-                history(turns[:turn], replies[:turn - 1]), add_generation_prompt=True))
+            previous = tokenizer.encode(
+                tokenizer.apply_chat_template(
+                    history(turns[:turn], replies[: turn - 1]), add_generation_prompt=True
+                )
+            )
             message_start = tokenizer.encode("<|im_start|>")[0]
             last_start = len(previous) - 1 - previous[::-1].index(message_start)
             assert cached.cached_tokens >= last_start
@@ -195,15 +204,23 @@ def test_images_in_a_prefix_are_keyed_by_content(make_checkpoint, tmp_path):
     prefixes = PrefixCache()
 
     def ask(image):
-        return [{"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": "What is it?"}]}]
+        return [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": image},
+                    {"type": "text", "text": "What is it?"},
+                ],
+            }
+        ]
 
     generate(model, tokenizer, ask(first), max_tokens=4, prompt_cache=prefixes)
     again = generate(model, tokenizer, ask(first), max_tokens=4, prompt_cache=prefixes)
     other = generate(model, tokenizer, ask(second), max_tokens=4, prompt_cache=prefixes)
     fresh = generate(model, tokenizer, ask(second), max_tokens=4)
-    image_start = tokenizer.encode(
-        tokenizer.apply_chat_template(ask(first))).index(model.config.token_ids["image_token_id"])
+    image_start = tokenizer.encode(tokenizer.apply_chat_template(ask(first))).index(
+        model.config.token_ids["image_token_id"]
+    )
     assert again.cached_tokens == again.prompt_tokens - 1
     assert other.cached_tokens <= image_start  # same size, other pixels: not the same prefix
     assert other.text == fresh.text
@@ -214,14 +231,17 @@ def test_two_threads_share_one_prefix_cache(tiny):
     prefixes = PrefixCache()
     base = [{"role": "user", "content": "A long shared question about the sea."}]
     generate(model, tokenizer, base, max_tokens=6, prompt_cache=prefixes)
-    follow_ups = [base + [{"role": "assistant", "content": "Sure."},
-                          {"role": "user", "content": text}] for text in ("Fish?", "Whales?")]
+    follow_ups = [
+        base + [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": text}]
+        for text in ("Fish?", "Whales?")
+    ]
     expected = [generate(model, tokenizer, m, max_tokens=8).text for m in follow_ups]
     results = [None, None]
 
     def run(index):
-        results[index] = generate(model, tokenizer, follow_ups[index], max_tokens=8,
-                                  prompt_cache=prefixes)
+        results[index] = generate(
+            model, tokenizer, follow_ups[index], max_tokens=8, prompt_cache=prefixes
+        )
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for thread in threads:
@@ -282,7 +302,7 @@ def test_a_saved_state_from_elsewhere_is_refused(tiny, make_checkpoint, tmp_path
     with pytest.raises(ValueError, match="saved from another model"):
         load_prompt_cache(tmp_path / "state.safetensors", other)
     data = (tmp_path / "state.safetensors").read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot be read as a prompt cache"):
         load_prompt_cache(tmp_path / "cut.safetensors", model)
     mx.save_safetensors(str(tmp_path / "weights.safetensors"), {"w": mx.zeros(3)})
@@ -294,21 +314,26 @@ def test_the_disk_tier_resumes_a_conversation_in_a_later_run(tiny, tmp_path):
     model, tokenizer = tiny
     folder = tmp_path / "prompt-cache"
     first = [{"role": "user", "content": "Read this long document about tides."}]
-    reply = generate(model, tokenizer, first, max_tokens=6,
-                     prompt_cache=PrefixCache(directory=folder))
+    reply = generate(
+        model, tokenizer, first, max_tokens=6, prompt_cache=PrefixCache(directory=folder)
+    )
     files = sorted(folder.glob("*.safetensors"))
     assert files
-    follow_up = first + [{"role": "assistant", "content": reply.text},
-                         {"role": "user", "content": "And the moon?"}]
+    follow_up = first + [
+        {"role": "assistant", "content": reply.text},
+        {"role": "user", "content": "And the moon?"},
+    ]
     expected = generate(model, tokenizer, follow_up, max_tokens=6)
-    later_run = generate(model, tokenizer, follow_up, max_tokens=6,
-                         prompt_cache=PrefixCache(directory=folder))  # nothing in memory
+    later_run = generate(
+        model, tokenizer, follow_up, max_tokens=6, prompt_cache=PrefixCache(directory=folder)
+    )  # nothing in memory
     assert later_run.text == expected.text and later_run.cached_tokens > 0
     for file in folder.glob("*.safetensors"):  # every file truncated: skipped and removed
         file.write_bytes(file.read_bytes()[:100])
     with pytest.warns(UserWarning, match="skipping and removing prompt cache file"):
-        again = generate(model, tokenizer, follow_up, max_tokens=6,
-                         prompt_cache=PrefixCache(directory=folder))
+        again = generate(
+            model, tokenizer, follow_up, max_tokens=6, prompt_cache=PrefixCache(directory=folder)
+        )
     assert again.text == expected.text and again.cached_tokens == 0
 
 

@@ -9,9 +9,10 @@ import torch
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from qwen35_mlx import generate, load
+
 from checkpoints import Spec
 from metrics import relative_error
-from qwen35_mlx import generate, load
 
 
 def on_a_thread(work):
@@ -61,7 +62,8 @@ def test_vision_tower_first_used_on_another_thread(make_checkpoint, tmp_path):
     # the weights the worker read are the checkpoint's (Conv3d channels-last, as loaded)
     expected = {k: v.numpy() for k, v in reference.model.visual.state_dict().items()}
     expected["patch_embed.proj.weight"] = expected["patch_embed.proj.weight"].transpose(
-        0, 2, 3, 4, 1)
+        0, 2, 3, 4, 1
+    )
     loaded = dict(tree_flatten(model.vision_tower.parameters()))
     assert loaded.keys() == expected.keys()
     for name, value in expected.items():

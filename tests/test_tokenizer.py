@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import jinja2
 import pytest
-from tokenizer_files import write_tokenizer_files
 
 from qwen35_mlx.errors import CheckpointError
 from qwen35_mlx.tokenizer import Tokenizer
+
+from tokenizer_files import write_tokenizer_files
 
 TEMPLATE_VARIANTS = pytest.mark.parametrize(
     "thinking_by_default", [True, False], ids=["4B-9B-template", "0.8B-2B-template"]
@@ -407,8 +408,11 @@ def test_missing_tokenizer_json_is_a_checkpoint_error(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"", b"{}", b'{"version": "1.0", "model": {"type": "BPE"'],
-                         ids=["empty", "no-model", "truncated"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{}", b'{"version": "1.0", "model": {"type": "BPE"'],
+    ids=["empty", "no-model", "truncated"],
+)
 def test_unreadable_tokenizer_json(tmp_path, content):
     write_tokenizer_files(tmp_path, thinking_by_default=False)
     (tmp_path / "tokenizer.json").write_bytes(content)
@@ -419,9 +423,11 @@ def test_unreadable_tokenizer_json(tmp_path, content):
     assert "Download it again" in message
 
 
-@pytest.mark.parametrize("content, problem", [("[]", "holds a JSON list, not an object"),
-                                              ("{not json", "is not valid JSON")],
-                         ids=["list", "not-json"])
+@pytest.mark.parametrize(
+    "content, problem",
+    [("[]", "holds a JSON list, not an object"), ("{not json", "is not valid JSON")],
+    ids=["list", "not-json"],
+)
 def test_unreadable_tokenizer_config(tmp_path, content, problem):
     write_tokenizer_files(tmp_path, thinking_by_default=False)
     (tmp_path / "tokenizer_config.json").write_text(content)
@@ -436,6 +442,7 @@ def test_tokenizer_without_turn_end(tmp_path):
     fields = json.loads(file.read_text(encoding="utf-8"))
     fields["added_tokens"] = [t for t in fields["added_tokens"] if t["content"] != "<|im_end|>"]
     file.write_text(json.dumps(fields), encoding="utf-8")
-    with pytest.raises(CheckpointError, match=f"{file} has no <\\|im_end\\|> token .* not a "
-                                              "Qwen3.5 tokenizer"):
+    with pytest.raises(
+        CheckpointError, match=f"{file} has no <\\|im_end\\|> token .* not a Qwen3.5 tokenizer"
+    ):
         Tokenizer.from_pretrained(tmp_path)

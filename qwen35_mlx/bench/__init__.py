@@ -1,1 +1,2 @@
-"""Benchmarks: random-weight checkpoints in the released layout, and speed/memory runs against mlx-lm."""
+"""Timing your own setup: random-weight checkpoints in the released layout, and the `bench`
+commands (generation speed, start-up, prefill memory, warm turns)."""

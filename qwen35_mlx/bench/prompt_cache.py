@@ -45,8 +45,10 @@ def bench_prompt_cache(model_dir: str, histories: list[int], plot: str | None) -
     for tokens in histories:
         doc = document(tokenizer, tokens)
         first = [{"role": "user", "content": doc}]
-        conversation = first + [{"role": "assistant", "content": "Noted."},
-                                {"role": "user", "content": "Which word comes third?"}]
+        conversation = first + [
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "Which word comes third?"},
+        ]
         progress(f"{tokens} tokens: reprocessing the history")
         cold, plain = first_token_seconds(model, tokenizer, conversation)
         prefixes = PrefixCache(max_bytes=8 << 30)
@@ -56,11 +58,27 @@ def bench_prompt_cache(model_dir: str, histories: list[int], plot: str | None) -
         warm, cached = first_token_seconds(model, tokenizer, conversation, prompt_cache=prefixes)
         if cached.token != plain.token:
             raise RuntimeError("the cached turn's first token differs from the fresh one")
-        rows.append({"history": plain.prompt_tokens, "cached": cached.cached_tokens,
-                     "cold_s": cold, "warm_s": warm})
-    print_rows(("history tokens", "from cache", "no reuse s", "prefix cache s", "speed-up"),
-               [[r["history"], r["cached"], f"{r['cold_s']:.3f}", f"{r['warm_s']:.3f}",
-                 f"{r['cold_s'] / r['warm_s']:.1f}x"] for r in rows])
+        rows.append(
+            {
+                "history": plain.prompt_tokens,
+                "cached": cached.cached_tokens,
+                "cold_s": cold,
+                "warm_s": warm,
+            }
+        )
+    print_rows(
+        ("history tokens", "from cache", "no reuse s", "prefix cache s", "speed-up"),
+        [
+            [
+                r["history"],
+                r["cached"],
+                f"{r['cold_s']:.3f}",
+                f"{r['warm_s']:.3f}",
+                f"{r['cold_s'] / r['warm_s']:.1f}x",
+            ]
+            for r in rows
+        ],
+    )
     if plot:
         draw_plot(rows, Path(plot))
         print(f"plot: {plot}")
@@ -83,8 +101,10 @@ def draw_plot(rows: list[dict], file: Path, size: tuple[int, int] = (640, 400)) 
         return left + fx * (width - left - right), height - bottom - fy * (height - top - bottom)
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for key, colour, label in (("cold_s", "firebrick", "no reuse (whole history)"),
-                               ("warm_s", "seagreen", "prefix cache")):
+    for key, colour, label in (
+        ("cold_s", "firebrick", "no reuse (whole history)"),
+        ("warm_s", "seagreen", "prefix cache"),
+    ):
         points = [point(r["history"], r[key]) for r in rows]
         draw.line(points, fill=colour, width=3)
         for x, y in points:
@@ -93,10 +113,11 @@ def draw_plot(rows: list[dict], file: Path, size: tuple[int, int] = (640, 400)) 
     for r in rows:
         x, _ = point(r["history"], r["cold_s"])
         draw.text((x - 15, height - bottom + 8), str(r["history"]), fill="black")
-    for seconds in (10.0 ** e for e in range(int(np.floor(low)), int(np.ceil(high)) + 1)):
+    for seconds in (10.0**e for e in range(int(np.floor(low)), int(np.ceil(high)) + 1)):
         _, y = point(xs[0], seconds)
         if top <= y <= height - bottom:
             draw.text((8, y - 6), f"{seconds:g} s", fill="black")
-    draw.text((left, height - 20), "history tokens -> time to first token of the next turn",
-              fill="black")
+    draw.text(
+        (left, height - 20), "history tokens -> time to first token of the next turn", fill="black"
+    )
     image.save(file)

@@ -21,8 +21,8 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from safetensors import TensorSpec, serialize_file
@@ -31,54 +31,122 @@ from ..processor import PROCESSOR_FILES
 from .tokenizer_files import write_tokenizer_files
 
 LINEAR, FULL = "linear_attention", "full_attention"
-ROPE = {"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
-        "mrope_section": [11, 11, 10], "mrope_interleaved": True}
+ROPE = {
+    "rope_type": "default",
+    "rope_theta": 10_000_000,
+    "partial_rotary_factor": 0.25,
+    "mrope_section": [11, 11, 10],
+    "mrope_interleaved": True,
+}
 TEXT_COMMON = dict(
-    model_type="qwen3_5_text", vocab_size=248320, head_dim=256, linear_num_key_heads=16,
-    linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
-    full_attention_interval=4, hidden_act="silu", rms_norm_eps=1e-6,
-    max_position_embeddings=262144, attention_bias=False, attention_dropout=0.0,
-    attn_output_gate=True, bos_token_id=248044, eos_token_id=248044, initializer_range=0.02,
-    mamba_ssm_dtype="float32", mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
-    use_cache=True, rope_parameters=ROPE)
+    model_type="qwen3_5_text",
+    vocab_size=248320,
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+    full_attention_interval=4,
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    max_position_embeddings=262144,
+    attention_bias=False,
+    attention_dropout=0.0,
+    attn_output_gate=True,
+    bos_token_id=248044,
+    eos_token_id=248044,
+    initializer_range=0.02,
+    mamba_ssm_dtype="float32",
+    mtp_num_hidden_layers=1,
+    mtp_use_dedicated_embeddings=False,
+    use_cache=True,
+    rope_parameters=ROPE,
+)
 SIZES = {  # docs/ARCHITECTURE.md §1.2
-    "0.8B": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
-                 num_attention_heads=8, num_key_value_heads=2, linear_num_value_heads=16,
-                 tie_word_embeddings=True),
-    "2B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
-               num_attention_heads=8, num_key_value_heads=2, linear_num_value_heads=16,
-               tie_word_embeddings=True),
-    "4B": dict(hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
-               num_attention_heads=16, num_key_value_heads=4, linear_num_value_heads=32,
-               tie_word_embeddings=True),
-    "9B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
-               num_attention_heads=16, num_key_value_heads=4, linear_num_value_heads=32,
-               tie_word_embeddings=False),
+    "0.8B": dict(
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=24,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        linear_num_value_heads=16,
+        tie_word_embeddings=True,
+    ),
+    "2B": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=24,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        linear_num_value_heads=16,
+        tie_word_embeddings=True,
+    ),
+    "4B": dict(
+        hidden_size=2560,
+        intermediate_size=9216,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        linear_num_value_heads=32,
+        tie_word_embeddings=True,
+    ),
+    "9B": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        linear_num_value_heads=32,
+        tie_word_embeddings=False,
+    ),
 }
 # The sizes whose released chat template thinks by default (the others answer directly).
 THINKING_SIZES = ("4B", "9B")
-VISION_COMMON = dict(model_type="qwen3_5", hidden_act="gelu_pytorch_tanh", in_channels=3,
-                     patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
-                     num_position_embeddings=2304, deepstack_visual_indexes=[],
-                     initializer_range=0.02)
+VISION_COMMON = dict(
+    model_type="qwen3_5",
+    hidden_act="gelu_pytorch_tanh",
+    in_channels=3,
+    patch_size=16,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[],
+    initializer_range=0.02,
+)
 VISION_SIZES = {  # docs/ARCHITECTURE.md §1.3
     "0.8B": dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12),
     "2B": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16),
     "4B": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16),
     "9B": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16),
 }
-TOKEN_IDS = dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
-                 vision_end_token_id=248054)
+TOKEN_IDS = dict(
+    image_token_id=248056,
+    video_token_id=248057,
+    vision_start_token_id=248053,
+    vision_end_token_id=248054,
+)
 DTYPES = ("bfloat16", "float32")
 SHARD_BYTES = 2_000_000_000
 
 # How each tensor is drawn. HF stores w of the (1+w) norms; the gated norm is plain w (init 1).
 MATRIX, SHIFTED_NORM, PLAIN_NORM, A_LOG, DT_BIAS, BIAS = (
-    "matrix", "shifted_norm", "plain_norm", "A_log", "dt_bias", "bias")
+    "matrix",
+    "shifted_norm",
+    "plain_norm",
+    "A_log",
+    "dt_bias",
+    "bias",
+)
 
 
-def config_json(size: str = "0.8B", num_layers: int | None = None, dtype: str = "bfloat16",
-                overrides: dict | None = None, vision: bool = True, mtp: bool = True) -> dict:
+def config_json(
+    size: str = "0.8B",
+    num_layers: int | None = None,
+    dtype: str = "bfloat16",
+    overrides: dict | None = None,
+    vision: bool = True,
+    mtp: bool = True,
+) -> dict:
     """The config.json of a random checkpoint: the real fields of `size`, then `overrides`
     (top-level keys; "text_config"/"vision_config" dicts are merged into those sections).
     Without `mtp`, text_config says `mtp_num_hidden_layers: 0` (the release says 1)."""
@@ -94,22 +162,34 @@ def config_json(size: str = "0.8B", num_layers: int | None = None, dtype: str = 
         text["mtp_num_hidden_layers"] = 0
     layers = text["num_hidden_layers"]
     if layers < 4 or layers % 4:
-        raise ValueError(f"num_layers must be a positive multiple of 4 (the layer pattern is "
-                         f"3 linear + 1 full attention), got {layers}")
+        raise ValueError(
+            f"num_layers must be a positive multiple of 4 (the layer pattern is "
+            f"3 linear + 1 full attention), got {layers}"
+        )
     text["layer_types"] = [FULL if (i + 1) % 4 == 0 else LINEAR for i in range(layers)]
-    config = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
-              "tie_word_embeddings": text["tie_word_embeddings"], **TOKEN_IDS,
-              "text_config": text, "transformers_version": "4.57.0.dev0"}
+    config = {
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5",
+        "tie_word_embeddings": text["tie_word_embeddings"],
+        **TOKEN_IDS,
+        "text_config": text,
+        "transformers_version": "4.57.0.dev0",
+    }
     vision_overrides = overrides.pop("vision_config", {})
     if vision:
-        config["vision_config"] = {**VISION_COMMON, **VISION_SIZES[size],
-                                   "out_hidden_size": text["hidden_size"], **vision_overrides}
+        config["vision_config"] = {
+            **VISION_COMMON,
+            **VISION_SIZES[size],
+            "out_hidden_size": text["hidden_size"],
+            **vision_overrides,
+        }
     config.update(overrides)
     return config
 
 
 def tensor_specs(config: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, kind) of every tensor the checkpoint holds (docs/ARCHITECTURE.md §2.1, §4, §6)."""
+    """(name, shape, kind) of every tensor the checkpoint holds (docs/ARCHITECTURE.md §2.1,
+    §4, §6)."""
     t = config["text_config"]
     H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
     Hv = t["linear_num_value_heads"]
@@ -147,8 +227,12 @@ def tensor_specs(config: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
 
 
 def _attention_specs(attn: str, t: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
-    H, hd, nh, nkv = (t["hidden_size"], t["head_dim"], t["num_attention_heads"],
-                      t["num_key_value_heads"])
+    H, hd, nh, nkv = (
+        t["hidden_size"],
+        t["head_dim"],
+        t["num_attention_heads"],
+        t["num_key_value_heads"],
+    )
     yield attn + "q_proj.weight", (2 * nh * hd, H), MATRIX  # query and gate, per head
     yield attn + "k_proj.weight", (nkv * hd, H), MATRIX
     yield attn + "v_proj.weight", (nkv * hd, H), MATRIX
@@ -180,8 +264,11 @@ def _mtp_specs(t: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
 def _vision_specs(v: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
     C, Iv, merged = v["hidden_size"], v["intermediate_size"], 4 * v["hidden_size"]
     p = "model.visual."
-    yield p + "patch_embed.proj.weight", (C, v["in_channels"], v["temporal_patch_size"],
-                                          v["patch_size"], v["patch_size"]), MATRIX
+    yield (
+        p + "patch_embed.proj.weight",
+        (C, v["in_channels"], v["temporal_patch_size"], v["patch_size"], v["patch_size"]),
+        MATRIX,
+    )
     yield p + "patch_embed.proj.bias", (C,), BIAS
     yield p + "pos_embed.weight", (v["num_position_embeddings"], C), MATRIX
     for j in range(v["depth"]):
@@ -189,14 +276,20 @@ def _vision_specs(v: dict) -> Iterator[tuple[str, tuple[int, ...], str]]:
         for norm in ("norm1", "norm2"):
             yield block + norm + ".weight", (C,), PLAIN_NORM
             yield block + norm + ".bias", (C,), BIAS
-        for name, (rows, cols) in {"attn.qkv": (3 * C, C), "attn.proj": (C, C),
-                                   "mlp.linear_fc1": (Iv, C), "mlp.linear_fc2": (C, Iv)}.items():
+        for name, (rows, cols) in {
+            "attn.qkv": (3 * C, C),
+            "attn.proj": (C, C),
+            "mlp.linear_fc1": (Iv, C),
+            "mlp.linear_fc2": (C, Iv),
+        }.items():
             yield block + name + ".weight", (rows, cols), MATRIX
             yield block + name + ".bias", (rows,), BIAS
     yield p + "merger.norm.weight", (C,), PLAIN_NORM
     yield p + "merger.norm.bias", (C,), BIAS
-    for name, (rows, cols) in {"linear_fc1": (merged, merged),
-                               "linear_fc2": (v["out_hidden_size"], merged)}.items():
+    for name, (rows, cols) in {
+        "linear_fc1": (merged, merged),
+        "linear_fc2": (v["out_hidden_size"], merged),
+    }.items():
         yield p + f"merger.{name}.weight", (rows, cols), MATRIX
         yield p + f"merger.{name}.bias", (rows,), BIAS
 
@@ -206,7 +299,7 @@ def _draw(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.nda
         return np.log(rng.uniform(1.0, 16.0, size=shape)).astype(np.float32)
     # In place: a copy of each large matrix costs as much time as drawing it.
     noise = rng.standard_normal(shape, dtype=np.float32)
-    noise *= np.float32(0.02 if kind == MATRIX or kind == BIAS else 0.1)
+    noise *= np.float32(0.02 if kind in (MATRIX, BIAS) else 0.1)
     if kind != MATRIX and kind != BIAS and kind != SHIFTED_NORM:
         noise += np.float32(1.0)  # PLAIN_NORM, DT_BIAS: around 1
     return noise
@@ -229,9 +322,12 @@ def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def _save(tensors: dict[str, tuple[str, np.ndarray]], file: Path) -> None:
-    specs = {name: TensorSpec(dtype=dtype, shape=array.shape, data_ptr=array.ctypes.data,
-                              data_len=array.nbytes)
-             for name, (dtype, array) in tensors.items()}
+    specs = {
+        name: TensorSpec(
+            dtype=dtype, shape=array.shape, data_ptr=array.ctypes.data, data_len=array.nbytes
+        )
+        for name, (dtype, array) in tensors.items()
+    }
     serialize_file(specs, str(file), metadata={"format": "pt"})
 
 
@@ -250,8 +346,11 @@ def _write_weights(config: dict, directory: Path, seed: int) -> None:
         size += nbytes
     weight_map, total = {}, 0
     for index, shard in enumerate(shards, start=1):
-        file = ("model.safetensors" if len(shards) == 1
-                else f"model-{index:05d}-of-{len(shards):05d}.safetensors")
+        file = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        )
         tensors = {}
         for name, shape, kind in shard:
             disk = _disk_dtype(name, kind, dtype)
@@ -266,10 +365,16 @@ def _write_weights(config: dict, directory: Path, seed: int) -> None:
         (directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
 
 
-def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
-                            num_layers: int | None = None, dtype: str = "bfloat16",
-                            seed: int = 0, overrides: dict | None = None,
-                            vision: bool = True, mtp: bool = True) -> Path:
+def write_random_checkpoint(
+    directory: str | Path,
+    size: str = "0.8B",
+    num_layers: int | None = None,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    overrides: dict | None = None,
+    vision: bool = True,
+    mtp: bool = True,
+) -> Path:
     """Write a random-weight checkpoint of a Qwen3.5 size in the released layout.
 
     Args:
@@ -289,8 +394,10 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
     """
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise ValueError(f"{directory} exists and is not an empty folder; choose a new "
-                         "--out folder or delete it first")
+        raise ValueError(
+            f"{directory} exists and is not an empty folder; choose a new "
+            "--out folder or delete it first"
+        )
     config = config_json(size, num_layers, dtype, overrides, vision, mtp)
     directory.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
@@ -311,4 +418,3 @@ def write_random_checkpoint(directory: str | Path, size: str = "0.8B",
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return directory
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def progress(message: str) -> None:
@@ -16,5 +16,9 @@ def print_rows(columns: Sequence[str], rows: Sequence[Sequence], text_columns: i
     table = [[str(cell) for cell in row] for row in [columns, *rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for row in table:
-        print("  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if i < text_columns else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )

@@ -22,8 +22,12 @@ print(json.dumps([elapsed, [m for m in {heavy!r} if m in sys.modules]]))
 
 
 def time_import(module: str) -> tuple[float, list[str]]:
-    child = subprocess.run([sys.executable, "-c", CHILD.format(module=module, heavy=HEAVY)],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD.format(module=module, heavy=HEAVY)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     elapsed, heavy = json.loads(child.stdout)
     return elapsed, heavy
 
@@ -39,10 +43,16 @@ def bench_startup(repeats: int, module: str = "qwen35_mlx") -> int:
             times[name].append(elapsed)
             heavy = heavy or pulled
     base, ours = (statistics.median(times[name]) for name in times)
-    print_rows(("import", "median s", "runs"),
-               [[name, f"{statistics.median(runs):.3f}", " ".join(f"{t:.3f}" for t in runs)]
-                for name, runs in times.items()])
-    print(f"{module} costs {ours - base:+.3f} s over mlx.core (median of {repeats} fresh "
-          f"processes each)")
+    print_rows(
+        ("import", "median s", "runs"),
+        [
+            [name, f"{statistics.median(runs):.3f}", " ".join(f"{t:.3f}" for t in runs)]
+            for name, runs in times.items()
+        ],
+    )
+    print(
+        f"{module} costs {ours - base:+.3f} s over mlx.core (median of {repeats} fresh "
+        f"processes each)"
+    )
     print(f"heavy libraries imported: {', '.join(heavy) if heavy else 'none'}")
     return 1 if heavy else 0

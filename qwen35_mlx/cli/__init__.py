@@ -8,13 +8,22 @@ import sys
 
 from . import bench, chat, convert, generate, perplexity, plan, upload
 
-COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "upload": upload,
-            "bench": bench, "perplexity": perplexity, "plan": plan}
+COMMANDS = {
+    "generate": generate,
+    "chat": chat,
+    "convert": convert,
+    "upload": upload,
+    "bench": bench,
+    "perplexity": perplexity,
+    "plan": plan,
+}
 
 
-DESCRIPTION = ("Run Alibaba's Qwen3.5 models (0.8B, 2B, 4B, 9B) on Apple Silicon with MLX: "
-               "generate and chat (text, images, video), convert and upload quantized "
-               "checkpoints, time your setup.")
+DESCRIPTION = (
+    "Run Alibaba's Qwen3.5 models (0.8B, 2B, 4B, 9B) on Apple Silicon with MLX: "
+    "generate and chat (text, images, video), convert and upload quantized "
+    "checkpoints, time your setup."
+)
 EXAMPLES = """examples:
   qwen35-mlx generate --model Qwen/Qwen3.5-0.8B --prompt "Why is the sky blue?"
   qwen35-mlx chat --model Qwen/Qwen3.5-0.8B
@@ -24,12 +33,17 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen35-mlx", description=DESCRIPTION, epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="qwen35-mlx",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
-        module.add_args(subparsers.add_parser(name, help=module.__doc__,
-                                              description=module.__doc__))
+        module.add_args(
+            subparsers.add_parser(name, help=module.__doc__, description=module.__doc__)
+        )
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].main(args) or 0

@@ -7,8 +7,8 @@ import argparse
 import time
 
 from ..bench import generate as generate_bench
-from ..bench.prompt_cache import bench_prompt_cache
 from ..bench import prefill_memory
+from ..bench.prompt_cache import bench_prompt_cache
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
 from ..bench.startup import bench_startup
 
@@ -16,54 +16,77 @@ from ..bench.startup import bench_startup
 def add_args(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="bench_command", required=True)
     run = commands.add_parser(
-        "generate", help="load time, prefill/decode tokens/s and peak memory of a checkpoint",
+        "generate",
+        help="load time, prefill/decode tokens/s and peak memory of a checkpoint",
         description="Greedy generation from a random token-id prompt after a warm-up run: load "
-                    "time, prefill and decode tokens/s, peak memory. (The race against mlx-lm "
-                    "is `python -m benchmarks.generate` in the repository.)")
+        "time, prefill and decode tokens/s, peak memory. (The race against mlx-lm "
+        "is `python -m benchmarks.generate` in the repository.)",
+    )
     generate_bench.add_args(run)
     warm = commands.add_parser(
-        "prompt-cache", help="warm-turn time to first token, prefix cache vs reprocessing",
+        "prompt-cache",
+        help="warm-turn time to first token, prefix cache vs reprocessing",
         description="For each history length, the next turn's time to first token with the "
-                    "prefix cache (after the first turn filled it) and without it (the whole "
-                    "history prefilled, as mlx-lm does for a hybrid model), in one run.")
+        "prefix cache (after the first turn filled it) and without it (the whole "
+        "history prefilled, as mlx-lm does for a hybrid model), in one run.",
+    )
     warm.add_argument("--model", required=True, help="checkpoint directory")
-    warm.add_argument("--history", type=int, nargs="+", default=[2048, 8192],
-                      help="history lengths in tokens (the issue's set adds 32768)")
+    warm.add_argument(
+        "--history",
+        type=int,
+        nargs="+",
+        default=[2048, 8192],
+        help="history lengths in tokens (the issue's set adds 32768)",
+    )
     warm.add_argument("--plot", metavar="FILE", help="also draw the curves into this PNG")
     memory = commands.add_parser(
-        "prefill-memory", help="peak memory of prefill by prompt length, per attention path",
+        "prefill-memory",
+        help="peak memory of prefill by prompt length, per attention path",
         description="Prefills random prompts of each length, blocked attention and the plain "
-                    "fast path in one run: peak, weights, KV cache, the rest and its ratio vs "
-                    "the first length; then the KV cache's bytes per token at 16, 8, 4 bits.")
+        "fast path in one run: peak, weights, KV cache, the rest and its ratio vs "
+        "the first length; then the KV cache's bytes per token at 16, 8, 4 bits.",
+    )
     prefill_memory.add_args(memory)
     startup = commands.add_parser(
-        "startup", help="how much `import qwen35_mlx` adds to `import mlx.core`",
+        "startup",
+        help="how much `import qwen35_mlx` adds to `import mlx.core`",
         description="Times `import mlx.core` and `import qwen35_mlx` in fresh processes "
-                    "(alternating; median), and names any heavy library (transformers, torch, "
-                    "mlx-lm) the import pulls in; exits 1 if one is.")
+        "(alternating; median), and names any heavy library (transformers, torch, "
+        "mlx-lm) the import pulls in; exits 1 if one is.",
+    )
     startup.add_argument("--repeats", type=int, default=7, help="processes per import")
     make = commands.add_parser(
-        "make-checkpoint", help="write a random-weight checkpoint in the released layout",
+        "make-checkpoint",
+        help="write a random-weight checkpoint in the released layout",
         description="Random weights with the real shapes of a Qwen3.5 size, Hugging Face "
-                    "layout, the released tokenizer format and chat template: a stand-in to "
-                    "try and time everything without downloading real weights.")
+        "layout, the released tokenizer format and chat template: a stand-in to "
+        "try and time everything without downloading real weights.",
+    )
     make.add_argument("--size", choices=sorted(SIZES), default="0.8B", help="model size")
     make.add_argument("--out", required=True, help="new (or empty) output folder")
     make.add_argument("--num-layers", type=int, help="decoder layers (a multiple of 4)")
     make.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype")
     make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    make.add_argument("--no-vision", dest="vision", action="store_false",
-                      help="leave out the vision tower")
-    make.add_argument("--no-mtp", dest="mtp", action="store_false",
-                      help="leave out the MTP head (mtp.*)")
+    make.add_argument(
+        "--no-vision", dest="vision", action="store_false", help="leave out the vision tower"
+    )
+    make.add_argument(
+        "--no-mtp", dest="mtp", action="store_false", help="leave out the MTP head (mtp.*)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.bench_command == "make-checkpoint":
         start = time.perf_counter()
-        out = write_random_checkpoint(args.out, size=args.size, num_layers=args.num_layers,
-                                      dtype=args.dtype, seed=args.seed, vision=args.vision,
-                                      mtp=args.mtp)
+        out = write_random_checkpoint(
+            args.out,
+            size=args.size,
+            num_layers=args.num_layers,
+            dtype=args.dtype,
+            seed=args.seed,
+            vision=args.vision,
+            mtp=args.mtp,
+        )
         size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
         print(f"wrote {out} ({size:.2f} GB) in {time.perf_counter() - start:.1f} s")
         return 0

@@ -4,6 +4,7 @@ second Ctrl-C or Ctrl-D quits."""
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 
 from ..chat import ChatSession
@@ -20,9 +21,11 @@ from .options import (
     media_kwargs,
 )
 
-HELP = ("Type a message. Commands: /image PATH, /video PATH (show it with your next message), "
-        "/undo (take back your last message), /retry (a new reply to it), /reset (new "
-        "conversation), /quit (or Ctrl-D). Ctrl-C stops a reply.")
+HELP = (
+    "Type a message. Commands: /image PATH, /video PATH (show it with your next message), "
+    "/undo (take back your last message), /retry (a new reply to it), /reset (new "
+    "conversation), /quit (or Ctrl-D). Ctrl-C stops a reply."
+)
 ATTACH = {"/image": "images", "/video": "videos"}
 
 
@@ -30,10 +33,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--system-prompt", help="a system message for the conversation")
     add_media_args(parser, chat=True)
-    parser.add_argument("--prompt-cache-dir", metavar="DIR",
-                        help="keep the conversation's cached prefixes in this folder too, so "
-                             "that a long document conversation resumes at once in a later "
-                             "run (PrefixCache(directory=DIR))")
+    parser.add_argument(
+        "--prompt-cache-dir",
+        metavar="DIR",
+        help="keep the conversation's cached prefixes in this folder too, so "
+        "that a long document conversation resumes at once in a later "
+        "run (PrefixCache(directory=DIR))",
+    )
     parser.epilog = HELP
     add_generation_args(parser)
 
@@ -69,10 +75,14 @@ def main(args: argparse.Namespace) -> int:
 
 def converse(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, **load_kwargs(args))
-    session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
-                          prompt_cache=PrefixCache(directory=args.prompt_cache_dir),
-                          **generation_kwargs(args),
-                          **progress_kwargs(args.progress, args.prefill_step_size))
+    session = ChatSession(
+        model,
+        tokenizer,
+        system_prompt=args.system_prompt,
+        prompt_cache=PrefixCache(directory=args.prompt_cache_dir),
+        **generation_kwargs(args),
+        **progress_kwargs(args.progress, args.prefill_step_size),
+    )
     attached = {name: list(paths or []) for name, paths in media_kwargs(args).items()}
     print(HELP)
     while True:
@@ -98,7 +108,7 @@ def converse(args: argparse.Namespace) -> int:
         elif command in ATTACH:
             print(f"(usage: {command} PATH)")
         elif message:
-            stream(lambda: session.send(message, **attached))
+            stream(functools.partial(session.send, message, **attached))
             attached = {name: [] for name in attached}
 
 

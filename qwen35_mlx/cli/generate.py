@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ..generate import stream_generate
 from ..loading import load
@@ -23,8 +23,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--prompt", required=True, help="the user message ('-' reads stdin)")
     parser.add_argument("--system-prompt", help="a system message before the prompt")
-    parser.add_argument("--ignore-chat-template", action="store_true",
-                        help="feed the prompt text as is, without the chat template")
+    parser.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="feed the prompt text as is, without the chat template",
+    )
     add_media_args(parser)
     add_generation_args(parser)
 
@@ -32,18 +35,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     media = media_kwargs(args)
     if args.ignore_chat_template and any(media.values()):
-        raise ValueError("--image and --video are placed by the chat template; drop "
-                         "--ignore-chat-template")
+        raise ValueError(
+            "--image and --video are placed by the chat template; drop --ignore-chat-template"
+        )
     model, tokenizer = load(args.model, **load_kwargs(args))
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.ignore_chat_template:
         prompt = text
     else:
-        prompt = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        prompt = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         prompt.append({"role": "user", "content": text})
     bar = progress_kwargs(args.progress, args.prefill_step_size)
-    print_stream(stream_generate(model, tokenizer, prompt, **media, **generation_kwargs(args),
-                                 **bar))
+    print_stream(
+        stream_generate(model, tokenizer, prompt, **media, **generation_kwargs(args), **bar)
+    )
     return 0
 
 
@@ -65,7 +70,9 @@ def print_stream(responses, stopped: Callable[[], bool] = lambda: False) -> None
         print("\n</think>", end="")
     print()
     if last is not None:
-        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.2f} tokens/s | "
-              f"generation: {last.generation_tokens} tokens, {last.generation_tps:.2f} tokens/s | "
-              f"peak memory: {last.peak_memory:.2f} GB | finish: {last.finish_reason}",
-              file=sys.stderr)
+        print(
+            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.2f} tokens/s | "
+            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.2f} tokens/s | "
+            f"peak memory: {last.peak_memory:.2f} GB | finish: {last.finish_reason}",
+            file=sys.stderr,
+        )

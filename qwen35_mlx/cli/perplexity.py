@@ -14,22 +14,42 @@ from .options import add_model_args, load_kwargs
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    parser.add_argument("--file", required=True, type=Path,
-                        help="the UTF-8 text file to score, tokenized as is (no chat template)")
-    parser.add_argument("--prefill-step-size", type=int, default=512,
-                        help="tokens per forward pass; memory grows with it, not with the text")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="score only the first N tokens of the file (default: all)")
+    parser.add_argument(
+        "--file",
+        required=True,
+        type=Path,
+        help="the UTF-8 text file to score, tokenized as is (no chat template)",
+    )
+    parser.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=512,
+        help="tokens per forward pass; memory grows with it, not with the text",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="score only the first N tokens of the file (default: all)",
+    )
     parser.set_defaults(max_pixels=None)  # load_kwargs reads it; no images here
 
 
 def main(args: argparse.Namespace) -> int:
     text = read_text(args.file)  # before loading: a bad file fails fast
     model, tokenizer = load(args.model, **load_kwargs(args))
-    result = score(model, tokenizer, text, prefill_step_size=args.prefill_step_size,
-                   max_tokens=args.max_tokens, progress=ProgressLine())
-    print(f"tokens: {result.num_scored} | mean NLL: {result.mean_nll:.4f} | "
-          f"perplexity: {result.perplexity:.4f}")
+    result = score(
+        model,
+        tokenizer,
+        text,
+        prefill_step_size=args.prefill_step_size,
+        max_tokens=args.max_tokens,
+        progress=ProgressLine(),
+    )
+    print(
+        f"tokens: {result.num_scored} | mean NLL: {result.mean_nll:.4f} | "
+        f"perplexity: {result.perplexity:.4f}"
+    )
     return 0
 
 
@@ -39,8 +59,10 @@ def read_text(path: Path) -> str:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at "
-                         f"offset {error.start}); convert it to UTF-8, e.g. with iconv") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at "
+            f"offset {error.start}); convert it to UTF-8, e.g. with iconv"
+        ) from None
     if not text.strip():
         raise ValueError(f"{path}: the file is empty; give it some text to score")
     return text
@@ -56,7 +78,11 @@ class ProgressLine:
         elapsed = time.perf_counter() - self.start
         rate = f"{done / elapsed:.1f} tokens/s" if done and elapsed > 0 else "starting"
         percent = 100 * done // total
-        print(f"\rscoring: {done}/{total} tokens ({percent}%) | {rate}", end="", file=sys.stderr,
-              flush=True)
+        print(
+            f"\rscoring: {done}/{total} tokens ({percent}%) | {rate}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
         if done == total:
             print(file=sys.stderr)

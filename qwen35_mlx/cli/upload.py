@@ -8,10 +8,13 @@ from ..convert import upload
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--path", required=True,
-                        help="the converted checkpoint directory (its config, weights, "
-                             "tokenizer, processor and template files and model card are "
-                             "uploaded, nothing else)")
+    parser.add_argument(
+        "--path",
+        required=True,
+        help="the converted checkpoint directory (its config, weights, "
+        "tokenizer, processor and template files and model card are "
+        "uploaded, nothing else)",
+    )
     parser.add_argument("--upload-repo", required=True, help="Hugging Face repo id (owner/name)")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
 

@@ -49,8 +49,10 @@ def unit_lower_inverse(x: mx.array) -> mx.array:
         upper, lower = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
         solved = -(lower @ lower_left @ upper)
         zeros = mx.zeros_like(upper)
-        inverse = mx.concatenate([mx.concatenate([upper, zeros], axis=-1),
-                                  mx.concatenate([solved, lower], axis=-1)], axis=-2)
+        inverse = mx.concatenate(
+            [mx.concatenate([upper, zeros], axis=-1), mx.concatenate([solved, lower], axis=-1)],
+            axis=-2,
+        )
         size *= 2
     return inverse.reshape(*batch, n, n)
 

@@ -29,15 +29,20 @@ def threadgroup_floats(Dk: int, chunk: int, columns: int) -> int:
 def chunked_scan_launch(B: int, T: int, Hv: int, Dk: int, Dv: int) -> Launch:
     """Threadgroups over (value column blocks, batch * value heads), 8 columns per simdgroup."""
     if Dk % 8 or Dv % 8:
-        raise ValueError(f"the chunked kernel needs Dk and Dv multiples of 8, got {Dk}, {Dv}: "
-                         "use the plain 'chunked' path")
+        raise ValueError(
+            f"the chunked kernel needs Dk and Dv multiples of 8, got {Dk}, {Dv}: "
+            "use the plain 'chunked' path"
+        )
     simdgroups = next(s for s in (4, 3, 2, 1) if (Dv // 8) % s == 0)
     columns = 8 * simdgroups
-    fitting = [c for c in (64, 32, 16, 8)
-               if threadgroup_floats(Dk, c, columns) <= THREADGROUP_FLOATS]
+    fitting = [
+        c for c in (64, 32, 16, 8) if threadgroup_floats(Dk, c, columns) <= THREADGROUP_FLOATS
+    ]
     if not fitting:
-        raise ValueError(f"Dk = {Dk} is too large for the chunked kernel's threadgroup memory: "
-                         "use the plain 'chunked' path")
+        raise ValueError(
+            f"Dk = {Dk} is too large for the chunked kernel's threadgroup memory: "
+            "use the plain 'chunked' path"
+        )
     return Launch(
         template=(("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("C", fitting[0]), ("SG", simdgroups)),
         grid=(32, simdgroups * (Dv // columns), B * Hv),

@@ -14,22 +14,41 @@ from .kernel import KernelSpec, Launch
 DECODE_STEP = KernelSpec(
     name="qwen35_gated_delta_decode_step",
     source_file="decode_step.metal",
-    input_names=("qkv", "z", "a", "b", "conv_state", "conv_weight", "A_log", "dt_bias",
-                 "norm_weight", "state_in", "norm_eps"),
+    input_names=(
+        "qkv",
+        "z",
+        "a",
+        "b",
+        "conv_state",
+        "conv_weight",
+        "A_log",
+        "dt_bias",
+        "norm_weight",
+        "state_in",
+        "norm_eps",
+    ),
     output_names=("y", "state_out", "conv_state_out"),
 )
 
 MAX_SIMDGROUPS = 16  # 512 threads: 8 state rows per simdgroup at Dv = 128
 
 
-def decode_step_launch(B: int, Hk: int, Hv: int, Dk: int, Dv: int, K: int,
-                       dtype: mx.Dtype) -> Launch:
+def decode_step_launch(
+    B: int, Hk: int, Hv: int, Dk: int, Dv: int, K: int, dtype: mx.Dtype
+) -> Launch:
     """One threadgroup per (batch, value head), simdgroups over the Dv state rows."""
     simdgroups = min(MAX_SIMDGROUPS, Dv)
     channels = 2 * Hk * Dk + Hv * Dv
     return Launch(
-        template=(("InT", dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("K", K),
-                  ("SG", simdgroups)),
+        template=(
+            ("InT", dtype),
+            ("Dk", Dk),
+            ("Dv", Dv),
+            ("Hk", Hk),
+            ("Hv", Hv),
+            ("K", K),
+            ("SG", simdgroups),
+        ),
         grid=(32, simdgroups, B * Hv),
         threadgroup=(32, simdgroups, 1),
         output_shapes=((B, 1, Hv * Dv), (B, Hv, Dv, Dk), (B, K - 1, channels)),
@@ -59,7 +78,19 @@ def decode_step_call(
         raise ValueError(
             f"the fused decode step takes one token with conv taps K >= 2 and qkv channels "
             f"2 * Hk * Dk + Hv * Dv; got T={T}, K={K}, channels={channels}, Hk={key_heads}, "
-            f"Hv={Hv}, Dk={Dk}, Dv={Dv}: use the plain path (decode path 'plain')")
-    inputs = [qkv, z, a, b, conv_state.astype(qkv.dtype), conv_weight, A_log, dt_bias,
-              norm_weight, state.astype(mx.float32), mx.array(norm_eps, dtype=mx.float32)]
+            f"Hv={Hv}, Dk={Dk}, Dv={Dv}: use the plain path (decode path 'plain')"
+        )
+    inputs = [
+        qkv,
+        z,
+        a,
+        b,
+        conv_state.astype(qkv.dtype),
+        conv_weight,
+        A_log,
+        dt_bias,
+        norm_weight,
+        state.astype(mx.float32),
+        mx.array(norm_eps, dtype=mx.float32),
+    ]
     return inputs, decode_step_launch(B, key_heads, Hv, Dk, Dv, K, qkv.dtype)

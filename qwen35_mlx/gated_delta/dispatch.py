@@ -15,7 +15,7 @@ under `mx.export_function`, which is how its primitives are counted (count.py).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -77,7 +77,8 @@ def scan_inputs(q, k, a, b, A_log, dt_bias, value_heads: int):
     if (repeat := value_heads // q.shape[2]) > 1:  # v-head j reads q/k head j // repeat
         q, k = mx.repeat(q, repeat, axis=2), mx.repeat(k, repeat, axis=2)
     g = -mx.exp(A_log.astype(mx.float32)) * nn.softplus(
-        a.astype(mx.float32) + dt_bias.astype(mx.float32))  # [B, T, Hv] log decay, <= 0
+        a.astype(mx.float32) + dt_bias.astype(mx.float32)
+    )  # [B, T, Hv] log decay, <= 0
     beta = mx.sigmoid(b.astype(mx.float32))
     return q, k, g, beta
 
@@ -134,7 +135,19 @@ def gated_delta_decode(
     if state is None:
         Dk = (channels - Hv * Dv) // (2 * key_heads)
         state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
-    inputs, launch = decode_step_call(qkv, z, a, b, conv_weight, A_log, dt_bias, norm_weight,
-                                      norm_eps, conv_state, state, key_heads)
+    inputs, launch = decode_step_call(
+        qkv,
+        z,
+        a,
+        b,
+        conv_weight,
+        A_log,
+        dt_bias,
+        norm_weight,
+        norm_eps,
+        conv_state,
+        state,
+        key_heads,
+    )
     y, state, conv_state = DECODE_STEP.run(inputs, launch)
     return y, state, conv_state

@@ -30,9 +30,13 @@ class Launch:
 
     def kwargs(self) -> dict:
         """The keyword arguments of a `mx.fast.metal_kernel` call."""
-        return dict(template=list(self.template), grid=self.grid, threadgroup=self.threadgroup,
-                    output_shapes=list(self.output_shapes),
-                    output_dtypes=list(self.output_dtypes))
+        return dict(
+            template=list(self.template),
+            grid=self.grid,
+            threadgroup=self.threadgroup,
+            output_shapes=list(self.output_shapes),
+            output_dtypes=list(self.output_dtypes),
+        )
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,10 @@ class KVSnapshot:
         """What a file stores: keys and values [B, Hkv, offset, D]."""
         if self.buffer is None:
             return {}
-        return {"keys": self.buffer.keys[..., :self.offset, :],
-                "values": self.buffer.values[..., :self.offset, :]}
+        return {
+            "keys": self.buffer.keys[..., : self.offset, :],
+            "values": self.buffer.values[..., : self.offset, :],
+        }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, mx.array], tokens: int) -> KVSnapshot:
@@ -94,11 +96,13 @@ class KVCache:
         """A new buffer with room for `needed` tokens holding the first `offset` ones."""
         capacity = -(-needed // self.step) * self.step
         B, H, _, _ = keys.shape
-        buffer = KVBuffer(mx.zeros((B, H, capacity, keys.shape[3]), keys.dtype),
-                          mx.zeros((B, H, capacity, values.shape[3]), values.dtype))
+        buffer = KVBuffer(
+            mx.zeros((B, H, capacity, keys.shape[3]), keys.dtype),
+            mx.zeros((B, H, capacity, values.shape[3]), values.dtype),
+        )
         if self.buffer is not None and self.offset:
-            buffer.keys[..., :self.offset, :] = self.buffer.keys[..., :self.offset, :]
-            buffer.values[..., :self.offset, :] = self.buffer.values[..., :self.offset, :]
+            buffer.keys[..., : self.offset, :] = self.buffer.keys[..., : self.offset, :]
+            buffer.values[..., : self.offset, :] = self.buffer.values[..., : self.offset, :]
         return buffer
 
     @property
@@ -137,9 +141,11 @@ class DeltaNetSnapshot:
     recurrent: mx.array | None
 
     def arrays(self) -> dict[str, mx.array]:
-        return {name: array for name, array in (("conv", self.conv),
-                                                ("recurrent", self.recurrent))
-                if array is not None}
+        return {
+            name: array
+            for name, array in (("conv", self.conv), ("recurrent", self.recurrent))
+            if array is not None
+        }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, mx.array], tokens: int) -> DeltaNetSnapshot:
@@ -152,7 +158,6 @@ class DeltaNetSnapshot:
 class DeltaNetCache:
     """Conv state ([0]) and recurrent state ([1]) of one Gated DeltaNet layer; None until the
     layer has run."""
-
 
     def __init__(self):
         self.arrays: list[mx.array | None] = [None, None]
@@ -173,8 +178,7 @@ class DeltaNetCache:
     def restore(self, snapshot: DeltaNetSnapshot, owned: bool = False) -> None:
         self.arrays = [snapshot.conv, snapshot.recurrent]
 
-    def snapshot_from_arrays(self, arrays: dict[str, mx.array],
-                             tokens: int) -> DeltaNetSnapshot:
+    def snapshot_from_arrays(self, arrays: dict[str, mx.array], tokens: int) -> DeltaNetSnapshot:
         return DeltaNetSnapshot.from_arrays(arrays, tokens)
 
     def nbytes(self, tokens: int | None = None) -> int:
@@ -200,9 +204,11 @@ class QuantizedKVSnapshot:
             return self.float_part.arrays()
         if self.keys is None:
             return {}
-        return {f"{kind}.{part}": array[..., :self.offset, :]
-                for kind, held in (("keys", self.keys), ("values", self.values))
-                for part, array in zip(QUANTIZED_PARTS, held)}
+        return {
+            f"{kind}.{part}": array[..., : self.offset, :]
+            for kind, held in (("keys", self.keys), ("values", self.values))
+            for part, array in zip(QUANTIZED_PARTS, held)
+        }
 
 
 QUANTIZED_PARTS = ("packed", "scales", "biases")
@@ -253,8 +259,10 @@ class QuantizedKVCache:
         for held, new in zip((*self.keys, *self.values), (*new_keys, *new_values), strict=True):
             held[..., start:end, :] = new
         self.offset = end
-        return (tuple(a[..., :end, :] for a in self.keys),
-                tuple(a[..., :end, :] for a in self.values))
+        return (
+            tuple(a[..., :end, :] for a in self.keys),
+            tuple(a[..., :end, :] for a in self.values),
+        )
 
     def _quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
@@ -262,7 +270,7 @@ class QuantizedKVCache:
     def _quantize_held(self) -> None:
         held, self.float_cache = self.float_cache, None
         if held.offset:
-            keys, values = (array[..., :held.offset, :] for array in held.state)
+            keys, values = (array[..., : held.offset, :] for array in held.state)
             self.keys, self.values = self._quantize(keys), self._quantize(values)
             self.owned = True
 
@@ -295,21 +303,23 @@ class QuantizedKVCache:
         per_token = sum(a.nbytes for a in (*self.keys, *self.values)) // self.keys[0].shape[2]
         return per_token * tokens
 
-    def snapshot_from_arrays(self, arrays: dict[str, mx.array],
-                             tokens: int) -> QuantizedKVSnapshot:
+    def snapshot_from_arrays(self, arrays: dict[str, mx.array], tokens: int) -> QuantizedKVSnapshot:
         if "keys" in arrays or not arrays:
-            return QuantizedKVSnapshot(KVSnapshot.from_arrays(arrays, tokens), None, None,
-                                       tokens)
+            return QuantizedKVSnapshot(KVSnapshot.from_arrays(arrays, tokens), None, None, tokens)
         try:
-            keys, values = (tuple(arrays[f"{kind}.{part}"] for part in QUANTIZED_PARTS)
-                            for kind in ("keys", "values"))
+            keys, values = (
+                tuple(arrays[f"{kind}.{part}"] for part in QUANTIZED_PARTS)
+                for kind in ("keys", "values")
+            )
         except KeyError as missing:
             raise ValueError(f"no quantized {missing.args[0]}") from None
         if any(a.ndim != 4 or a.shape[2] != tokens for a in (*keys, *values)):
             raise ValueError(f"quantized keys and values for other than {tokens} tokens")
         if keys[0].shape[-1] * 32 // self.bits != keys[1].shape[-1] * self.group_size:
-            raise ValueError(f"keys quantized otherwise than {self.bits} bits in groups of "
-                             f"{self.group_size}; use the kv_bits the state was saved with")
+            raise ValueError(
+                f"keys quantized otherwise than {self.bits} bits in groups of "
+                f"{self.group_size}; use the kv_bits the state was saved with"
+            )
         return QuantizedKVSnapshot(None, keys, values, tokens)
 
 
@@ -337,13 +347,20 @@ def check_quantization(bits: int, group_size: int, start: int, head_dim: int | N
         raise ValueError(f"quantized_kv_start must be an integer >= 0, got {start!r}")
 
 
-def make_layer_caches(config: TextConfig, kv_bits: int | None = None, kv_group_size: int = 64,
-                      quantized_kv_start: int = 0) -> list:
+def make_layer_caches(
+    config: TextConfig,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+) -> list:
     """One cache per layer; kv_bits 4 or 8 quantizes the attention layers' keys and values
     (groups of kv_group_size values) once they hold quantized_kv_start tokens."""
     if kv_bits is None:
         return [DeltaNetCache() if t == LINEAR else KVCache() for t in config.layer_types]
     check_quantization(kv_bits, kv_group_size, quantized_kv_start, config.head_dim)
-    return [DeltaNetCache() if t == LINEAR
-            else QuantizedKVCache(kv_group_size, kv_bits, quantized_kv_start)
-            for t in config.layer_types]
+    return [
+        DeltaNetCache()
+        if t == LINEAR
+        else QuantizedKVCache(kv_group_size, kv_bits, quantized_kv_start)
+        for t in config.layer_types
+    ]

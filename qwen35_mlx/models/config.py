@@ -10,44 +10,106 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
 # Keys the checkpoints carry that do not change the text decoder's computation.
-_TEXT_UNUSED = frozenset({
-    "model_type", "architectures", "transformers_version", "dtype", "torch_dtype",
-    "initializer_range", "use_cache", "attention_dropout", "bos_token_id", "pad_token_id",
-    "eos_token_id", "full_attention_interval", "attn_output_gate", "mtp_num_hidden_layers",
-    "mtp_use_dedicated_embeddings", "mamba_ssm_dtype", "mlp_only_layers", "output_router_logits",
-    "router_aux_loss_coef", "layer_scan", "_name_or_path", "tie_word_embeddings",
-    "output_gate_type",  # the DeltaNet output gate: checked to be silu/swish in _text_config
-    # written by converters at the top level of a text-only config; read by loading.py
-    "quantization", "quantization_config",
-    # legacy rope fields, folded into `rope_parameters` by `_rope_parameters`
-    "rope_theta", "partial_rotary_factor", "rope_scaling",
-})
-_TOP_UNUSED = frozenset({
-    "model_type", "architectures", "transformers_version", "dtype", "torch_dtype",
-    "tie_word_embeddings", "text_config", "vision_config", "image_token_id", "video_token_id",
-    "vision_start_token_id", "vision_end_token_id", "quantization", "quantization_config",
-    "_name_or_path", "use_cache", "bos_token_id", "pad_token_id", "eos_token_id",
-    "initializer_range", "language_model_only",
-    "generation_config",  # mlx-vlm's converter copies generation_config.json in here
-})
-_VISION_UNUSED = frozenset({
-    "model_type", "initializer_range", "transformers_version", "dtype", "torch_dtype",
-    "_name_or_path", "architectures",
-    "deepstack_visual_indexes",  # checked to be empty in _vision_config: Qwen3.5 has no DeepStack
-})
+_TEXT_UNUSED = frozenset(
+    {
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "initializer_range",
+        "use_cache",
+        "attention_dropout",
+        "bos_token_id",
+        "pad_token_id",
+        "eos_token_id",
+        "full_attention_interval",
+        "attn_output_gate",
+        "mtp_num_hidden_layers",
+        "mtp_use_dedicated_embeddings",
+        "mamba_ssm_dtype",
+        "mlp_only_layers",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "layer_scan",
+        "_name_or_path",
+        "tie_word_embeddings",
+        "output_gate_type",  # the DeltaNet output gate: checked to be silu/swish in _text_config
+        # written by converters at the top level of a text-only config; read by loading.py
+        "quantization",
+        "quantization_config",
+        # legacy rope fields, folded into `rope_parameters` by `_rope_parameters`
+        "rope_theta",
+        "partial_rotary_factor",
+        "rope_scaling",
+    }
+)
+_TOP_UNUSED = frozenset(
+    {
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "tie_word_embeddings",
+        "text_config",
+        "vision_config",
+        "image_token_id",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+        "quantization",
+        "quantization_config",
+        "_name_or_path",
+        "use_cache",
+        "bos_token_id",
+        "pad_token_id",
+        "eos_token_id",
+        "initializer_range",
+        "language_model_only",
+        "generation_config",  # mlx-vlm's converter copies generation_config.json in here
+    }
+)
+_VISION_UNUSED = frozenset(
+    {
+        "model_type",
+        "initializer_range",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_name_or_path",
+        "architectures",
+        # checked to be empty in _vision_config: Qwen3.5 has no DeepStack
+        "deepstack_visual_indexes",
+    }
+)
 _VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 _ROPE_TYPES = ("default", "yarn")
-_ROPE_KEYS = frozenset({
-    "rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section",
-    "mrope_interleaved", "factor", "original_max_position_embeddings", "beta_fast",
-    "beta_slow", "attention_factor", "truncate", "mscale", "mscale_all_dim",
-})
+_ROPE_KEYS = frozenset(
+    {
+        "rope_type",
+        "type",
+        "rope_theta",
+        "partial_rotary_factor",
+        "mrope_section",
+        "mrope_interleaved",
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "truncate",
+        "mscale",
+        "mscale_all_dim",
+    }
+)
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
 
 
@@ -73,6 +135,7 @@ def _integer(low: int, high: int = MAX_SIZE) -> Rule:
 
 def _number(low: float, high: float = math.inf) -> Rule:
     """A finite JSON number with low < value <= high."""
+
     def check(value: Any) -> str | None:
         if type(value) not in (int, float) or not math.isfinite(value):
             return "must be a finite number"
@@ -85,8 +148,11 @@ def _number(low: float, high: float = math.inf) -> Rule:
 
 def _kind(types: type | tuple[type, ...], description: str) -> Rule:
     def check(value: Any) -> str | None:
-        return None if type(value) in (types if isinstance(types, tuple) else (types,)) \
+        return (
+            None
+            if type(value) in (types if isinstance(types, tuple) else (types,))
             else f"must be {description}"
+        )
 
     return check
 
@@ -114,39 +180,88 @@ def _token_ids(value: Any) -> str | None:
 
 
 _TEXT_RULES: dict[str, Rule] = {
-    **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-                     "linear_value_head_dim", "linear_conv_kernel_dim",
-                     "max_position_embeddings", "full_attention_interval"], _SIZE),
-    "rms_norm_eps": _number(0, 1), "hidden_act": _STRING, "output_gate_type": _STRING,
-    "attention_bias": _BOOL, "tie_word_embeddings": _BOOL, "eos_token_id": _token_ids,
-    "layer_types": _list_of(_STRING, "strings"), "rope_parameters": _OBJECT,
-    "rope_scaling": _OBJECT, "rope_theta": _number(0), "partial_rotary_factor": _number(0, 1),
+    **dict.fromkeys(
+        [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
+            "max_position_embeddings",
+            "full_attention_interval",
+        ],
+        _SIZE,
+    ),
+    "rms_norm_eps": _number(0, 1),
+    "hidden_act": _STRING,
+    "output_gate_type": _STRING,
+    "attention_bias": _BOOL,
+    "tie_word_embeddings": _BOOL,
+    "eos_token_id": _token_ids,
+    "layer_types": _list_of(_STRING, "strings"),
+    "rope_parameters": _OBJECT,
+    "rope_scaling": _OBJECT,
+    "rope_theta": _number(0),
+    "partial_rotary_factor": _number(0, 1),
     "quantization": _OBJECT,
 }
 _ROPE_RULES: dict[str, Rule] = {
-    "rope_theta": _number(0), "partial_rotary_factor": _number(0, 1),
-    "mrope_section": _list_of(_integer(0), "integers >= 0"), "rope_type": _STRING,
-    "type": _STRING, "factor": _number(0), "original_max_position_embeddings": _SIZE,
-    "beta_fast": _ANY_NUMBER, "beta_slow": _ANY_NUMBER, "attention_factor": _number(0),
-    "truncate": _BOOL, "mrope_interleaved": _BOOL,
+    "rope_theta": _number(0),
+    "partial_rotary_factor": _number(0, 1),
+    "mrope_section": _list_of(_integer(0), "integers >= 0"),
+    "rope_type": _STRING,
+    "type": _STRING,
+    "factor": _number(0),
+    "original_max_position_embeddings": _SIZE,
+    "beta_fast": _ANY_NUMBER,
+    "beta_slow": _ANY_NUMBER,
+    "attention_factor": _number(0),
+    "truncate": _BOOL,
+    "mrope_interleaved": _BOOL,
 }
 _TOP_RULES: dict[str, Rule] = {
-    "tie_word_embeddings": _BOOL, "text_config": _OBJECT, "vision_config": _OBJECT,
-    "eos_token_id": _token_ids, "quantization": _OBJECT,
-    **dict.fromkeys(["image_token_id", "video_token_id", "vision_start_token_id",
-                     "vision_end_token_id"], _TOKEN_ID),
+    "tie_word_embeddings": _BOOL,
+    "text_config": _OBJECT,
+    "vision_config": _OBJECT,
+    "eos_token_id": _token_ids,
+    "quantization": _OBJECT,
+    **dict.fromkeys(
+        ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"],
+        _TOKEN_ID,
+    ),
 }
 _VISION_RULES: dict[str, Rule] = {
-    **dict.fromkeys(["depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
-                     "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
-                     "num_position_embeddings"], _SIZE),
-    "hidden_act": _STRING, "rope_parameters": _OBJECT,
+    **dict.fromkeys(
+        [
+            "depth",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "out_hidden_size",
+            "in_channels",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "num_position_embeddings",
+        ],
+        _SIZE,
+    ),
+    "hidden_act": _STRING,
+    "rope_parameters": _OBJECT,
 }
 # loading.py's nn.quantize arguments (per-layer entries are checked by MLX)
-_QUANTIZATION_RULES: dict[str, Rule] = {"group_size": _SIZE, "bits": _integer(1, 8),
-                                        "mode": _STRING}
+_QUANTIZATION_RULES: dict[str, Rule] = {
+    "group_size": _SIZE,
+    "bits": _integer(1, 8),
+    "mode": _STRING,
+}
 
 
 def _check_fields(fields: dict[str, Any], rules: dict[str, Rule], where: str) -> None:
@@ -155,8 +270,10 @@ def _check_fields(fields: dict[str, Any], rules: dict[str, Rule], where: str) ->
         problem = None if value is None else rule(value)
         if problem:
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise ConfigError(f"config.json{where}: {name} = {shown} {problem}; correct it in "
-                              "config.json (or download it again)")
+            raise ConfigError(
+                f"config.json{where}: {name} = {shown} {problem}; correct it in "
+                "config.json (or download it again)"
+            )
 
 
 def _present(fields: dict[str, Any]) -> dict[str, Any]:
@@ -220,27 +337,42 @@ class TextConfig:
             if not ok:
                 raise ConfigError(f"config.json: {message}")
 
-        check(len(self.layer_types) == self.num_hidden_layers,
-              f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
-              f"{self.num_hidden_layers}; make them agree")
+        check(
+            len(self.layer_types) == self.num_hidden_layers,
+            f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+            f"{self.num_hidden_layers}; make them agree",
+        )
         bad = sorted(set(self.layer_types) - {LINEAR, FULL})
         check(not bad, f"unknown layer_types {bad}; expected {LINEAR!r} or {FULL!r}")
-        check(self.num_attention_heads % self.num_key_value_heads == 0,
-              "num_attention_heads must be a multiple of num_key_value_heads")
-        check(self.linear_num_value_heads % self.linear_num_key_heads == 0,
-              "linear_num_value_heads must be a multiple of linear_num_key_heads")
+        check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_attention_heads must be a multiple of num_key_value_heads",
+        )
+        check(
+            self.linear_num_value_heads % self.linear_num_key_heads == 0,
+            "linear_num_value_heads must be a multiple of linear_num_key_heads",
+        )
         check(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (silu)")
         check(not self.attention_bias, "attention_bias=true is not supported by Qwen3.5")
-        check(self.rope.rope_type in _ROPE_TYPES,
-              f"rope_type {self.rope.rope_type!r} is not supported; use one of {_ROPE_TYPES}")
-        check(self.rotary_dim >= 2, f"head_dim {self.head_dim} * partial_rotary_factor "
-              f"{self.rope.partial_rotary_factor} leaves no rotary dims; raise either")
-        check(sum(self.rope.mrope_section) * 2 == self.rotary_dim,
-              f"mrope_section {list(self.rope.mrope_section)} must sum to rotary dim / 2 = "
-              f"{self.rotary_dim // 2}")
+        check(
+            self.rope.rope_type in _ROPE_TYPES,
+            f"rope_type {self.rope.rope_type!r} is not supported; use one of {_ROPE_TYPES}",
+        )
+        check(
+            self.rotary_dim >= 2,
+            f"head_dim {self.head_dim} * partial_rotary_factor "
+            f"{self.rope.partial_rotary_factor} leaves no rotary dims; raise either",
+        )
+        check(
+            sum(self.rope.mrope_section) * 2 == self.rotary_dim,
+            f"mrope_section {list(self.rope.mrope_section)} must sum to rotary dim / 2 = "
+            f"{self.rotary_dim // 2}",
+        )
         if self.rope.rope_type == "yarn":
-            check(self.rope.factor > 1 and self.rope.original_max_position_embeddings,
-                  "yarn rope needs factor > 1 and original_max_position_embeddings")
+            check(
+                self.rope.factor > 1 and self.rope.original_max_position_embeddings,
+                "yarn rope needs factor > 1 and original_max_position_embeddings",
+            )
 
 
 @dataclass(frozen=True)
@@ -280,18 +412,25 @@ class VisionConfig:
                 raise ConfigError(f"config.json vision_config: {message}")
 
         for name in ("patch_size", "temporal_patch_size", "spatial_merge_size"):
-            check(isinstance(getattr(self, name), int),
-                  f"{name} must be a single integer, got {getattr(self, name)!r}")
-        check(self.hidden_size % self.num_heads == 0,
-              "hidden_size must be a multiple of num_heads")
-        check(self.head_dim % 4 == 0, f"head dim {self.head_dim} must be a multiple of 4 "
-              "(the 2-D rotary splits it into row and column halves of rotate-half pairs)")
-        check(self.grid_side**2 == self.num_position_embeddings,
-              f"num_position_embeddings {self.num_position_embeddings} must be a square "
-              "(the learned positions form a square grid)")
-        check(self.hidden_act in _VISION_ACTIVATIONS,
-              f"hidden_act {self.hidden_act!r} is not supported; use one of "
-              f"{_VISION_ACTIVATIONS}")
+            check(
+                isinstance(getattr(self, name), int),
+                f"{name} must be a single integer, got {getattr(self, name)!r}",
+            )
+        check(self.hidden_size % self.num_heads == 0, "hidden_size must be a multiple of num_heads")
+        check(
+            self.head_dim % 4 == 0,
+            f"head dim {self.head_dim} must be a multiple of 4 "
+            "(the 2-D rotary splits it into row and column halves of rotate-half pairs)",
+        )
+        check(
+            self.grid_side**2 == self.num_position_embeddings,
+            f"num_position_embeddings {self.num_position_embeddings} must be a square "
+            "(the learned positions form a square grid)",
+        )
+        check(
+            self.hidden_act in _VISION_ACTIVATIONS,
+            f"hidden_act {self.hidden_act!r} is not supported; use one of {_VISION_ACTIVATIONS}",
+        )
 
 
 @dataclass(frozen=True)
@@ -307,18 +446,20 @@ class ModelConfig:
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
         """Build from a parsed `config.json`; raises ConfigError naming any problem."""
         if not isinstance(config, dict):
             raise ConfigError(
                 f"config.json: holds a JSON {type(config).__name__}, not an object of "
-                "fields; this is not a model config, download it again")
+                "fields; this is not a model config, download it again"
+            )
         raw, config = config, _present(config)
         model_type = config.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(
                 f"config.json: model_type {model_type!r} is not a Qwen3.5 model "
-                f"(expected one of {MODEL_TYPES}); qwen35-mlx runs Qwen3.5 checkpoints only")
+                f"(expected one of {MODEL_TYPES}); qwen35-mlx runs Qwen3.5 checkpoints only"
+            )
         if model_type == "qwen3_5":
             _reject_unknown(config, _TOP_UNUSED, "")
             _check_fields(config, _TOP_RULES, "")
@@ -333,18 +474,32 @@ class ModelConfig:
         text = _text_config(text_fields, " text_config" if text_fields is not config else "")
         eos = text_fields.get("eos_token_id", config.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        token_ids = {k: config[k] for k in ("image_token_id", "video_token_id",
-                                            "vision_start_token_id", "vision_end_token_id")
-                     if k in config}
+        token_ids = {
+            k: config[k]
+            for k in (
+                "image_token_id",
+                "video_token_id",
+                "vision_start_token_id",
+                "vision_end_token_id",
+            )
+            if k in config
+        }
         _check_token_ids({**token_ids, "eos_token_id": eos_ids}, text.vocab_size)
         vision = _vision_config(config.get("vision_config"))
         if vision is not None and vision.out_hidden_size != text.hidden_size:
             raise ConfigError(
                 f"config.json: vision_config.out_hidden_size {vision.out_hidden_size} must equal "
-                f"the text hidden_size {text.hidden_size} (features replace token embeddings)")
-        return cls(model_type=model_type, text=text, tie_word_embeddings=tie,
-                   eos_token_ids=eos_ids, vision=vision,
-                   token_ids=token_ids, raw=raw)
+                f"the text hidden_size {text.hidden_size} (features replace token embeddings)"
+            )
+        return cls(
+            model_type=model_type,
+            text=text,
+            tie_word_embeddings=tie,
+            eos_token_ids=eos_ids,
+            vision=vision,
+            token_ids=token_ids,
+            raw=raw,
+        )
 
 
 def _check_quantization(quantization: dict[str, Any] | None) -> None:
@@ -352,16 +507,20 @@ def _check_quantization(quantization: dict[str, Any] | None) -> None:
         _check_fields(quantization, _QUANTIZATION_RULES, " quantization")
         missing = [k for k in ("group_size", "bits") if k not in quantization]
         if missing:
-            raise ConfigError(f"config.json: quantization lacks {missing}; the converter that "
-                              "wrote it is not supported, convert the checkpoint again")
+            raise ConfigError(
+                f"config.json: quantization lacks {missing}; the converter that "
+                "wrote it is not supported, convert the checkpoint again"
+            )
 
 
 def _check_token_ids(token_ids: dict[str, int | tuple[int, ...]], vocab_size: int) -> None:
     for name, ids in token_ids.items():
         outside = [i for i in (ids if isinstance(ids, tuple) else (ids,)) if i >= vocab_size]
         if outside:
-            raise ConfigError(f"config.json: {name} {outside} is outside the vocabulary "
-                              f"(vocab_size {vocab_size}); correct it in config.json")
+            raise ConfigError(
+                f"config.json: {name} {outside} is outside the vocabulary "
+                f"(vocab_size {vocab_size}); correct it in config.json"
+            )
 
 
 def _reject_unknown(fields: dict[str, Any], known: frozenset[str], where: str) -> None:
@@ -370,17 +529,28 @@ def _reject_unknown(fields: dict[str, Any], known: frozenset[str], where: str) -
         raise ConfigError(
             f"config.json{where}: unknown field(s) {unknown}. qwen35-mlx does not know what they "
             "change; if they are harmless metadata, remove them from config.json, otherwise "
-            "this checkpoint is not a plain Qwen3.5 model")
+            "this checkpoint is not a plain Qwen3.5 model"
+        )
 
 
 def _text_config(fields: dict[str, Any], where: str) -> TextConfig:
     names = {f.name for f in dataclasses.fields(TextConfig)} - {"rope", "layer_types"}
-    _reject_unknown(fields, frozenset(names) | _TEXT_UNUSED | {"layer_types", "rope_parameters"},
-                    where)
+    _reject_unknown(
+        fields, frozenset(names) | _TEXT_UNUSED | {"layer_types", "rope_parameters"}, where
+    )
     _check_fields(fields, _TEXT_RULES, where)
-    required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "linear_num_key_heads",
-                "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"]
+    required = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+    ]
     gate = fields.get("output_gate_type", "silu")
     if gate not in ("silu", "swish"):  # swish == silu; transformers hard-wires it
         raise ConfigError(f"config.json: output_gate_type {gate!r} is not supported (silu/swish)")
@@ -393,8 +563,9 @@ def _text_config(fields: dict[str, Any], where: str) -> TextConfig:
     layer_types = fields.get("layer_types")
     if layer_types is None:  # HF's save_pretrained keeps layer_types; older files only the interval
         interval = fields.get("full_attention_interval", 4)
-        layer_types = [FULL if (i + 1) % interval == 0 else LINEAR
-                       for i in range(fields["num_hidden_layers"])]
+        layer_types = [
+            FULL if (i + 1) % interval == 0 else LINEAR for i in range(fields["num_hidden_layers"])
+        ]
     config = TextConfig(layer_types=tuple(layer_types), rope=_rope_parameters(fields), **values)
     config.validate()
     return config
@@ -405,24 +576,30 @@ def _vision_config(fields: dict[str, Any] | None) -> VisionConfig | None:
         return None
     fields = _present(fields)
     names = {f.name for f in dataclasses.fields(VisionConfig)} - {"rope_theta"}
-    _reject_unknown(fields, frozenset(names) | _VISION_UNUSED | {"rope_parameters"},
-                    " vision_config")
+    _reject_unknown(
+        fields, frozenset(names) | _VISION_UNUSED | {"rope_parameters"}, " vision_config"
+    )
     _check_fields(fields, _VISION_RULES, " vision_config")
     if fields.get("deepstack_visual_indexes"):
-        raise ConfigError("config.json vision_config: deepstack_visual_indexes "
-                          f"{fields['deepstack_visual_indexes']} is not supported (Qwen3.5 has "
-                          "no DeepStack); this checkpoint is not a Qwen3.5 model")
+        raise ConfigError(
+            "config.json vision_config: deepstack_visual_indexes "
+            f"{fields['deepstack_visual_indexes']} is not supported (Qwen3.5 has "
+            "no DeepStack); this checkpoint is not a Qwen3.5 model"
+        )
     required = ["depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size"]
     missing = [k for k in required if k not in fields]
     if missing:
         raise ConfigError(f"config.json: missing required vision_config field(s) {missing}")
     rope = _present(fields.get("rope_parameters", {}))
-    _check_fields(rope, {"rope_theta": _number(0), "rope_type": _STRING},
-                  " vision_config rope_parameters")
+    _check_fields(
+        rope, {"rope_theta": _number(0), "rope_type": _STRING}, " vision_config rope_parameters"
+    )
     unknown = sorted(set(rope) - {"rope_type", "rope_theta"})
     if unknown or rope.get("rope_type", "axial") != "axial":
-        raise ConfigError(f"config.json vision_config: rope_parameters {rope} not supported; "
-                          "Qwen3.5's vision tower uses {rope_type: axial, rope_theta}")
+        raise ConfigError(
+            f"config.json vision_config: rope_parameters {rope} not supported; "
+            "Qwen3.5's vision tower uses {rope_type: axial, rope_theta}"
+        )
     values = {k: fields[k] for k in names if k in fields}
     config = VisionConfig(rope_theta=float(rope.get("rope_theta", 10_000.0)), **values)
     config.validate()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,13 +34,21 @@ class Model(nn.Module):
         self.vision_tower = None if config.vision is None else VisionModel(config.vision)
         # what snapshots of its caches are tied to; `load` adds the weights' identity
         self.fingerprint = hashlib.sha256(
-            json.dumps(config.raw, sort_keys=True).encode()).hexdigest()
+            json.dumps(config.raw, sort_keys=True).encode()
+        ).hexdigest()
         self.set_mtp_weights({})
         self._read_vision_weights = None  # see defer_vision_weights
         self._vision_lock = threading.Lock()
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
-                 rope_delta: int | mx.array = 0, check_ids: bool = True) -> mx.array:
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache=None,
+        input_embeddings=None,
+        position_ids=None,
+        rope_delta: int | mx.array = 0,
+        check_ids: bool = True,
+    ) -> mx.array:
         """Logits [B, T, vocab].
 
         Args:
@@ -67,9 +75,11 @@ class Model(nn.Module):
         outside = np.argwhere((ids < 0) | (ids >= vocab))
         if outside.size:
             where = tuple(outside[0])
-            raise ValueError(f"token id {int(ids[where])} at position {where[-1]} is outside "
-                             f"the model's vocabulary [0, {vocab}); the ids come from another "
-                             "tokenizer or model")
+            raise ValueError(
+                f"token id {int(ids[where])} at position {where[-1]} is outside "
+                f"the model's vocabulary [0, {vocab}); the ids come from another "
+                "tokenizer or model"
+            )
 
     def encode_vision(self, pixel_values: mx.array, grid_thw) -> mx.array:
         """Vision features [N_features, H] for the patches of images or videos.
@@ -79,13 +89,19 @@ class Model(nn.Module):
             grid_thw: [n, 3] (t, h, w) in patches per image / video.
         """
         if self.vision_tower is None:
-            raise ValueError("this checkpoint has no vision tower (a text-only model); load a "
-                             "Qwen3.5 checkpoint with its vision weights to pass images or videos")
+            raise ValueError(
+                "this checkpoint has no vision tower (a text-only model); load a "
+                "Qwen3.5 checkpoint with its vision weights to pass images or videos"
+            )
         self._load_deferred_vision_weights()
         return self.vision_tower(pixel_values, grid_thw)
 
-    def embed_inputs(self, input_ids: mx.array, image_features: mx.array | None = None,
-                     video_features: mx.array | None = None) -> mx.array:
+    def embed_inputs(
+        self,
+        input_ids: mx.array,
+        image_features: mx.array | None = None,
+        video_features: mx.array | None = None,
+    ) -> mx.array:
         """Token embeddings [B, T, H] with vision features at the placeholder tokens, in order
         (row by row over the batch)."""
         import numpy as np
@@ -103,13 +119,15 @@ class Model(nn.Module):
                 raise ValueError(
                     f"input_ids has {len(places)} {kind} placeholder tokens but {count} {kind} "
                     "features were given; each image/video needs exactly as many placeholders as "
-                    "its features (grid t*h*w / merge**2): build the prompt with the processor")
+                    "its features (grid t*h*w / merge**2): build the prompt with the processor"
+                )
             if count:
                 flat[mx.array(places)] = features.astype(flat.dtype)
         return flat.reshape(B, T, H)
 
-    def position_ids(self, input_ids: mx.array, image_grid_thw=None,
-                     video_grid_thw=None) -> tuple[mx.array, mx.array | int]:
+    def position_ids(
+        self, input_ids: mx.array, image_grid_thw=None, video_grid_thw=None
+    ) -> tuple[mx.array, mx.array | int]:
         """(position_ids [3, B, T], rope_delta [B]) of a prompt; rope_delta is 0 and the
         positions plain 0..T-1 when there are no grids."""
         if image_grid_thw is None and video_grid_thw is None:
@@ -118,10 +136,14 @@ class Model(nn.Module):
         if self.config.vision is None:
             raise ValueError("image/video grids given to a text-only model (no vision tower)")
         ids = self.config.token_ids
-        return rope_index(input_ids, image_grid_thw, video_grid_thw,
-                          image_token_id=ids["image_token_id"],
-                          video_token_id=ids["video_token_id"],
-                          spatial_merge_size=self.config.vision.spatial_merge_size)
+        return rope_index(
+            input_ids,
+            image_grid_thw,
+            video_grid_thw,
+            image_token_id=ids["image_token_id"],
+            video_token_id=ids["video_token_id"],
+            spatial_merge_size=self.config.vision.spatial_merge_size,
+        )
 
     def set_mtp_weights(self, weights: Mapping[str, mx.array]) -> None:
         """The MTP head's tensors, unused until the head joins but kept (not silently dropped)
@@ -150,16 +172,19 @@ class Model(nn.Module):
     def layers(self) -> list:
         return self.language_model.model.layers
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64,
-                   quantized_kv_start: int = 0) -> PromptCache:
+    def make_cache(
+        self, kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0
+    ) -> PromptCache:
         """An empty cache for one conversation (a cache per layer, the tokens they hold);
         kv_bits 4 or 8 quantizes keys and values (models/cache.py)."""
-        return make_prompt_cache(self.config.text, self.fingerprint, kv_bits, kv_group_size,
-                                 quantized_kv_start)
+        return make_prompt_cache(
+            self.config.text, self.fingerprint, kv_bits, kv_group_size, quantized_kv_start
+        )
 
     @staticmethod
-    def quant_predicate(recipe: str, bits: int, group_size: int, *,
-                        vision: bool = False) -> Callable:
+    def quant_predicate(
+        recipe: str, bits: int, group_size: int, *, vision: bool = False
+    ) -> Callable:
         """Decides per module, for `nn.quantize`: False keeps it float, True quantizes it at
         `bits`, a dict overrides the bits (written per layer into the config).
 

@@ -19,8 +19,15 @@ if TYPE_CHECKING:  # numpy is imported where it is used: it costs ~0.2 s at star
     import numpy as np
 
 
-def rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, *, image_token_id: int,
-               video_token_id: int, spatial_merge_size: int) -> tuple[mx.array, mx.array]:
+def rope_index(
+    input_ids,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+) -> tuple[mx.array, mx.array]:
     """Position ids for a batch of prompts.
 
     Args:
@@ -41,8 +48,13 @@ def rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, *, image_tok
     grids = {
         image_token_id: iter(as_grids(image_grid_thw if image_grid_thw is not None else [], merge)),
         # each temporal group of a video is a run of its own
-        video_token_id: iter([(1, h, w) for t, h, w in as_grids(
-            video_grid_thw if video_grid_thw is not None else [], merge) for _ in range(t)]),
+        video_token_id: iter(
+            [
+                (1, h, w)
+                for t, h, w in as_grids(video_grid_thw if video_grid_thw is not None else [], merge)
+                for _ in range(t)
+            ]
+        ),
     }
     B, T = ids.shape
     positions = np.zeros((3, B, T), dtype=np.int64)
@@ -51,8 +63,10 @@ def rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, *, image_tok
     for token, left in grids.items():
         if next(left, None) is not None:
             kind = "image" if token == image_token_id else "video"
-            raise ValueError(f"more {kind} grids than {kind} placeholder runs in input_ids; "
-                             "pass the prompt and the grids of the same processor call")
+            raise ValueError(
+                f"more {kind} grids than {kind} placeholder runs in input_ids; "
+                "pass the prompt and the grids of the same processor call"
+            )
     deltas = positions.max(axis=(0, 2)) + 1 - T if T else np.zeros(B, dtype=np.int64)
     return mx.array(positions, dtype=mx.int32), mx.array(deltas, dtype=mx.int32)
 
@@ -72,13 +86,17 @@ def _sequence_positions(ids: np.ndarray, grids: dict, merge: int, out: np.ndarra
         while start < end:  # adjacent grids without a token between them share one run
             grid = next(grids[kinds[start]], None)
             if grid is None:
-                raise ValueError(f"input_ids has more placeholder tokens {kinds[start]} than "
-                                 "the grids passed describe; pass every image/video grid")
+                raise ValueError(
+                    f"input_ids has more placeholder tokens {kinds[start]} than "
+                    "the grids passed describe; pass every image/video grid"
+                )
             block = vision_positions(grid, merge) + cur  # [3, n]
             if start + block.shape[1] > end:
-                raise ValueError(f"grid {grid} needs {block.shape[1]} placeholder tokens but "
-                                 f"the run in input_ids has {end - start}")
-            out[:, start:start + block.shape[1]] = block
+                raise ValueError(
+                    f"grid {grid} needs {block.shape[1]} placeholder tokens but "
+                    f"the run in input_ids has {end - start}"
+                )
+            out[:, start : start + block.shape[1]] = block
             start += block.shape[1]
             cur += max(grid[1], grid[2]) // merge
 
@@ -88,5 +106,6 @@ def vision_positions(grid: Grid, merge: int) -> np.ndarray:
     import numpy as np
 
     t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-    return np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
-                    ).reshape(3, -1)
+    return np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")).reshape(
+        3, -1
+    )

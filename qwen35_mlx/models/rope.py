@@ -23,7 +23,7 @@ def inverse_frequencies(config: TextConfig) -> tuple[mx.array, float]:
     """Returns (inv_freq [rotary_dim/2] float32, attention scale on the rotated dims)."""
     rope, dim = config.rope, config.rotary_dim
     exponents = mx.arange(0, dim, 2, dtype=mx.float32) / dim
-    inv_freq = 1.0 / (rope.theta ** exponents)
+    inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "default":
         return inv_freq, 1.0
     return _yarn(inv_freq, dim, config)
@@ -35,8 +35,11 @@ def _yarn(inv_freq: mx.array, dim: int, config: TextConfig) -> tuple[mx.array, f
     rope = config.rope
 
     def correction_dim(rotations: float) -> float:
-        return (dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))
-                / (2 * math.log(rope.theta)))
+        return (
+            dim
+            * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(rope.theta))
+        )
 
     low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
     if rope.truncate:
@@ -85,14 +88,22 @@ class Rotary:
         self._periods = 1.0 / inv_freq  # mx.fast.rope takes periods, not inverse frequencies
         self._axes = mx.array(mrope_axes(config.rope.mrope_section, self.dims // 2))
         tail = config.head_dim - self.dims
-        self._dim_scale = (None if self.scale == 1.0 else
-                           mx.concatenate([mx.full((self.dims,), self.scale), mx.ones((tail,))]))
+        self._dim_scale = (
+            None
+            if self.scale == 1.0
+            else mx.concatenate([mx.full((self.dims,), self.scale), mx.ones((tail,))])
+        )
         # computed now: a lazy array can only be evaluated on the thread that built it, and
         # the model must serve any thread
         mx.eval(self._inv_freq, self._periods, self._axes, self._dim_scale)
 
-    def __call__(self, q: mx.array, k: mx.array, offset: int | mx.array = 0,
-                 position_ids: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    def __call__(
+        self,
+        q: mx.array,
+        k: mx.array,
+        offset: int | mx.array = 0,
+        position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array]:
         """q, k rotated. offset: int or [B] (position of the first token); position_ids
         [3, B, T] instead."""
         if position_ids is not None:
@@ -103,8 +114,15 @@ class Rotary:
     def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         if self._dim_scale is not None:
             x = x * self._dim_scale.astype(x.dtype)
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0,
-                            offset=offset, freqs=self._periods)
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self._periods,
+        )
 
     def _mrope_angles(self, position_ids: mx.array) -> tuple[mx.array, mx.array]:
         """cos, sin [B, 1, T, rotary_dim] of M-RoPE positions [3, B, T]."""
@@ -116,5 +134,5 @@ class Rotary:
 
     def _rotate_part(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         """The first rotary_dim dims of x rotated, the rest as they are."""
-        rotated = rotate(x[..., :self.dims], cos, sin)
-        return mx.concatenate([rotated, x[..., self.dims:]], axis=-1)
+        rotated = rotate(x[..., : self.dims], cos, sin)
+        return mx.concatenate([rotated, x[..., self.dims :]], axis=-1)

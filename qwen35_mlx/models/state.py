@@ -74,24 +74,32 @@ class PromptCache:
         writes may overwrite what the snapshot refers to."""
         layers = tuple(layer.snapshot(hold) for layer in self.layers)
         nbytes = sum(layer.nbytes(self.offset) for layer in self.layers)
-        return Snapshot(self.fingerprint, layers, tuple(self.tokens), tuple(self.keys),
-                        self.rope_delta, nbytes)
+        return Snapshot(
+            self.fingerprint, layers, tuple(self.tokens), tuple(self.keys), self.rope_delta, nbytes
+        )
 
     def restore(self, snapshot: Snapshot, owned: bool = False) -> None:
         """Roll the cache to `snapshot` (taken from a cache of this model). `owned`: the
         snapshot is this cache's own, unheld one (a rollback), so its buffers stay writable."""
         if snapshot.fingerprint != self.fingerprint:
-            raise ValueError("this snapshot was taken from another model (or another "
-                             "checkpoint or config); restore it into a cache of the model "
-                             "that made it")
+            raise ValueError(
+                "this snapshot was taken from another model (or another "
+                "checkpoint or config); restore it into a cache of the model "
+                "that made it"
+            )
         for layer, state in zip(self.layers, snapshot.layers, strict=True):
             layer.restore(state, owned)
         self.tokens, self.keys = list(snapshot.tokens), list(snapshot.keys)
         self.rope_delta = snapshot.rope_delta
 
 
-def make_prompt_cache(config, fingerprint: str, kv_bits: int | None = None,
-                      kv_group_size: int = 64, quantized_kv_start: int = 0) -> PromptCache:
+def make_prompt_cache(
+    config,
+    fingerprint: str,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+) -> PromptCache:
     layers = make_layer_caches(config, kv_bits, kv_group_size, quantized_kv_start)
     if kv_bits is not None:  # a quantized cache's snapshots are for quantized caches alike
         fingerprint += f"/kv{kv_bits}g{kv_group_size}s{quantized_kv_start}"

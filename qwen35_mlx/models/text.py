@@ -105,14 +105,14 @@ class GatedDeltaNet(nn.Module):
         mixed = nn.silu(self.conv1d(padded))  # [B, T, conv_dim]
         key_dim = self.Hk * self.Dk
         q = mixed[..., :key_dim].reshape(B, T, self.Hk, self.Dk)
-        k = mixed[..., key_dim:2 * key_dim].reshape(B, T, self.Hk, self.Dk)
-        v = mixed[..., 2 * key_dim:].reshape(B, T, self.Hv, self.Dv)
+        k = mixed[..., key_dim : 2 * key_dim].reshape(B, T, self.Hk, self.Dk)
+        v = mixed[..., 2 * key_dim :].reshape(B, T, self.Hv, self.Dv)
 
         state = None if cache is None else cache[1]
         out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state)
         if cache is not None:
             # a copy: a view would keep the whole [B, K-1+T, C] prefill buffer alive
-            cache[0] = mx.contiguous(padded[:, -(self.kernel - 1):])
+            cache[0] = mx.contiguous(padded[:, -(self.kernel - 1) :])
             cache[1] = state
         out = self.norm(out, z)  # [B, T, Hv, Dv]
         return self.out_proj(out.reshape(B, T, -1))
@@ -121,8 +121,19 @@ class GatedDeltaNet(nn.Module):
         """The Metal decode step, conv to gated norm in one dispatch -> [B, 1, value_dim]."""
         conv_state, state = (None, None) if cache is None else (cache[0], cache[1])
         out, state, conv_state = gated_delta_decode(
-            qkv, z, a, b, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
-            self.norm.eps, conv_state, state, self.Hk)
+            qkv,
+            z,
+            a,
+            b,
+            self.conv1d.weight,
+            self.A_log,
+            self.dt_bias,
+            self.norm.weight,
+            self.norm.eps,
+            conv_state,
+            state,
+            self.Hk,
+        )
         if cache is not None:
             cache[0], cache[1] = conv_state, state
         return out
@@ -144,8 +155,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.rope = Rotary(config)
 
-    def __call__(self, x: mx.array, mask=None, cache=None, position_ids=None,
-                 rope_delta=0) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask=None, cache=None, position_ids=None, rope_delta=0
+    ) -> mx.array:
         """position_ids [3, B, T] (M-RoPE) or None: positions cache offset + rope_delta + t."""
         B, T, _ = x.shape
         q_gate = self.q_proj(x).reshape(B, T, self.n_heads, 2 * self.head_dim)
@@ -159,8 +171,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         quantization = getattr(cache, "quantization", None)  # (group, bits): k, v quantized
-        out = attention.scaled_dot_product_attention(q, k, v, self.head_dim**-0.5, mask,
-                                                     quantization)  # [B, nh, T, hd]
+        out = attention.scaled_dot_product_attention(
+            q, k, v, self.head_dim**-0.5, mask, quantization
+        )  # [B, nh, T, hd]
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, nh*hd]
         return self.o_proj(out * mx.sigmoid(gate.reshape(B, T, -1)))
 
@@ -177,8 +190,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def __call__(self, x: mx.array, mask=None, cache=None, position_ids=None,
-                 rope_delta=0) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask=None, cache=None, position_ids=None, rope_delta=0
+    ) -> mx.array:
         normed = self.input_layernorm(x)
         if self.is_linear:
             h = x + self.linear_attn(normed, cache)
@@ -194,8 +208,9 @@ class TextModel(nn.Module):
         self.layers = [DecoderLayer(config, t) for t in config.layer_types]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
-                 rope_delta=0) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None, rope_delta=0
+    ) -> mx.array:
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         cache = cache or [None] * len(self.layers)
         # a query sees the cached keys and the new ones up to itself (MLX aligns "causal" to
@@ -217,13 +232,15 @@ class LanguageModel(nn.Module):
         if not tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None,
-                 rope_delta=0) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None, rope_delta=0
+    ) -> mx.array:
         h = self.model(inputs, cache, input_embeddings, position_ids, rope_delta)
         if self.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64,
-                   quantized_kv_start: int = 0) -> list:
+    def make_cache(
+        self, kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0
+    ) -> list:
         return make_layer_caches(self.config, kv_bits, kv_group_size, quantized_kv_start)

@@ -12,7 +12,8 @@ rotary angles) follows that order, and the merger concatenates each run of 4.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,7 +36,8 @@ def as_grids(grid_thw, merge: int) -> list[Grid]:
         if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
             raise ValueError(
                 f"grid_thw ({t}, {h}, {w}) is not valid: t, h, w must be positive and h, w "
-                f"multiples of spatial_merge_size {merge}; use the grids the processor returns")
+                f"multiples of spatial_merge_size {merge}; use the grids the processor returns"
+            )
     return grids
 
 
@@ -86,20 +88,29 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def __call__(self, x: mx.array, rotary: tuple[mx.array, mx.array],
-                 segments: Sequence[tuple[int, int, int]]) -> mx.array:
+    def frame_heads(self, part: mx.array, groups: int, length: int) -> mx.array:
+        """[groups * length, nh, d] -> [groups, nh, length, d]: each frame attends alone."""
+        return part.reshape(groups, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+
+    def __call__(
+        self,
+        x: mx.array,
+        rotary: tuple[mx.array, mx.array],
+        segments: Sequence[tuple[int, int, int]],
+    ) -> mx.array:
         N = x.shape[0]
         qkv = self.qkv(x).reshape(N, 3, self.n_heads, self.head_dim)  # rows [q | k | v]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # each [N, nh, d]
         q, k = rotate(q, *rotary), rotate(k, *rotary)
         outputs = []
         for start, groups, length in segments:  # one grid: `groups` frames of `length` patches
-            def heads(a: mx.array) -> mx.array:  # -> [groups, nh, length, d]
-                part = a[start:start + groups * length]
-                return part.reshape(groups, length, self.n_heads, -1).transpose(0, 2, 1, 3)
-
+            q_part, k_part, v_part = (
+                self.frame_heads(a[start : start + groups * length], groups, length)
+                for a in (q, k, v)
+            )
             out = mx.fast.scaled_dot_product_attention(
-                heads(q), heads(k), heads(v), scale=self.head_dim**-0.5)
+                q_part, k_part, v_part, scale=self.head_dim**-0.5
+            )
             outputs.append(out.transpose(0, 2, 1, 3).reshape(groups * length, -1))
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)  # [N, nh*d]
         return self.proj(out)
@@ -175,7 +186,8 @@ class VisionModel(nn.Module):
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grids} needs "
                 f"({patches}, {config.patch_dim}); pass the pixel values and grids the "
-                "processor returned together")
+                "processor returned together"
+            )
         x = self.patch_embed(pixel_values)
         x = x + self.learned_positions(grids).astype(x.dtype)
         rotary = self.rotary_angles(grids)
@@ -211,8 +223,10 @@ class VisionModel(nn.Module):
         import numpy as np
 
         merge = self.config.spatial_merge_size
-        coords = [np.tile(np.stack(merge_block_coordinates(h, w, merge), axis=-1), (t, 1))
-                  for t, h, w in grids]
+        coords = [
+            np.tile(np.stack(merge_block_coordinates(h, w, merge), axis=-1), (t, 1))
+            for t, h, w in grids
+        ]
         coords = np.concatenate(coords)  # [N, 2] (row, col)
         angles = (coords[:, :, None] * self._inv_freq).reshape(len(coords), -1)  # [N, d/2]
         angles = mx.array(np.concatenate([angles, angles], axis=-1)[:, None], dtype=mx.float32)

@@ -8,8 +8,15 @@ import numpy as np
 from .errors import EmulatorError
 
 # How each MLX dtype is stored in numpy (numpy has no bfloat16: its bits as uint16).
-STORAGE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16,
-           mx.int32: np.int32, mx.uint32: np.uint32, mx.int64: np.int64, mx.bool_: np.bool_}
+STORAGE = {
+    mx.float32: np.float32,
+    mx.float16: np.float16,
+    mx.bfloat16: np.uint16,
+    mx.int32: np.int32,
+    mx.uint32: np.uint32,
+    mx.int64: np.int64,
+    mx.bool_: np.bool_,
+}
 FROM_NUMPY = {np.dtype(v): k for k, v in STORAGE.items() if k != mx.bfloat16}
 
 
@@ -25,12 +32,15 @@ class KernelInput:
             self.data = np.asarray(np.asarray(storage), order="C")
         else:
             if isinstance(value, (bool, int, float)):  # Python scalars as MLX passes them
-                value = np.array(value, {bool: np.bool_, int: np.int32, float: np.float32}[
-                    type(value)])
+                value = np.array(
+                    value, {bool: np.bool_, int: np.int32, float: np.float32}[type(value)]
+                )
             array = np.asarray(value, order="C")  # keeps 0-d arrays 0-d
             if array.dtype not in FROM_NUMPY:
-                raise EmulatorError(f"input '{name}': numpy dtype {array.dtype} is not supported; "
-                                    "pass bfloat16 data as an mx.array")
+                raise EmulatorError(
+                    f"input '{name}': numpy dtype {array.dtype} is not supported; "
+                    "pass bfloat16 data as an mx.array"
+                )
             self.dtype, self.data = FROM_NUMPY[array.dtype], array
 
     @property

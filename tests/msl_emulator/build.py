@@ -19,8 +19,16 @@ from .errors import EmulatorError
 HERE = Path(__file__).parent
 # -g1: line tables only, so that errors can name the .metal line (launch.kernel_lines);
 # stack-clash protection: a frame larger than a fiber's stack hits its guard page.
-FLAGS = ("-std=c++20", "-O2", "-g1", "-fstack-clash-protection", "-shared", "-fPIC",
-         "-fvisibility=hidden", "-w")
+FLAGS = (
+    "-std=c++20",
+    "-O2",
+    "-g1",
+    "-fstack-clash-protection",
+    "-shared",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-w",
+)
 compiler_runs = 0  # how many times the compiler ran in this process (the cache test reads it)
 _loaded: dict[Path, ctypes.CDLL] = {}
 
@@ -33,9 +41,17 @@ def cache_dir() -> Path:
 def library(cpp: str, kernel: str) -> ctypes.CDLL:
     """The loaded library for `cpp`, compiling it unless the cache holds it."""
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256("\0".join(
-        [cpp, (HERE / "msl.h").read_text(), (HERE / "runtime.cpp").read_text(), compiler, *FLAGS]
-    ).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        "\0".join(
+            [
+                cpp,
+                (HERE / "msl.h").read_text(),
+                (HERE / "runtime.cpp").read_text(),
+                compiler,
+                *FLAGS,
+            ]
+        ).encode()
+    ).hexdigest()[:24]
     folder = cache_dir()
     path = folder / f"{kernel[:60]}-{key}.so"
     if path not in _loaded:
@@ -48,19 +64,27 @@ def library(cpp: str, kernel: str) -> ctypes.CDLL:
 def _compile(cpp: str, path: Path, compiler: str) -> None:
     global compiler_runs
     if shutil.which(compiler) is None:
-        raise EmulatorError(f"the MSL emulator needs a C++20 compiler: '{compiler}' is not on PATH "
-                            "(install g++ or set $CXX)")
+        raise EmulatorError(
+            f"the MSL emulator needs a C++20 compiler: '{compiler}' is not on PATH "
+            "(install g++ or set $CXX)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     source, partial = path.with_suffix(".cpp"), path.with_suffix(f".{os.getpid()}.tmp")
     partial_source = partial.with_suffix(".cpp")
     partial_source.write_text(cpp)
     compiler_runs += 1
-    result = subprocess.run([compiler, *FLAGS, f"-I{HERE}", str(partial_source), "-o",
-                             str(partial)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [compiler, *FLAGS, f"-I{HERE}", str(partial_source), "-o", str(partial)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     os.replace(partial_source, source)  # kept beside the library for reading
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         errors = "\n".join(result.stderr.splitlines()[:60])
-        raise EmulatorError(f"the kernel does not compile as C++ under the emulator "
-                            f"(translated source: {source}):\n{errors}")
+        raise EmulatorError(
+            f"the kernel does not compile as C++ under the emulator "
+            f"(translated source: {source}):\n{errors}"
+        )
     os.replace(partial, path)  # atomic: concurrent runs never load half a library

@@ -17,22 +17,34 @@ from .build import library
 from .errors import EmulatorError
 from .source import generated_source, translate
 
-_C_INTS = {"int": np.int32, "int32_t": np.int32, "int64_t": np.int64, "size_t": np.uint64,
-           "uint": np.uint32, "uint32_t": np.uint32}
+_C_INTS = {
+    "int": np.int32,
+    "int32_t": np.int32,
+    "int64_t": np.int64,
+    "size_t": np.uint64,
+    "uint": np.uint32,
+    "uint32_t": np.uint32,
+}
 _ORDER_NAMES = ("forward", "reverse")
 ERROR_BYTES = 4096
 
 
 class _Launch(ctypes.Structure):  # mirrors msl::Launch in runtime.cpp
-    _fields_ = [("kernel", ctypes.c_char_p), ("buffers", ctypes.c_int),
-                ("names", ctypes.POINTER(ctypes.c_char_p)),
-                ("spaces", ctypes.POINTER(ctypes.c_char_p)),
-                ("bytes", ctypes.POINTER(ctypes.c_int64)),
-                ("data", ctypes.POINTER(ctypes.c_void_p)),
-                ("shadow", ctypes.POINTER(ctypes.c_void_p)),
-                ("orders", ctypes.c_int), ("grid", ctypes.c_uint32 * 3),
-                ("group", ctypes.c_uint32 * 3), ("timeout_s", ctypes.c_int),
-                ("error", ctypes.c_void_p), ("error_size", ctypes.c_int)]
+    _fields_ = [
+        ("kernel", ctypes.c_char_p),
+        ("buffers", ctypes.c_int),
+        ("names", ctypes.POINTER(ctypes.c_char_p)),
+        ("spaces", ctypes.POINTER(ctypes.c_char_p)),
+        ("bytes", ctypes.POINTER(ctypes.c_int64)),
+        ("data", ctypes.POINTER(ctypes.c_void_p)),
+        ("shadow", ctypes.POINTER(ctypes.c_void_p)),
+        ("orders", ctypes.c_int),
+        ("grid", ctypes.c_uint32 * 3),
+        ("group", ctypes.c_uint32 * 3),
+        ("timeout_s", ctypes.c_int),
+        ("error", ctypes.c_void_p),
+        ("error_size", ctypes.c_int),
+    ]
 
 
 def emulate(spec, inputs, launch, orders: int = 3) -> list[np.ndarray]:
@@ -55,8 +67,10 @@ def emulate(spec, inputs, launch, orders: int = 3) -> list[np.ndarray]:
             the thread order, crash, or a build failure.
     """
     if len(inputs) != len(spec.input_names):
-        raise EmulatorError(f"kernel '{spec.name}' takes {len(spec.input_names)} inputs "
-                            f"{spec.input_names}, got {len(inputs)}")
+        raise EmulatorError(
+            f"kernel '{spec.name}' takes {len(spec.input_names)} inputs "
+            f"{spec.input_names}, got {len(inputs)}"
+        )
     if orders < 1:
         raise EmulatorError("orders must be >= 1")
     _check_launch(spec, launch)
@@ -77,11 +91,15 @@ def run_on_emulator(spec, inputs, launch, verbose: bool = False) -> list[mx.arra
 def _check_launch(spec, launch) -> None:
     threads = int(np.prod(launch.threadgroup))
     if threads > 1024 or min(launch.threadgroup) < 1 or min(launch.grid) < 1:
-        raise EmulatorError(f"kernel '{spec.name}': threadgroup {launch.threadgroup} must have "
-                            f"1..1024 threads and grid {launch.grid} at least one per axis")
+        raise EmulatorError(
+            f"kernel '{spec.name}': threadgroup {launch.threadgroup} must have "
+            f"1..1024 threads and grid {launch.grid} at least one per axis"
+        )
     if len(launch.output_shapes) != len(spec.output_names):
-        raise EmulatorError(f"kernel '{spec.name}': {len(spec.output_names)} outputs "
-                            f"{spec.output_names} but {len(launch.output_shapes)} output shapes")
+        raise EmulatorError(
+            f"kernel '{spec.name}': {len(spec.output_names)} outputs "
+            f"{spec.output_names} but {len(launch.output_shapes)} output shapes"
+        )
 
 
 def _buffer_bytes(param, ins: dict[str, KernelInput]) -> np.ndarray:
@@ -105,8 +123,10 @@ def _buffer_bytes(param, ins: dict[str, KernelInput]) -> np.ndarray:
 def _run(spec, lib, params, ins, launch, orders) -> list[np.ndarray]:
     buffers = sorted((p for p in params if p.attribute == "buffer"), key=lambda p: p.index)
     outputs = dict(zip(spec.output_names, zip(launch.output_shapes, launch.output_dtypes)))
-    sizes = {name: int(np.prod(shape, dtype=np.int64)) * np.dtype(STORAGE[dtype]).itemsize
-             for name, (shape, dtype) in outputs.items()}
+    sizes = {
+        name: int(np.prod(shape, dtype=np.int64)) * np.dtype(STORAGE[dtype]).itemsize
+        for name, (shape, dtype) in outputs.items()
+    }
     # Outputs and their write shadows live in memory shared with the forked child.
     shared = mmap.mmap(-1, 2 * orders * sum(sizes.values()) + orders * ERROR_BYTES)
     shared_address = ctypes.addressof(ctypes.c_char.from_buffer(shared))
@@ -133,18 +153,29 @@ def _run(spec, lib, params, ins, launch, orders) -> list[np.ndarray]:
     spaces = [(b"device" if p.name in outputs or p.name in ins else b"constant") for p in buffers]
     nbytes = [sizes[p.name] if p.name in outputs else views[0, p.name].nbytes for p in buffers]
     call = _Launch(
-        spec.name.encode(), len(buffers), (ctypes.c_char_p * len(buffers))(*names),
-        (ctypes.c_char_p * len(buffers))(*spaces), (ctypes.c_int64 * len(buffers))(*nbytes),
-        (ctypes.c_void_p * len(data))(*data), (ctypes.c_void_p * len(shadow))(*shadow), orders,
-        (ctypes.c_uint32 * 3)(*launch.grid), (ctypes.c_uint32 * 3)(*launch.threadgroup),
-        int(os.environ.get("QWEN35_MLX_EMULATOR_TIMEOUT", "600")), shared_address, ERROR_BYTES)
+        spec.name.encode(),
+        len(buffers),
+        (ctypes.c_char_p * len(buffers))(*names),
+        (ctypes.c_char_p * len(buffers))(*spaces),
+        (ctypes.c_int64 * len(buffers))(*nbytes),
+        (ctypes.c_void_p * len(data))(*data),
+        (ctypes.c_void_p * len(shadow))(*shadow),
+        orders,
+        (ctypes.c_uint32 * 3)(*launch.grid),
+        (ctypes.c_uint32 * 3)(*launch.threadgroup),
+        int(os.environ.get("QWEN35_MLX_EMULATOR_TIMEOUT", "600")),
+        shared_address,
+        ERROR_BYTES,
+    )
     lib.msl_emulate.restype = ctypes.c_int
     status = lib.msl_emulate(ctypes.byref(call))
     if status:
         message = shared[:ERROR_BYTES].split(b"\0", 1)[0].decode(errors="replace")
         if status == 2:
-            message = (f"kernel '{spec.name}' ran longer than $QWEN35_MLX_EMULATOR_TIMEOUT "
-                       "seconds (an endless loop?)")
+            message = (
+                f"kernel '{spec.name}' ran longer than $QWEN35_MLX_EMULATOR_TIMEOUT "
+                "seconds (an endless loop?)"
+            )
         message, _, frames = message.partition("\n@frames")
         message = re.sub(r"@site:([0-9a-f]+)", lambda m: _site_line(spec, lib, m[1]), message)
         raise EmulatorError(message + kernel_lines(spec, lib, frames.split()))
@@ -175,8 +206,9 @@ def _source_lines(spec, lib, frames: list[str]) -> list[str]:
     if not frames or shutil.which("addr2line") is None:
         return []
     files = {os.path.basename(str(f)) for f in (spec.source_file, spec.header_file) if f}
-    found = subprocess.run(["addr2line", "-i", "-e", lib._name, *frames],
-                           capture_output=True, text=True, check=False).stdout.split("\n")
+    found = subprocess.run(
+        ["addr2line", "-i", "-e", lib._name, *frames], capture_output=True, text=True, check=False
+    ).stdout.split("\n")
     lines = []
     for line in found:
         location = os.path.basename(line.split(" ")[0])  # addr2line prefixes the build folder
@@ -207,14 +239,16 @@ def _check_written(spec, name, array, marks) -> None:
         raise EmulatorError(
             f"kernel '{spec.name}': output '{name}' {array.shape} has {missing.size} of "
             f"{array.size} elements never written, the first at flat index {missing[0]} = "
-            f"{tuple(int(i) for i in where)}")
+            f"{tuple(int(i) for i in where)}"
+        )
 
 
 def _check_orders(spec, name, per_order, dtype) -> None:
     first = per_order[0]
     for order, other in enumerate(per_order[1:], 1):
-        differ = first.view(np.uint8).reshape(first.size, -1) != \
-            other.view(np.uint8).reshape(first.size, -1)
+        differ = first.view(np.uint8).reshape(first.size, -1) != other.view(np.uint8).reshape(
+            first.size, -1
+        )
         differing = np.flatnonzero(differ.any(axis=1))
         if differing.size:
             i = differing[0]
@@ -225,4 +259,5 @@ def _check_orders(spec, name, per_order, dtype) -> None:
                 f"{differing.size} elements differ between the forward and {_order_name(order)} "
                 f"orders, the first at flat index {i} = {where} ({a!r} vs {b!r}): a data race "
                 "(a missing barrier?) or a read of uninitialised threadgroup/output memory "
-                "(poisoned differently in each order)")
+                "(poisoned differently in each order)"
+            )

@@ -26,8 +26,10 @@ from .errors import EmulatorError
 
 def generated_source(spec, inputs, launch) -> str:
     """The Metal source MLX generates for `spec` called on `inputs` (as for `emulate`)."""
-    examples = [(x if isinstance(x, KernelInput) else KernelInput(x, name)).example
-                for x, name in zip(inputs, spec.input_names)]
+    examples = [
+        (x if isinstance(x, KernelInput) else KernelInput(x, name)).example
+        for x, name in zip(inputs, spec.input_names)
+    ]
 
     def call(*arrays):  # the MLX kernel itself, not spec.run (tests may route that here)
         return spec.build()(inputs=list(arrays), **launch.kwargs(), verbose=True)
@@ -78,21 +80,47 @@ class Translation:
 
 _SIGNATURE = re.compile(
     r"(?P<template>template\s*<[^>]*>\s*)?\[\[kernel\]\]\s*void\s+(?P<name>\w+)\s*"
-    r"\((?P<params>.*?)\)\s*\{", re.DOTALL)
+    r"\((?P<params>.*?)\)\s*\{",
+    re.DOTALL,
+)
 _PARAM = re.compile(r"^(?P<decl>.*?)\s*\[\[(?P<attr>\w+)(?:\((?P<index>\d+)\))?\]\]$", re.DOTALL)
 _TYPE = r"[A-Za-z_][\w:]*(?:\s*<[^<>;()]*>)?"
 _QUALIFIED_POINTER = re.compile(
     rf"(?P<c1>\bconst\s+)?\b(?P<space>device|constant|threadgroup)\s+(?P<c2>const\s+)?"
-    rf"(?P<type>{_TYPE})\s*\*")
+    rf"(?P<type>{_TYPE})\s*\*"
+)
 _THREADGROUP_VAR = re.compile(
-    rf"\bthreadgroup\s+(?P<type>{_TYPE})\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\]\s*)*);")
-_SCALARS = ("float", "half", "bfloat", "int", "uint", "short", "ushort", "char", "uchar", "bool",
-            "long", "ulong", "float16_t", "bfloat16_t", "int32_t", "uint32_t", "int64_t",
-            "uint64_t", "int16_t", "uint16_t", "size_t")
+    rf"\bthreadgroup\s+(?P<type>{_TYPE})\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\]\s*)*);"
+)
+_SCALARS = (
+    "float",
+    "half",
+    "bfloat",
+    "int",
+    "uint",
+    "short",
+    "ushort",
+    "char",
+    "uchar",
+    "bool",
+    "long",
+    "ulong",
+    "float16_t",
+    "bfloat16_t",
+    "int32_t",
+    "uint32_t",
+    "int64_t",
+    "uint64_t",
+    "int16_t",
+    "uint16_t",
+    "size_t",
+)
 _LOCAL_ARRAY = re.compile(  # scalar / vector / template-parameter (capitalised) element types
     rf"(?P<lead>(?:^|[;{{}}])\s*)(?P<const>const\s+)?(?:thread\s+)?"
     rf"(?P<type>(?:{'|'.join(_SCALARS)})[234]?|[A-Z]\w*)"
-    r"\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\]\s*)+)(?P<end>;|(?==))", re.MULTILINE)
+    r"\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\]\s*)+)(?P<end>;|(?==))",
+    re.MULTILINE,
+)
 _HALF_LITERAL = re.compile(r"(?<![\w.])(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?[hH]\b")
 
 
@@ -124,7 +152,9 @@ def _rewrite_body(body: str) -> str:
     def local(m: re.Match) -> str:
         declared = f"{m['lead']}{m['const'] or ''}{_array_type(m['type'], m['dims'])} {m['name']}"
         # without an initialiser: poisoned, differently per thread order
-        return f"{declared}; msl::poison(&{m['name']}, sizeof {m['name']});" if m["end"] else declared
+        return (
+            f"{declared}; msl::poison(&{m['name']}, sizeof {m['name']});" if m["end"] else declared
+        )
 
     body = _THREADGROUP_VAR.sub(shared, body)
     return _LOCAL_ARRAY.sub(local, body)
@@ -171,7 +201,7 @@ def translate(spec, source: str) -> Translation:
     kernel = signature["name"]
     header = source[: signature.start()]
     end = source.rindex("}", signature.end(), _instantiation_start(source))
-    body = source[signature.end(): end]
+    body = source[signature.end() : end]
     params = tuple(_param(p, spec.name) for p in _split_params(signature["params"]))
     template_args = re.search(r"decltype\(\w+<(.*)>\)", source[end:])
     call = kernel + (f"<{template_args[1]}>" if template_args else "")
@@ -179,23 +209,27 @@ def translate(spec, source: str) -> Translation:
     at = body.find(spec.source) if spec.source.strip() else -1
     lead, body = (body[:at], body[at:]) if at >= 0 else ("", body)
     arguments = ",\n    ".join(_argument(p) for p in params)
-    cpp = "\n".join([
-        '#include "msl.h"',
-        f'#line 1 "{os.path.basename(str(spec.header_file))}"' if spec.header_file else "",
-        _rewrite_common(header),
-        signature["template"] or "",
-        f"void {kernel}({', '.join(f'{p.type} {p.name}' for p in params)}) {{{lead}",
-        f'#line 1 "{os.path.basename(str(spec.source_file))}"',
-        _rewrite_body(body),
-        "}",
-        '#line 1 "generated"',
-        ('extern "C" void run_thread(void* const* b, const msl::Region* regions, '
-         "const msl::Attrs& a) {"),
-        f"  {call}(\n    {arguments});",
-        "}",
-        '#include "runtime.cpp"',
-        "",
-    ])
+    cpp = "\n".join(
+        [
+            '#include "msl.h"',
+            f'#line 1 "{os.path.basename(str(spec.header_file))}"' if spec.header_file else "",
+            _rewrite_common(header),
+            signature["template"] or "",
+            f"void {kernel}({', '.join(f'{p.type} {p.name}' for p in params)}) {{{lead}",
+            f'#line 1 "{os.path.basename(str(spec.source_file))}"',
+            _rewrite_body(body),
+            "}",
+            '#line 1 "generated"',
+            (
+                'extern "C" void run_thread(void* const* b, const msl::Region* regions, '
+                "const msl::Attrs& a) {"
+            ),
+            f"  {call}(\n    {arguments});",
+            "}",
+            '#include "runtime.cpp"',
+            "",
+        ]
+    )
     return Translation(cpp, kernel, params)
 
 
