@@ -277,6 +277,7 @@ def stream_generate(
     }
     if prompt_cache is None:
         cache = model.make_cache(**cache_kwargs) if cache is None else cache
+        check_owner(cache, model)
         held, reused = cache.offset, 0  # the prompt follows what the cache holds
         positions, decode_rope_delta = place(inputs, cache.offset, cache.rope_delta)
     else:
@@ -404,6 +405,16 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         peak_memory=last.peak_memory,
         cached_tokens=last.cached_tokens,
     )
+
+
+def check_owner(cache: PromptCache, model) -> None:
+    """ValueError for a cache made by another model (or another checkpoint or dtype)."""
+    if not cache.fingerprint.startswith(model.fingerprint):
+        raise ValueError(
+            "this cache belongs to another model (or another checkpoint, config or "
+            "dtype); continue it with the model that made it, or start a new one "
+            "with model.make_cache()"
+        )
 
 
 def room_left(model, cached: int, prompt: int, max_tokens: int) -> int:

@@ -141,8 +141,10 @@ class ScriptedModel:
             model.mtp_weights,
         )
 
+    fingerprint = "scripted"
+
     def make_cache(self, **kv):
-        return PromptCache([KVCache()], fingerprint="scripted")
+        return PromptCache([KVCache()], self.fingerprint)
 
     def check_token_ids(self, ids):
         pass  # any ids: the script decides the tokens

@@ -372,3 +372,13 @@ def test_quantized_kv_generation_snapshots_and_files(tiny, tmp_path, bits):
     cached = generate(model, tokenizer, "Hello there", max_tokens=4, prompt_cache=prefixes, **kv)
     plain = generate(model, tokenizer, "Hello there", max_tokens=4, **kv)
     assert cached.text == plain.text
+
+
+def test_a_cache_of_another_model_is_refused(tiny, make_checkpoint):
+    model, tokenizer = tiny
+    other, _ = load(make_checkpoint(Spec(seed=1))[0])
+    cache = other.make_cache()
+    logits(other, cache, [1, 2, 3])
+    with pytest.raises(ValueError, match="this cache belongs to another model"):
+        next(stream_generate(model, tokenizer, [4, 5], cache=cache))
+    assert cache.tokens == [1, 2, 3]
