@@ -61,8 +61,8 @@ def prefill_peak(model, prompt: mx.array, step: int) -> tuple[int, int, float]:
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    for start in range(0, prompt.size, step):
-        model(prompt[None, start : start + step], cache=cache)
+    for first in range(0, prompt.size, step):
+        model(prompt[None, first : first + step], cache=cache)
         mx.eval([c.state for c in cache])
     seconds = time.perf_counter() - start
     return mx.get_peak_memory(), kv_bytes(cache), seconds
