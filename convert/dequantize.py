@@ -21,8 +21,9 @@ def dequantize_modules(model: nn.Module) -> None:
     model.update_modules(tree_unflatten(floats))
 
 
-def _float_module(module: nn.Module) -> nn.Module:
-    weight = mx.dequantize(
+def dequantized_weight(module: nn.Module) -> mx.array:
+    """The float matrix a QuantizedLinear or QuantizedEmbedding holds."""
+    return mx.dequantize(
         module.weight,
         module.scales,
         module.biases,
@@ -30,6 +31,10 @@ def _float_module(module: nn.Module) -> nn.Module:
         bits=module.bits,
         mode=module.mode,
     )
+
+
+def _float_module(module: nn.Module) -> nn.Module:
+    weight = dequantized_weight(module)
     if isinstance(module, nn.QuantizedEmbedding):
         floating = nn.Embedding(*weight.shape)  # [vocabulary, dims]
     else:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from qwen35_mlx.loading import load_model
+
+from .dequantize import QUANTIZED, dequantized_weight
 
 PROMPT = (
     "Qwen3.5 mixes Gated DeltaNet layers with full attention. Write one sentence about "
@@ -43,16 +44,8 @@ def quantization_errors(float_weights: dict[str, mx.array], model) -> list[tuple
     """(module, bits, ||dequantize(quantize(W)) - W|| / ||W||) for every quantized matrix."""
     rows = []
     for name, module in model.named_modules():
-        if name in float_weights and isinstance(
-            module, (nn.QuantizedLinear, nn.QuantizedEmbedding)
-        ):
-            restored = mx.dequantize(
-                module.weight,
-                module.scales,
-                module.biases,
-                group_size=module.group_size,
-                bits=module.bits,
-            )
+        if name in float_weights and isinstance(module, QUANTIZED):
+            restored = dequantized_weight(module)
             weight = float_weights[name].astype(mx.float32)
             error = mx.linalg.norm(restored.astype(mx.float32) - weight) / mx.linalg.norm(weight)
             rows.append((name, module.bits, error.item()))
