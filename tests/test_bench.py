@@ -339,3 +339,10 @@ def test_bench_prompt_cache_table_and_plot(bf16_checkpoint, tmp_path, capsys):
         assert float(ratio.rstrip("x")) == pytest.approx(float(cold) / float(warm), rel=0.06)
     with Image.open(plot) as image:
         assert image.size == (640, 400)
+
+
+def test_bench_prompt_cache_refuses_tiny_histories(bf16_checkpoint, capsys):
+    assert (
+        cli.main(["bench", "prompt-cache", "--model", str(bf16_checkpoint), "--history", "-5"]) == 2
+    )
+    assert "--history lengths must be at least 16 tokens, got -5" in capsys.readouterr().err

@@ -382,3 +382,17 @@ def test_a_cache_of_another_model_is_refused(tiny, make_checkpoint):
     with pytest.raises(ValueError, match="this cache belongs to another model"):
         next(stream_generate(model, tokenizer, [4, 5], cache=cache))
     assert cache.tokens == [1, 2, 3]
+
+
+def test_cache_and_prompt_cache_together_are_refused(tiny):
+    model, tokenizer = tiny
+    cache = model.make_cache()
+    with pytest.raises(ValueError, match="give cache= .* or prompt_cache= .*not both"):
+        next(stream_generate(model, tokenizer, "Hi", cache=cache, prompt_cache=PrefixCache()))
+    assert cache.offset == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"max_bytes": -1}, {"interval": 0}])
+def test_bad_prefix_cache_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="max_bytes must be >= 0 and interval >= 1"):
+        PrefixCache(**kwargs)

@@ -20,6 +20,7 @@ from ..loading import load
 from ..prompt_cache import PrefixCache
 from .report import print_rows, progress
 
+MIN_HISTORY = 16  # a document to cache, beyond the chat markup
 WORDS = ("tide", "moon", "shore", "salt", "wave", "current", "reef", "harbour", "gull", "kelp")
 
 
@@ -40,6 +41,10 @@ def first_token_seconds(model, tokenizer, messages, **kwargs) -> tuple[float, ob
 
 
 def bench_prompt_cache(model_dir: str, histories: list[int], plot: str | None) -> list[dict]:
+    if min(histories) < MIN_HISTORY:
+        raise ValueError(
+            f"--history lengths must be at least {MIN_HISTORY} tokens, got {min(histories)}"
+        )
     model, tokenizer = load(model_dir)
     rows = []
     for tokens in histories:
