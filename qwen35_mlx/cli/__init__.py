@@ -19,11 +19,10 @@ COMMANDS = {
 }
 
 
-DESCRIPTION = (
-    "Run Alibaba's Qwen3.5 models (0.8B, 2B, 4B, 9B) on Apple Silicon with MLX: "
-    "generate and chat (text, images, video), convert and upload quantized "
-    "checkpoints, time your setup."
-)
+DESCRIPTION = """\
+Run Alibaba's Qwen3.5 models (0.8B, 2B, 4B, 9B) on Apple Silicon with MLX: generate and chat
+(text, images, video), score text, convert and upload quantized checkpoints, plan memory, time
+your setup."""
 EXAMPLES = """examples:
   qwen35-mlx generate --model Qwen/Qwen3.5-0.8B --prompt "Why is the sky blue?"
   qwen35-mlx chat --model Qwen/Qwen3.5-0.8B

@@ -1,5 +1,5 @@
-"""Time your setup: generation speed and memory of a checkpoint, and random-weight checkpoints
-with the real shapes of each size to time it on."""
+"""Time your setup: generation speed, start-up, warm turns and prefill memory of a checkpoint,
+and random-weight checkpoints with the real shapes of each size to time it on."""
 
 from __future__ import annotations
 
