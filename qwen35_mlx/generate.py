@@ -294,12 +294,7 @@ def stream_generate(
         prefill_step_size=prefill_step_size,
     )  # refuse before any work, saying what fits
 
-    stop_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
-    think_end = tokenizer.encode(THINK_CLOSE)
-    think_end = think_end[0] if len(think_end) == 1 else None
-    reasoning = opens_thinking(tokenizer, ids)
-    answer_started = not reasoning
-    detokenizer = tokenizer.detokenizer()
+    reply = ReplyText(tokenizer, model.config.eos_token_ids, ids, stops)
     snapshots = (
         {}
         if prompt_cache is None
@@ -332,29 +327,13 @@ def stream_generate(
                 prompt_time = time.perf_counter() - start
                 prompt_tps = (len(ids) - reused) / prompt_time
                 start = time.perf_counter()
-            finish = "stop" if token in stop_ids else ("length" if n == max_tokens else None)
-            if token == think_end and reasoning:
-                reasoning = False
-            elif finish != "stop":
-                detokenizer.add_token(token)
-            if finish:
-                detokenizer.finalize()
-            text = detokenizer.last_segment
-            if not reasoning and not answer_started:  # drop the blank lines after </think>
-                text = text.lstrip()
-                answer_started = bool(text)
-            if not reasoning:
-                text, stopped = stops.feed(text)
-                if stopped:
-                    finish = "stop"
-                elif finish:
-                    text += stops.flush()
+            text, finish = reply.add(token, last=n == max_tokens)
             elapsed = time.perf_counter() - start
             yield GenerationResponse(
                 text=text,
                 token=token,
                 logprobs=logprobs,
-                reasoning=reasoning,
+                reasoning=reply.reasoning,
                 prompt_tokens=len(ids),
                 cached_tokens=reused,
                 prompt_tps=prompt_tps,
@@ -434,6 +413,41 @@ def room_left(model, cached: int, prompt: int, max_tokens: int) -> int:
             "shorten the prompt or start a new cache"
         )
     return room
+
+
+class ReplyText:
+    """Generated tokens as text: streamed without splitting characters, reasoning told apart
+    from the answer (up to `</think>`), ended by a stop token or one of `stops` (searched in the
+    answer only)."""
+
+    def __init__(self, tokenizer, model_stop_ids, prompt_ids: Sequence[int], stops: StopStrings):
+        self.stop_ids = set(tokenizer.eos_token_ids) | set(model_stop_ids)
+        think_end = tokenizer.encode(THINK_CLOSE)
+        self.think_end = think_end[0] if len(think_end) == 1 else None
+        self.reasoning = opens_thinking(tokenizer, prompt_ids)
+        self.answer_started = not self.reasoning
+        self.detokenizer = tokenizer.detokenizer()
+        self.stops = stops
+
+    def add(self, token: int, last: bool) -> tuple[str, str | None]:
+        """(the new text, the finish reason: "stop", "length" when `last`, or None)."""
+        finish = "stop" if token in self.stop_ids else ("length" if last else None)
+        if token == self.think_end and self.reasoning:
+            self.reasoning = False
+        elif finish != "stop":
+            self.detokenizer.add_token(token)
+        if finish:
+            self.detokenizer.finalize()
+        text = self.detokenizer.last_segment
+        if self.reasoning:
+            return text, finish
+        if not self.answer_started:  # drop the blank lines after </think>
+            text = text.lstrip()
+            self.answer_started = bool(text)
+        text, stopped = self.stops.feed(text)
+        if stopped:
+            return text, "stop"
+        return (text + self.stops.flush(), finish) if finish else (text, None)
 
 
 class StopStrings:
