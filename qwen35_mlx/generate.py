@@ -93,7 +93,7 @@ def generate_step(
         return inputs
 
     def feed(tokens: mx.array, fed_ids: list[int], fed_keys: list[int], inputs: dict):
-        before = cache.snapshot(hold=False)
+        before = cache.snapshot()
         try:
             logits = model(tokens[None], cache=cache, **inputs)
         except BaseException:

@@ -25,15 +25,15 @@ from .config import LINEAR, TextConfig
 class KVBuffer:
     """Keys and values [B, Hkv, capacity, D] shared by a cache and its snapshots.
 
-    Positions below `shared_upto` are held by a snapshot, so they are never written again: a
-    cache that rolls back below it copies the buffer before writing (copy on write). Growing
-    the buffer replaces the arrays here, for every holder at once, so that snapshots taken
-    along one history share one buffer instead of keeping one each.
+    A cache writes only past its offset, so the positions a snapshot holds are never written
+    again by the cache that took it; a cache restored from a snapshot copies the buffer before
+    its first write (copy on write). Growing the buffer replaces the arrays here, for every
+    holder at once, so that snapshots taken along one history share one buffer instead of
+    keeping one each.
     """
 
     def __init__(self, keys: mx.array, values: mx.array):
         self.keys, self.values = keys, values
-        self.shared_upto = 0
 
     @property
     def capacity(self) -> int:
@@ -82,7 +82,7 @@ class KVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append keys and values [B, Hkv, T, D]; returns all held so far [B, Hkv, offset+T, D]."""
         start, end = self.offset, self.offset + keys.shape[2]
-        if self.buffer is None or not self.owned or start < self.buffer.shared_upto:
+        if self.buffer is None or not self.owned:
             self.buffer, self.owned = self._copy(keys, values, end), True
         elif end > self.buffer.capacity:
             fresh = self._copy(keys, values, end)
@@ -110,10 +110,7 @@ class KVCache:
         """The arrays to evaluate to materialise the cache."""
         return [] if self.buffer is None else [self.buffer.keys, self.buffer.values]
 
-    def snapshot(self, hold: bool = True) -> KVSnapshot:
-        """The cache now; with `hold`, the positions below offset are never written again."""
-        if hold and self.buffer is not None:
-            self.buffer.shared_upto = max(self.buffer.shared_upto, self.offset)
+    def snapshot(self) -> KVSnapshot:
         return KVSnapshot(self.buffer, self.offset)
 
     def restore(self, snapshot: KVSnapshot, owned: bool = False) -> None:
@@ -172,7 +169,7 @@ class DeltaNetCache:
     def state(self) -> list[mx.array]:
         return [array for array in self.arrays if array is not None]
 
-    def snapshot(self, hold: bool = True) -> DeltaNetSnapshot:
+    def snapshot(self) -> DeltaNetSnapshot:
         return DeltaNetSnapshot(*self.arrays)
 
     def restore(self, snapshot: DeltaNetSnapshot, owned: bool = False) -> None:
@@ -280,9 +277,9 @@ class QuantizedKVCache:
             return self.float_cache.state
         return [] if self.keys is None else [*self.keys, *self.values]
 
-    def snapshot(self, hold: bool = True) -> QuantizedKVSnapshot:
+    def snapshot(self) -> QuantizedKVSnapshot:
         if self.float_cache is not None:
-            return QuantizedKVSnapshot(self.float_cache.snapshot(hold), None, None, self.offset)
+            return QuantizedKVSnapshot(self.float_cache.snapshot(), None, None, self.offset)
         return QuantizedKVSnapshot(None, self.keys, self.values, self.offset)
 
     def restore(self, snapshot: QuantizedKVSnapshot, owned: bool = False) -> None:

@@ -3,7 +3,7 @@ shift of the images among them; snapshots of it that can be restored (docs/ARCHI
 
 A snapshot copies nothing: DeltaNet states are arrays the layers replace rather than write
 into, and attention keys and values stay in their shared buffer, trimmed by offset (a cache
-that rolls back below a snapshot's offset copies its buffer before writing). Snapshots are
+restored from a snapshot copies its buffer before its first write). Snapshots are
 immutable and belong to one model: restoring one into another model's cache is an error.
 """
 
@@ -69,10 +69,9 @@ class PromptCache:
         self.tokens.extend(tokens)
         self.keys.extend(tokens if keys is None else keys)
 
-    def snapshot(self, hold: bool = True) -> Snapshot:
-        """The cache as it is now. Without `hold`, for this cache's own rollback only: later
-        writes may overwrite what the snapshot refers to."""
-        layers = tuple(layer.snapshot(hold) for layer in self.layers)
+    def snapshot(self) -> Snapshot:
+        """The cache as it is now."""
+        layers = tuple(layer.snapshot() for layer in self.layers)
         nbytes = sum(layer.nbytes(self.offset) for layer in self.layers)
         return Snapshot(
             self.fingerprint, layers, tuple(self.tokens), tuple(self.keys), self.rope_delta, nbytes
