@@ -48,8 +48,9 @@ class Model(nn.Module):
         position_ids=None,
         rope_delta: int | mx.array = 0,
         check_ids: bool = True,
-    ) -> mx.array:
-        """Logits [B, T, vocab].
+        return_hidden: bool = False,
+    ):
+        """Logits [B, T, vocab]; with `return_hidden`, (logits, final-normed hidden [B, T, H]).
 
         Args:
             inputs: [B, T] token ids (ignored where `input_embeddings` [B, T, H] is given).
@@ -63,7 +64,9 @@ class Model(nn.Module):
         """
         if check_ids and input_embeddings is None:
             self.check_token_ids(inputs)
-        return self.language_model(inputs, cache, input_embeddings, position_ids, rope_delta)
+        return self.language_model(
+            inputs, cache, input_embeddings, position_ids, rope_delta, return_hidden
+        )
 
     def check_token_ids(self, ids) -> None:
         """ValueError for an id outside [0, vocab_size): the embedding lookup does not check,

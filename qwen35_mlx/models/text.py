@@ -233,9 +233,22 @@ class LanguageModel(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(
-        self, inputs: mx.array, cache=None, input_embeddings=None, position_ids=None, rope_delta=0
-    ) -> mx.array:
+        self,
+        inputs: mx.array,
+        cache=None,
+        input_embeddings=None,
+        position_ids=None,
+        rope_delta=0,
+        return_hidden: bool = False,
+    ):
+        """Logits [B, T, vocab]; with `return_hidden`, (logits, the final-normed hidden
+        states [B, T, H] the head scored), which the MTP head drafts from."""
         h = self.model(inputs, cache, input_embeddings, position_ids, rope_delta)
+        logits = self.head(h)
+        return (logits, h) if return_hidden else logits
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits [..., vocab] of final-normed hidden states [..., H]."""
         if self.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
