@@ -18,7 +18,8 @@ import mlx.core as mx
 from .models.state import PromptCache, Snapshot
 from .prompt import Prompt, VisionCache, place, prepare_prompt
 from .prompt_cache import PrefixCache
-from .sampling import Penalties, check_seed, greedy, make_sampler
+from .sampling import Distribution, Penalties, check_seed, greedy, make_sampler
+from .speculative import Speculation, plain_next, processed, speculative_decode
 from .tokenizer import THINK_CLOSE, THINK_OPEN
 
 LogitsProcessor = Callable[[list[int], mx.array], mx.array]
@@ -44,6 +45,8 @@ def generate_step(
     snapshot_at: Sequence[int] = (),
     on_snapshot: Callable[[Snapshot], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    speculation: Speculation | None = None,
+    distribution: Distribution | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yields (token, log-probabilities [vocab]) for up to `max_tokens` new tokens.
 
@@ -66,6 +69,10 @@ def generate_step(
             gets a snapshot of the cache; prefill steps end there.
         progress: called as progress(done, total) with prompt tokens processed: 0 first,
             after each prefill step, and total once the last prompt token is through.
+        speculation: decode speculatively with its drafter (speculative.py): the same
+            tokens as plain greedy decoding, or the same distribution when sampling.
+        distribution: what `sampler` samples from (`sampling.make_distribution`); needed
+            with `speculation` unless decoding greedily.
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty; give at least one token")
@@ -75,6 +82,11 @@ def generate_step(
         return
     if input_embeddings is None:
         model.check_token_ids(prompt)
+    if speculation is not None and sampler not in (None, greedy) and distribution is None:
+        raise ValueError(
+            "speculative sampling needs the distribution the sampler draws from: pass "
+            "distribution= (sampling.make_distribution) with the sampler"
+        )
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or greedy
     ids = prompt.tolist()
@@ -83,6 +95,10 @@ def generate_step(
     generated: list[int] = []
     # the ids were checked above and sampled ids are in range: the model need not read them
     decode = {"rope_delta": rope_delta, "check_ids": False}
+    drafter = None if speculation is None else speculation.drafter
+    if drafter is not None:  # the drafter reads the model's hidden states
+        decode["return_hidden"] = True
+        drafter.start(cache.offset, rope_delta)
 
     def prompt_slice(start: int, end: int) -> dict:
         inputs = dict(decode)
@@ -101,6 +117,14 @@ def generate_step(
             raise
         cache.append(fed_ids, fed_keys)
         return logits
+
+    def feed_prompt(start: int, end: int):
+        out = feed(prompt[start:end], ids[start:end], keys[start:end], prompt_slice(start, end))
+        if drafter is None:
+            return out
+        positions = None if position_ids is None else position_ids[..., start:end]
+        drafter.feed(ids[start:end], out[1], positions)
+        return out[0]
 
     def step(
         tokens: mx.array, fed_ids: list[int], fed_keys: list[int], inputs: dict
@@ -123,19 +147,41 @@ def generate_step(
     report(0, len(ids))
     while len(ids) - start > 1:
         end = min([start + prefill_step_size, len(ids) - 1, *(n for n in stops if n > start)])
-        feed(prompt[start:end], ids[start:end], keys[start:end], prompt_slice(start, end))
-        mx.eval(cache.state)
+        feed_prompt(start, end)
+        mx.eval(cache.state, [] if drafter is None else drafter.state)
         snapshot_if_asked(end)
         start = end
         report(start, len(ids))
 
-    token, logprobs = step(prompt[start:], ids[start:], keys[start:], prompt_slice(start, len(ids)))
+    if drafter is None:
+        token, logprobs = step(
+            prompt[start:], ids[start:], keys[start:], prompt_slice(start, len(ids))
+        )
+    else:
+        logprobs = processed(feed_prompt(start, len(ids))[0, -1:], [], [], logits_processors)
+        logprobs = logprobs.squeeze(0)
+        token = mx.array([plain_next(logprobs, distribution)])
     cache.rope_delta = rope_delta
     snapshot_if_asked(len(ids))
     mx.async_eval(token, logprobs)
     if progress is not None:  # the prompt is through once its last token's logits are
         mx.eval(token)
         progress(len(ids), len(ids))
+    if speculation is not None:
+        yield from speculative_decode(
+            model,
+            cache,
+            speculation,
+            token=int(token.item()),
+            logprobs=logprobs,
+            max_tokens=max_tokens,
+            distribution=distribution,
+            logits_processors=logits_processors,
+            generated=generated,
+            feed=feed,
+            decode_inputs=decode,
+        )
+        return
     for n in range(max_tokens):
         generated.append(int(token.item()))
         if n + 1 < max_tokens:  # queue the next step before yielding this token

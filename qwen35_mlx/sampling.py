@@ -20,6 +20,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, vocab] -> token [1]
+Distribution = Callable[[mx.array], mx.array]  # log-probabilities -> sampled-from log-probs
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 
 
@@ -31,20 +32,37 @@ def make_sampler(
     temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
 ) -> Sampler:
     """A sampler of log-probabilities [1, vocab]; greedy when `temp` is 0."""
-    check_sampling(temp, top_p, top_k, min_p)
-    if temp == 0:
+    distribution = make_distribution(temp, top_p, top_k, min_p)
+    if distribution is None:
         return greedy
 
     def sample(logprobs: mx.array) -> mx.array:
+        return mx.random.categorical(distribution(logprobs))
+
+    return sample
+
+
+def make_distribution(
+    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Distribution | None:
+    """What `make_sampler` draws from: log-probabilities [..., vocab] -> the normalised
+    log-probabilities of the filtered, tempered distribution (None when `temp` is 0: greedy).
+    Speculative sampling needs it to accept or reject drafted tokens."""
+    check_sampling(temp, top_p, top_k, min_p)
+    if temp == 0:
+        return None
+
+    def distribution(logprobs: mx.array) -> mx.array:
         if top_p < 1.0:
             logprobs = keep_top_p(logprobs, top_p)
         if min_p > 0.0:
             logprobs = keep_min_p(logprobs, min_p)
         if top_k > 0:
             logprobs = keep_top_k(logprobs, top_k)
-        return mx.random.categorical(logprobs * (1.0 / temp))
+        tempered = logprobs * (1.0 / temp)
+        return tempered - mx.logsumexp(tempered, axis=-1, keepdims=True)
 
-    return sample
+    return distribution
 
 
 def keep_top_p(logprobs: mx.array, top_p: float) -> mx.array:
@@ -110,19 +128,26 @@ class Penalties:
             _check_number(name, value, lambda _: True, "(0 is off)")
         self.repetition, self.presence, self.frequency = repetition, presence, frequency
         self.counts: mx.array | None = None  # [vocab] float32
-        self.seen = 0  # generated tokens already counted
+        self.counted: list[int] = []  # the tokens `counts` holds
 
     @property
     def active(self) -> bool:
         return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0
 
     def __call__(self, generated: list[int], logits: mx.array) -> mx.array:
+        """`generated` extends the previous call's tokens, or rewrites their tail (speculative
+        decoding scores drafted tokens, then keeps only those accepted)."""
         if self.counts is None:
             self.counts = mx.zeros((logits.shape[-1],), dtype=mx.float32)
-        new = generated[self.seen :]
-        if new:
+        same = min(len(self.counted), len(generated))
+        while same and self.counted[same - 1] != generated[same - 1]:
+            same -= 1
+        if dropped := self.counted[same:]:
+            self.counts = self.counts.at[mx.array(dropped)].add(-1.0)
+        if new := generated[same:]:
             self.counts = self.counts.at[mx.array(new)].add(1.0)
-            self.seen = len(generated)
+        del self.counted[same:]
+        self.counted.extend(new)
         appeared = self.counts > 0
         logits = logits.astype(mx.float32)
         if self.repetition != 1.0:

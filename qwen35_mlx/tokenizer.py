@@ -127,6 +127,10 @@ class Tokenizer:
             special_tokens=_named_special_tokens(config),
         )
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token and its id, special tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. No BOS is added (Qwen has none); special tokens written in the
         text, such as `<|im_start|>`, become their ids."""
