@@ -18,8 +18,22 @@ import mlx.core as mx
 from .models.state import PromptCache, Snapshot
 from .prompt import Prompt, VisionCache, place, prepare_prompt
 from .prompt_cache import PrefixCache
-from .sampling import Distribution, Penalties, check_seed, greedy, make_sampler
-from .speculative import Speculation, plain_next, processed, speculative_decode
+from .sampling import (
+    Distribution,
+    Penalties,
+    check_seed,
+    greedy,
+    make_distribution,
+    make_sampler,
+)
+from .speculative import (
+    Speculation,
+    SpeculativeStats,
+    make_speculation,
+    plain_next,
+    processed,
+    speculative_decode,
+)
 from .tokenizer import THINK_CLOSE, THINK_OPEN
 
 LogitsProcessor = Callable[[list[int], mx.array], mx.array]
@@ -208,6 +222,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop" | "length" | None while generating
     cached_tokens: int = 0  # prompt tokens restored from the prompt cache
+    speculative: SpeculativeStats | None = None  # drafting so far, when decoding speculatively
 
 
 @dataclass
@@ -223,6 +238,7 @@ class Completion:
     generation_tps: float
     peak_memory: float
     cached_tokens: int = 0
+    speculative: SpeculativeStats | None = None
 
 
 def stream_generate(
@@ -251,6 +267,10 @@ def stream_generate(
     quantized_kv_start: int = 0,
     vision_cache: VisionCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    mtp: bool = False,
+    draft_model=None,
+    num_draft_tokens: int = 3,
+    adaptive_drafting: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion.
 
@@ -288,15 +308,32 @@ def stream_generate(
             quantized_kv_start tokens (mlx-lm's names); for the cache made here.
         vision_cache: a `VisionCache` that keeps encoded images and videos between calls.
         progress: progress(done, total) during prefill, as `generate_step` calls it.
+        mtp: decode speculatively, drafting with the checkpoint's MTP head.
+        draft_model: decode speculatively, drafting with this smaller model of the same
+            tokenizer: a model, or the (model, tokenizer) pair `load` returns (the tokenizers
+            are then compared). Speculation gives the tokens of plain greedy decoding, or the
+            same distribution when sampling; `speculative` on the responses says how it went.
+        num_draft_tokens: the most tokens drafted per round (1 to 16).
+        adaptive_drafting: draft fewer tokens, or none, when the measured acceptance and costs
+            say more do not pay; False drafts num_draft_tokens every round.
 
     Yields:
         GenerationResponse per token; the last one has `finish_reason` "stop" or "length".
     """
     sampler = make_sampler(temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    distribution = make_distribution(temp, top_p=top_p, top_k=top_k, min_p=min_p)
     penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty)
     check_seed(seed)
     check_whole("max_tokens", max_tokens, 0)
     stops = StopStrings(stop)
+    speculation = make_speculation(
+        model,
+        tokenizer,
+        mtp=mtp,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        adaptive=adaptive_drafting,
+    )
     if cache is not None and prompt_cache is not None:
         raise ValueError(
             "give cache= (a conversation to continue) or prompt_cache= (cached "
@@ -364,6 +401,8 @@ def stream_generate(
         rope_delta=decode_rope_delta,
         prompt_keys=keys[reused:],
         progress=progress,
+        speculation=speculation,
+        distribution=distribution,
         **snapshots,
     )
     try:
@@ -387,6 +426,7 @@ def stream_generate(
                 generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
+                speculative=None if speculation is None else speculation.stats,
             )
             if finish:
                 return
@@ -419,6 +459,8 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
             f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens/s\n"
             f"Peak memory: {last.peak_memory:.3f} GB"
         )
+        if last.speculative is not None:
+            print(f"Speculative: {last.speculative.summary()}")
     return Completion(
         text="".join(parts[False]),
         reasoning="".join(parts[True]).strip(),
@@ -429,6 +471,7 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         generation_tps=last.generation_tps,
         peak_memory=last.peak_memory,
         cached_tokens=last.cached_tokens,
+        speculative=last.speculative,
     )
 
 

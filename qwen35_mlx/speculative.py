@@ -388,6 +388,30 @@ class Speculation:
         self.policy = DraftPolicy(self.num_draft_tokens, self.adaptive)
 
 
+def make_speculation(
+    model,
+    tokenizer,
+    *,
+    mtp: bool = False,
+    draft_model=None,
+    num_draft_tokens: int = 3,
+    adaptive: bool = True,
+) -> Speculation | None:
+    """The `Speculation` that `stream_generate`'s arguments ask for; None for plain decoding.
+    `draft_model`: a model, or the (model, tokenizer) pair `load` returns (then the tokenizers
+    are compared too)."""
+    check_num_draft_tokens(num_draft_tokens)
+    if mtp and draft_model is not None:
+        raise ValueError("draft with the MTP head (mtp=True) or a draft model, not both")
+    if mtp:
+        return Speculation(MTPDrafter(model), num_draft_tokens, adaptive)
+    if draft_model is None:
+        return None
+    draft, draft_tokenizer = draft_model if isinstance(draft_model, tuple) else (draft_model, None)
+    drafter = ModelDrafter(draft, model, draft_tokenizer, tokenizer)
+    return Speculation(drafter, num_draft_tokens, adaptive)
+
+
 def speculative_decode(
     model,
     cache,

@@ -77,6 +77,12 @@ def test_every_generation_flag_maps_to_a_keyword(tiny, monkeypatch):
             "32",
             "--quantized-kv-start",
             "16",
+            "--mtp",
+            "--num-draft-tokens",
+            "2",
+            "--no-adaptive-drafting",
+            "--draft-model",
+            str(tiny),
             "--image",
             "a.png",
             "--video",
@@ -86,6 +92,8 @@ def test_every_generation_flag_maps_to_a_keyword(tiny, monkeypatch):
             "c.png",
         ]
     )
+    draft_model, draft_tokenizer = seen.pop("draft_model")  # loaded, with its tokenizer
+    assert draft_model.config.text.vocab_size == 512 and draft_tokenizer.vocabulary()
     assert seen == dict(
         enable_thinking=False,
         max_tokens=5,
@@ -102,6 +110,9 @@ def test_every_generation_flag_maps_to_a_keyword(tiny, monkeypatch):
         kv_bits=8,
         kv_group_size=32,
         quantized_kv_start=16,
+        mtp=True,
+        num_draft_tokens=2,
+        adaptive_drafting=False,
         images=["a.png", "b.png", "c.png"],
         videos=["v.mp4"],
     )

@@ -16,6 +16,7 @@ from .options import (
     add_generation_args,
     add_media_args,
     add_model_args,
+    draft_model_kwargs,
     generation_kwargs,
     load_kwargs,
     media_kwargs,
@@ -81,6 +82,7 @@ def converse(args: argparse.Namespace) -> int:
         system_prompt=args.system_prompt,
         prompt_cache=PrefixCache(directory=args.prompt_cache_dir),
         **generation_kwargs(args),
+        **draft_model_kwargs(args),
         **progress_kwargs(args.progress, args.prefill_step_size),
     )
     attached = {name: list(paths or []) for name, paths in media_kwargs(args).items()}

@@ -13,6 +13,7 @@ from .options import (
     add_generation_args,
     add_media_args,
     add_model_args,
+    draft_model_kwargs,
     generation_kwargs,
     load_kwargs,
     media_kwargs,
@@ -46,8 +47,11 @@ def main(args: argparse.Namespace) -> int:
         prompt = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         prompt.append({"role": "user", "content": text})
     bar = progress_kwargs(args.progress, args.prefill_step_size)
+    drafting = draft_model_kwargs(args)
     print_stream(
-        stream_generate(model, tokenizer, prompt, **media, **generation_kwargs(args), **bar)
+        stream_generate(
+            model, tokenizer, prompt, **media, **generation_kwargs(args), **drafting, **bar
+        )
     )
     return 0
 
@@ -76,3 +80,5 @@ def print_stream(responses, stopped: Callable[[], bool] = lambda: False) -> None
             f"peak memory: {last.peak_memory:.2f} GB | finish: {last.finish_reason}",
             file=sys.stderr,
         )
+        if last.speculative is not None:
+            print(f"speculative: {last.speculative.summary()}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..loading import DTYPES
+from ..loading import DTYPES, load
 from ..progress import add_progress_arg
 
 # stream_generate keyword arguments, each set by the flag of the same name (--max-tokens, ...)
@@ -24,6 +24,9 @@ GENERATION_KWARGS = (
     "kv_bits",
     "kv_group_size",
     "quantized_kv_start",
+    "mtp",
+    "num_draft_tokens",
+    "adaptive_drafting",
 )
 # the images and videos shown with the prompt: --image and --video, repeatable
 MEDIA_KWARGS = ("images", "videos")
@@ -104,6 +107,43 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
         help="quantize once the cache holds this many tokens",
     )
     add_progress_arg(parser)  # not a GENERATION_KWARGS flag: the CLI turns it into a callback
+    add_speculation_args(parser)
+
+
+def add_speculation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mtp",
+        action="store_true",
+        help="decode speculatively, drafting with the checkpoint's MTP head "
+        "(the same greedy tokens, the same sampling distribution)",
+    )
+    parser.add_argument(
+        "--draft-model",
+        metavar="MODEL",
+        help="decode speculatively, drafting with this smaller model of the same tokenizer "
+        "(e.g. Qwen3.5-0.8B for 9B)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=3,
+        metavar="N",
+        help="most tokens drafted per round, 1 to 16 (fewer, or none, when they do not pay)",
+    )
+    parser.add_argument(
+        "--adaptive-drafting",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="adapt the drafted tokens to the measured acceptance and costs "
+        "(--no-adaptive-drafting: always N)",
+    )
+
+
+def draft_model_kwargs(args: argparse.Namespace) -> dict:
+    """The loaded --draft-model (with its tokenizer, which must match the model's)."""
+    if args.draft_model is None:
+        return {}
+    return {"draft_model": load(args.draft_model, dtype=args.dtype)}
 
 
 def add_media_args(parser: argparse.ArgumentParser, chat: bool = False) -> None:
