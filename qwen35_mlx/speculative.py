@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 MAX_DRAFT_TOKENS = 16
+ROLLBACKS = ("steps", "refeed")
 
 LogitsProcessor = Callable[[list[int], mx.array], mx.array]
 
@@ -382,9 +383,12 @@ class Speculation:
     drafter: object
     num_draft_tokens: int = 3
     adaptive: bool = True
+    rollback: str = "steps"  # or "refeed": see `verify`
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
     def __post_init__(self):
+        if self.rollback not in ROLLBACKS:
+            raise ValueError(f"rollback must be one of {ROLLBACKS}, got {self.rollback!r}")
         self.policy = DraftPolicy(self.num_draft_tokens, self.adaptive)
 
 
@@ -450,8 +454,8 @@ def speculative_decode(
             token = plain_next(rows[0], distribution)
         else:
             accepted, drafts, token, rows = verify(
-                model, cache, drafter, token, k, distribution, logits_processors, generated,
-                feed, decode_inputs,
+                model, cache, speculation, token, k, distribution, logits_processors,
+                generated, feed, decode_inputs,
             )  # fmt: skip
         mx.eval(cache.state)  # the drafter's share runs with its next draft
         policy.update(k, accepted, time.perf_counter() - start)
@@ -464,18 +468,27 @@ def speculative_decode(
 
 
 def verify(
-    model, cache, drafter, token, k, distribution, logits_processors, generated, feed, inputs
+    model, cache, speculation, token, k, distribution, logits_processors, generated, feed, inputs
 ):
     """One round: k drafts after `token`, checked in one forward pass of the model. Returns
     (drafts kept, the drafts, the next token, the model's log-probabilities [k+1, vocab]); the
-    cache then holds `token` and the kept drafts."""
+    cache then holds `token` and the kept drafts.
+
+    Rolling back the rejected drafts: "steps" has the DeltaNet layers keep each token's state
+    during the verify pass (the per-token recurrence, k+1 states per layer held until the round
+    ends) and picks the kept one; "refeed" restores the snapshot from before the pass and feeds
+    the kept tokens again (a second forward pass, when a draft was rejected).
+    """
+    drafter, by_steps = speculation.drafter, speculation.rollback == "steps"
     draft_tokens, draft_logprobs = drafter.draft(token, k, distribution)
     before = cache.snapshot()
+    cache.record_steps(by_steps)
     try:  # inputs ask for the hidden states too
         logits, hidden = model(
             mx.concatenate([mx.array([token]), draft_tokens])[None], cache=cache, **inputs
         )
     except BaseException:
+        cache.record_steps(False)
         cache.restore(before, owned=True)
         raise
     drafts = draft_tokens.tolist()
@@ -485,11 +498,14 @@ def verify(
     else:
         accepted, following = accept_sampled(drafts, draft_logprobs, distribution(rows))
     kept = [token, *drafts[:accepted]]
-    if accepted < k:  # a DeltaNet state cannot be trimmed: back to before, and feed the kept
+    if accepted < k and by_steps:
+        cache.drop_last(k - accepted)
+    if accepted < k and not by_steps:
         cache.restore(before, owned=True)
         feed(mx.array(kept), kept, kept, inputs)
     else:
         cache.append(kept)
+    cache.record_steps(False)
     drafter.feed(kept, hidden[:, : accepted + 1])
     return accepted, drafts, following, rows
 

@@ -10,6 +10,7 @@ import pytest
 from qwen35_mlx import generate_step, load
 from qwen35_mlx.sampling import Penalties, make_distribution, make_sampler
 from qwen35_mlx.speculative import (
+    ROLLBACKS,
     DraftPolicy,
     ModelDrafter,
     Speculation,
@@ -63,9 +64,9 @@ def plain(model, max_tokens, **kwargs):
     return tokens, cache
 
 
-def speculative(model, drafter, k, max_tokens, adaptive=False, **kwargs):
+def speculative(model, drafter, k, max_tokens, adaptive=False, rollback="steps", **kwargs):
     cache = model.make_cache()
-    speculation = Speculation(drafter, num_draft_tokens=k, adaptive=adaptive)
+    speculation = Speculation(drafter, num_draft_tokens=k, adaptive=adaptive, rollback=rollback)
     steps = generate_step(
         mx.array(PROMPT),
         model,
@@ -90,12 +91,13 @@ def assert_same_cache(cache, expected):
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("right", [True, False], ids=["always-right", "always-wrong"])
-def test_greedy_output_is_plain_greedy(tiny, k, right):
+@pytest.mark.parametrize("rollback", ROLLBACKS)
+def test_greedy_output_is_plain_greedy(tiny, k, right, rollback):
     model, _ = tiny
     expected, plain_cache = plain(model, 64)
     vocab = model.config.text.vocab_size
     drafter = ScriptedDrafter(PROMPT + expected, vocab, right)
-    tokens, cache, stats = speculative(model, drafter, k, 64)
+    tokens, cache, stats = speculative(model, drafter, k, 64, rollback=rollback)
     assert tokens == expected
     assert_same_cache(cache, plain_cache)  # the tokens alone hardly depend on the context
     assert stats.drafted > 0
@@ -104,7 +106,8 @@ def test_greedy_output_is_plain_greedy(tiny, k, right):
         assert stats.rounds <= math.ceil(63 / (k + 1))
 
 
-def test_cache_after_rejections_equals_decoding_one_by_one(tiny):
+@pytest.mark.parametrize("rollback", ROLLBACKS)
+def test_cache_after_rejections_equals_decoding_one_by_one(tiny, rollback):
     model, _ = tiny
     expected, plain_cache = plain(model, 20)
     # wrong from the third draft of each round on: kept prefixes of 0, 1 and 2 tokens
@@ -116,7 +119,7 @@ def test_cache_after_rejections_equals_decoding_one_by_one(tiny):
         return mx.concatenate([tokens[:2], (tokens[2:] + 1) % 512]), None
 
     drafter.draft = partly_wrong
-    tokens, cache, stats = speculative(model, drafter, 4, 20)
+    tokens, cache, stats = speculative(model, drafter, 4, 20, rollback=rollback)
     assert tokens == expected
     assert 0 < stats.accepted < stats.drafted
     assert_same_cache(cache, plain_cache)

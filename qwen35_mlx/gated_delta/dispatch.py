@@ -93,11 +93,18 @@ def gated_delta_update(
     dt_bias: mx.array,  # [Hv]
     state: mx.array | None = None,  # [B, Hv, Dv, Dk] float32
     path: str | None = None,
+    all_states: bool = False,
 ) -> tuple[mx.array, mx.array]:
-    """Gated delta rule over T tokens. Returns (out [B, T, Hv, Dv] in v's dtype, state)."""
+    """Gated delta rule over T tokens. Returns (out [B, T, Hv, Dv] in v's dtype, state), or
+    with `all_states` the state after each token [B, T, Hv, Dv, Dk] (from the per-token
+    recurrence: speculative decoding keeps the state after the last accepted token)."""
     B, T, Hv, Dv = v.shape
     if state is None:
         state = mx.zeros((B, Hv, Dv, q.shape[-1]), dtype=mx.float32)
+    if all_states:
+        q, k, g, beta = scan_inputs(q, k, a, b, A_log, dt_bias, Hv)
+        out, states = recurrent_scan(q, k, v.astype(mx.float32), g, beta, state, all_states)
+        return out.astype(v.dtype), states
     if path is None:
         path = pick_path(T)
         if path in METAL_PATHS and not chunked_kernel.supports(q.shape[-1], Dv):

@@ -32,11 +32,14 @@ def recurrent_scan(
     g: mx.array,  # [B, T, Hv] log decay (<= 0)
     beta: mx.array,  # [B, T, Hv]
     state: mx.array,  # [B, Hv, Dv, Dk]
+    all_states: bool = False,
 ) -> tuple[mx.array, mx.array]:
-    """Scans T tokens; returns (out [B, T, Hv, Dv] float32, final state)."""
+    """Scans T tokens; returns (out [B, T, Hv, Dv] float32, the final state, or with
+    `all_states` the state after each token [B, T, Hv, Dv, Dk])."""
     decay = mx.exp(g)
-    outs = []
+    outs, states = [], []
     for t in range(q.shape[1]):
         out, state = recurrent_step(q[:, t], k[:, t], v[:, t], decay[:, t], beta[:, t], state)
         outs.append(out)
-    return mx.stack(outs, axis=1), state
+        states.append(state)
+    return mx.stack(outs, axis=1), mx.stack(states, axis=1) if all_states else state

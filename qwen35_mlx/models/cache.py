@@ -113,6 +113,10 @@ class KVCache:
     def snapshot(self) -> KVSnapshot:
         return KVSnapshot(self.buffer, self.offset)
 
+    def drop_last(self, count: int) -> None:
+        """Forget the last `count` tokens (later writes go over them)."""
+        self.offset -= count
+
     def restore(self, snapshot: KVSnapshot, owned: bool = False) -> None:
         """Back to `snapshot`; unless `owned` (this cache's own rollback), the buffer is copied
         before the next write, as another cache may continue from the same snapshot."""
@@ -158,6 +162,8 @@ class DeltaNetCache:
 
     def __init__(self):
         self.arrays: list[mx.array | None] = [None, None]
+        self.keep_steps = False  # the layer records `steps` on each call (speculative decoding)
+        self.steps: tuple[mx.array, mx.array] | None = None  # conv inputs, per-token states
 
     def __getitem__(self, index: int) -> mx.array | None:
         return self.arrays[index]
@@ -171,6 +177,18 @@ class DeltaNetCache:
 
     def snapshot(self) -> DeltaNetSnapshot:
         return DeltaNetSnapshot(*self.arrays)
+
+    def drop_last(self, count: int) -> None:
+        """Back to the state after the last call's first T - count tokens (it ran with
+        `keep_steps`): the conv inputs [B, K-1+T, C] and states [B, T, Hv, Dv, Dk] it kept."""
+        padded, states = self.steps
+        kept = states.shape[1] - count
+        window = padded.shape[1] - states.shape[1]  # K - 1
+        # copies: views would keep every token's state alive
+        self.arrays = [
+            mx.contiguous(padded[:, kept : kept + window]),
+            mx.contiguous(states[:, kept - 1]),
+        ]
 
     def restore(self, snapshot: DeltaNetSnapshot, owned: bool = False) -> None:
         self.arrays = [snapshot.conv, snapshot.recurrent]
@@ -276,6 +294,12 @@ class QuantizedKVCache:
         if self.float_cache is not None:
             return self.float_cache.state
         return [] if self.keys is None else [*self.keys, *self.values]
+
+    def drop_last(self, count: int) -> None:
+        """Forget the last `count` tokens (later writes go over them)."""
+        if self.float_cache is not None:
+            self.float_cache.drop_last(count)
+        self.offset -= count
 
     def snapshot(self) -> QuantizedKVSnapshot:
         if self.float_cache is not None:

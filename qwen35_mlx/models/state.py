@@ -69,6 +69,19 @@ class PromptCache:
         self.tokens.extend(tokens)
         self.keys.extend(tokens if keys is None else keys)
 
+    def record_steps(self, on: bool) -> None:
+        """Whether the DeltaNet layers keep every token's state of their next calls, so that
+        `drop_last` can roll back within a call; off frees what they kept."""
+        for layer in self.layers:
+            if hasattr(layer, "keep_steps"):
+                layer.keep_steps, layer.steps = on, None
+
+    def drop_last(self, count: int) -> None:
+        """Forget the last `count` (fewer than all) tokens of the last model call, which ran
+        with `record_steps(True)`. `tokens` and `keys` are the caller's to keep."""
+        for layer in self.layers:
+            layer.drop_last(count)
+
     def snapshot(self) -> Snapshot:
         """The cache as it is now."""
         layers = tuple(layer.snapshot() for layer in self.layers)

@@ -109,7 +109,13 @@ class GatedDeltaNet(nn.Module):
         v = mixed[..., 2 * key_dim :].reshape(B, T, self.Hv, self.Dv)
 
         state = None if cache is None else cache[1]
-        out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state)
+        every_step = cache is not None and cache.keep_steps
+        out, state = gated_delta_update(
+            q, k, v, a, b, self.A_log, self.dt_bias, state, all_states=every_step
+        )
+        if every_step:  # conv inputs and states of each token, to roll back within this call
+            cache.steps = (padded, state)
+            state = mx.contiguous(state[:, -1])
         if cache is not None:
             # a copy: a view would keep the whole [B, K-1+T, C] prefill buffer alive
             cache[0] = mx.contiguous(padded[:, -(self.kernel - 1) :])
