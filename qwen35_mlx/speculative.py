@@ -483,29 +483,29 @@ def verify(
     draft_tokens, draft_logprobs = drafter.draft(token, k, distribution)
     before = cache.snapshot()
     cache.record_steps(by_steps)
-    try:  # inputs ask for the hidden states too
-        logits, hidden = model(
+    try:  # an error or KeyboardInterrupt anywhere in the round leaves the cache as before it
+        logits, hidden = model(  # inputs ask for the hidden states too
             mx.concatenate([mx.array([token]), draft_tokens])[None], cache=cache, **inputs
         )
+        drafts = draft_tokens.tolist()
+        rows = processed(logits[0], generated, drafts, logits_processors)
+        if distribution is None:
+            accepted, following = accept_greedy(drafts, rows)
+        else:
+            accepted, following = accept_sampled(drafts, draft_logprobs, distribution(rows))
+        kept = [token, *drafts[:accepted]]
+        if accepted < k and by_steps:
+            cache.drop_last(k - accepted)
+        if accepted < k and not by_steps:
+            cache.restore(before, owned=True)
+            feed(mx.array(kept), kept, kept, inputs)
+        else:
+            cache.append(kept)
     except BaseException:
-        cache.record_steps(False)
         cache.restore(before, owned=True)
         raise
-    drafts = draft_tokens.tolist()
-    rows = processed(logits[0], generated, drafts, logits_processors)
-    if distribution is None:
-        accepted, following = accept_greedy(drafts, rows)
-    else:
-        accepted, following = accept_sampled(drafts, draft_logprobs, distribution(rows))
-    kept = [token, *drafts[:accepted]]
-    if accepted < k and by_steps:
-        cache.drop_last(k - accepted)
-    if accepted < k and not by_steps:
-        cache.restore(before, owned=True)
-        feed(mx.array(kept), kept, kept, inputs)
-    else:
-        cache.append(kept)
-    cache.record_steps(False)
+    finally:
+        cache.record_steps(False)
     drafter.feed(kept, hidden[:, : accepted + 1])
     return accepted, drafts, following, rows
 

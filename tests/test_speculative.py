@@ -236,3 +236,35 @@ def test_policy_stops_drafting_when_it_does_not_pay():
     chosen = [policy.choose(100) for _ in range(DraftPolicy.PROBE_EVERY)]
     assert chosen[:-1] == [0] * (DraftPolicy.PROBE_EVERY - 1)
     assert chosen[-1] == 1  # a probe now and then
+
+
+@pytest.mark.parametrize("rollback", ROLLBACKS)
+def test_an_interrupted_round_leaves_the_cache_as_before_it(tiny, rollback):
+    model, _ = tiny
+    expected, _ = plain(model, 30)
+    drafter = ScriptedDrafter(PROMPT + expected, model.config.text.vocab_size, right=False)
+    calls = []
+
+    def interrupt_on_the_ninth_call(generated, logits):
+        calls.append(len(generated))
+        if len(calls) == 9:  # inside a verify round's rows
+            raise KeyboardInterrupt
+        return logits
+
+    cache = model.make_cache()
+    speculation = Speculation(drafter, num_draft_tokens=3, adaptive=False, rollback=rollback)
+    steps = generate_step(
+        mx.array(PROMPT),
+        model,
+        cache=cache,
+        max_tokens=30,
+        speculation=speculation,
+        logits_processors=[interrupt_on_the_ninth_call],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        list(steps)
+    fresh = model.make_cache()
+    model(mx.array(cache.tokens)[None], cache=fresh)
+    fresh.append(cache.tokens)
+    assert len(cache.tokens) > len(PROMPT)
+    assert_same_cache(cache, fresh)

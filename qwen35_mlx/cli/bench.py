@@ -1,5 +1,6 @@
-"""Time your setup: generation speed, start-up, warm turns and prefill memory of a checkpoint,
-and random-weight checkpoints with the real shapes of each size to time it on."""
+"""Time your setup: generation speed, start-up, warm turns, prefill memory and speculative
+decoding of a checkpoint, and random-weight checkpoints with the real shapes of each size to
+time it on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 from ..bench import generate as generate_bench
 from ..bench import prefill_memory
+from ..bench import speculative as speculative_bench
 from ..bench.prompt_cache import bench_prompt_cache
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
 from ..bench.startup import bench_startup
@@ -47,6 +49,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "the first length; then the KV cache's bytes per token at 16, 8, 4 bits.",
     )
     prefill_memory.add_args(memory)
+    speculative = commands.add_parser(
+        "speculative",
+        help="when speculative decoding pays: verify and draft costs, expected and "
+        "measured speed-up",
+        description="After a random prompt: a plain decode step, a verify pass of k+1 tokens "
+        "(each rollback) and an MTP draft step; the expected speed-up for acceptance "
+        "0.5-0.9 from them; then greedy decoding plain vs MTP speculation end to end.",
+    )
+    speculative_bench.add_args(speculative)
     startup = commands.add_parser(
         "startup",
         help="how much `import qwen35_mlx` adds to `import mlx.core`",
@@ -95,6 +106,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.bench_command == "prefill-memory":
         return prefill_memory.bench_prefill_memory(args)
+    if args.bench_command == "speculative":
+        return speculative_bench.bench_speculative(args)
     if args.bench_command == "startup":
         return bench_startup(args.repeats)
     return generate_bench.bench_generate(args)
