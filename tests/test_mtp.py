@@ -1,6 +1,6 @@
 """The MTP head (docs/ARCHITECTURE.md §6): parity with a reference built from transformers' own
 Qwen3.5 modules (transformers has no MTP code), through the KV cache too; loading (no head, a
-partial head, our conversions); first use on another thread."""
+partial head, our conversions); first use on another thread; the trained-head fixture."""
 
 import itertools
 import threading
@@ -24,6 +24,7 @@ from qwen35_mlx.loading import CheckpointError, load_model
 from checkpoints import Spec, text_fields
 from helpers import add_mtp_head, copy_checkpoint, mtp_tensors, prompt
 from metrics import relative_error
+from mtp_training import held_out_accuracy
 
 SPECS = [
     Spec(layout=layout, tied=tied)
@@ -285,3 +286,12 @@ def test_head_first_used_on_another_thread(with_head):
     fresh = load_model(directory)
     expected = np.array(fresh.mtp_logits(hidden, mx.array(ids[:, 1:])))
     assert np.array_equal(outcome["logits"], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The trained head other tests draft with.
+
+
+def test_trained_head_predicts_the_token_two_ahead(trained_mtp_checkpoint):
+    model = load_model(trained_mtp_checkpoint)
+    assert held_out_accuracy(model) > 0.5
