@@ -99,13 +99,12 @@ def convert(
     quant_config, rows = None, []
     if dequantize:
         dequantize_modules(model)
-        model.set_mtp_weights(_dequantize_pending(model.mtp_weights, config.raw["quantization"]))
     elif quantize:
         float_weights = _matrices(model) if report else {}
         quant_config = _quantize(model, recipe, q_bits, q_group_size, quantize_vision, quantize_mtp)
         rows = quantization_errors(float_weights, model)
         del float_weights
-    weights = {**dict(tree_flatten(model.parameters())), **model.mtp_weights}
+    weights = dict(tree_flatten(model.parameters()))
     del model  # `weights` alone holds the arrays now: the writer frees each shard once written
     write_checkpoint(
         target,
@@ -189,7 +188,7 @@ def _quantize(
 ) -> dict:
     """Quantizes in place; returns the config's `quantization` block (per-layer overrides
     for every layer whose settings differ from the top level, which mlx-vlm needs)."""
-    decide = Model.quant_predicate(recipe, bits, group_size, vision=vision)
+    decide = Model.quant_predicate(recipe, bits, group_size, vision=vision, mtp=mtp)
     overrides = {}
 
     def predicate(path: str, module) -> bool | dict:
@@ -200,44 +199,7 @@ def _quantize(
         return decision
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    prefixes = ("mtp.",) if mtp else ()
-    model.set_mtp_weights(_quantize_pending(model.mtp_weights, prefixes, bits, group_size))
     return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
-
-
-def _pending_matrix(name: str, value: mx.array, group_size: int) -> bool:
-    # projection matrices only, not norms
-    return name.endswith(".weight") and value.ndim == 2 and value.shape[-1] % group_size == 0
-
-
-def _quantize_pending(pending, prefixes: tuple[str, ...], bits: int, group_size: int) -> dict:
-    out = {}
-    for name, value in pending.items():
-        if prefixes and name.startswith(prefixes) and _pending_matrix(name, value, group_size):
-            base = name[: -len(".weight")]
-            weight, scales, biases = mx.quantize(value, group_size=group_size, bits=bits)
-            out.update(
-                {f"{base}.weight": weight, f"{base}.scales": scales, f"{base}.biases": biases}
-            )
-        else:
-            out[name] = value
-    return out
-
-
-def _dequantize_pending(pending, quantization: dict) -> dict:
-    """Float weights back for quantized MTP matrices, with the config's settings."""
-    out = {k: v for k, v in pending.items() if not k.endswith((".scales", ".biases"))}
-    for name in [k for k in out if f"{k[: -len('.weight')]}.scales" in pending]:
-        base = name[: -len(".weight")]
-        params = quantization.get(base) or quantization
-        out[name] = mx.dequantize(
-            out[name],
-            pending[f"{base}.scales"],
-            pending[f"{base}.biases"],
-            group_size=params["group_size"],
-            bits=params["bits"],
-        )
-    return out
 
 
 def _matrices(model: Model) -> dict[str, mx.array]:

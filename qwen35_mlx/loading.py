@@ -28,7 +28,7 @@ from .tokenizer import Tokenizer
 
 MLX_FORMAT = {"format": "mlx"}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]
-# The MTP head's tensors: kept on the model (`mtp_weights`), not loaded into it.
+# The MTP head's tensors (`Model.mtp`, docs/ARCHITECTURE.md §6); read on first use.
 MTP_PREFIX = "mtp."
 VISION_PREFIX = "vision_tower."
 # (1+w) RMSNorm weights (transformers stores w), the MTP head's included; the gated norm
@@ -85,7 +85,7 @@ def load(
     Returns:
         (model, tokenizer). For a checkpoint with a vision tower, `tokenizer.processor` is its
         image and video processor (as a Hugging Face processor wraps the tokenizer). The model
-        serves any thread; its vision tower's weights are read on first use.
+        serves any thread; its vision tower's and MTP head's weights are read on first use.
 
     Raises:
         CheckpointError: a checkpoint that cannot be loaded, naming the file and the fix (a
@@ -355,32 +355,34 @@ def run_time_weights(directory: Path, config: ModelConfig) -> tuple[dict, dict[s
 
 def load_model(directory: str | Path, *, dtype: str | None = None, lazy: bool = False) -> Model:
     """Build the model from a checkpoint directory with strict weight loading. The text
-    decoder is read now; the vision tower on first use, the MTP tensors when evaluated (both
-    are checked against the model now, from the safetensors headers). With `lazy`, no tensor
-    data is read: every weight stays on disk until evaluated (conversion writes shard by
-    shard from such a model)."""
+    decoder is read now; the vision tower and the MTP head on first use (both are checked
+    against the model now, from the safetensors headers). With `lazy`, no tensor data is
+    read: every weight stays on disk until evaluated (conversion writes shard by shard from
+    such a model)."""
     directory = Path(directory)
     config = read_config(directory)
     target_dtype = _dtype(dtype, config)
     weights, origin = run_time_weights(directory, config)
-    mtp = {k: weights.pop(k) for k in list(weights) if k.startswith(MTP_PREFIX)}
     if config.vision is not None and not any(k.startswith(VISION_PREFIX) for k in weights):
         # a text-only conversion of a multimodal checkpoint (mlx-lm drops the vision weights
         # and keeps vision_config): load the text model
         config = dataclasses.replace(config, vision=None)
 
-    model = Model(config)
+    model = Model(config, mtp=any(k.startswith(MTP_PREFIX) for k in weights))
     _quantize(model, config, weights)
+    _check_mtp_head(model, weights, directory)
     _check_weights(model, weights, origin, directory)
-    _check_mtp_dtypes(mtp, origin, directory)
     # strict=False: _check_weights has done mlx's strict checks, with file names
     model.load_weights(list(_cast(weights, target_dtype).items()), strict=False)
-    model.set_mtp_weights(_cast(mtp, target_dtype))
     model.fingerprint = weights_fingerprint(directory, model.fingerprint, target_dtype)
     if lazy:
         return model
     if model.vision_tower is not None:
-        model.defer_vision_weights(lambda: _vision_weights(directory, config, target_dtype))
+        model.defer_vision_weights(
+            lambda: _part_weights(directory, config, target_dtype, VISION_PREFIX)
+        )
+    if model.mtp is not None:
+        model.mtp.defer_weights(lambda: _part_weights(directory, config, target_dtype, MTP_PREFIX))
     mx.eval(model.language_model.parameters())
     return model
 
@@ -404,13 +406,14 @@ def weights_fingerprint(directory: Path, config_fingerprint: str, dtype: mx.Dtyp
     return digest.hexdigest()
 
 
-def _vision_weights(
-    directory: Path, config: ModelConfig, dtype: mx.Dtype | None
+def _part_weights(
+    directory: Path, config: ModelConfig, dtype: mx.Dtype | None, prefix: str
 ) -> dict[str, mx.array]:
-    """The vision tower's run-time tensors, under its own names, as new lazy arrays."""
+    """The run-time tensors of one part of the model (the vision tower, the MTP head) under
+    the part's own names, as new lazy arrays."""
     weights, _ = run_time_weights(directory, config)
-    vision = {k: v for k, v in weights.items() if k.startswith(VISION_PREFIX)}
-    return {k[len(VISION_PREFIX) :]: v for k, v in _cast(vision, dtype).items()}
+    part = {k: v for k, v in weights.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in _cast(part, dtype).items()}
 
 
 def _quantize(model: Model, config: ModelConfig, weights: Mapping[str, mx.array]) -> None:
@@ -495,11 +498,15 @@ def _check_dtype(name: str, stored: mx.Dtype, expected: mx.Dtype, file: Path) ->
         )
 
 
-def _check_mtp_dtypes(mtp: dict[str, mx.array], origin: dict[str, str], directory: Path) -> None:
-    """The MTP head is not built yet: its tensors are floating, or packed uint32 where a
-    quantized matrix has `.scales`."""
-    for name, value in mtp.items():
-        packed = name.endswith(".weight") and f"{name[: -len('weight')]}scales" in mtp
-        _check_dtype(
-            name, value.dtype, mx.uint32 if packed else mx.float32, directory / origin[name]
+def _check_mtp_head(model: Model, weights: dict[str, mx.array], directory: Path) -> None:
+    """An MTP head is whole or absent: name every tensor a partial one lacks."""
+    if model.mtp is None:
+        return
+    expected = {MTP_PREFIX + name for name, _ in tree_flatten(model.mtp.parameters())}
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise CheckpointError(
+            f"{directory}: the MTP head is incomplete, {len(missing)} of its "
+            f"{len(expected)} tensor(s) are missing: {missing}; download the checkpoint "
+            "again, or remove every mtp.* tensor to load the model without the head"
         )

@@ -237,11 +237,10 @@ def config_checkpoint(config: ModelConfig) -> Checkpoint:
 
 
 def loaded_checkpoint(model) -> Checkpoint:
-    """A loaded `Model`: its parameters and MTP tensors as they are in memory."""
-    arrays = {**dict(tree_flatten(model.parameters())), **model.mtp_weights}
+    """A loaded `Model`: its parameters (the MTP head's included) as they are in memory."""
     tensors = tuple(
         TensorInfo(name, MLX_DTYPES.get(array.dtype, "F32"), tuple(array.shape), array.nbytes)
-        for name, array in arrays.items()
+        for name, array in tree_flatten(model.parameters())
     )
     return Checkpoint("the loaded model", model.config, tensors)
 

@@ -34,7 +34,16 @@ from qwen35_mlx.loading import CheckpointError, is_converted, load_model
 from qwen35_mlx.tokenizer import Tokenizer
 
 from checkpoints import Spec, build_reference
-from helpers import contents, copy_checkpoint, prompt, reference_logits, rewrite_weights
+from helpers import (
+    add_mtp_head,
+    contents,
+    copy_checkpoint,
+    mtp_shapes,
+    mtp_tensors,
+    prompt,
+    reference_logits,
+    rewrite_weights,
+)
 from metrics import relative_error
 from tokenizer_files import write_tokenizer_files
 
@@ -121,8 +130,8 @@ def test_float_round_trip_matches_transformers(make_checkpoint, converted, spec)
     assert relative_error(logits(target, ids), reference_logits(reference, ids)) <= 1e-5
     # the stored weights are the run-time ones: loading transforms nothing a second time
     ours, theirs = load_model(source), load_model(target)
-    expected = {**dict(tree_flatten(ours.parameters())), **ours.mtp_weights}
-    stored = {**dict(tree_flatten(theirs.parameters())), **theirs.mtp_weights}
+    expected = dict(tree_flatten(ours.parameters()))
+    stored = dict(tree_flatten(theirs.parameters()))
     assert stored.keys() == expected.keys()
     for name, value in expected.items():
         assert mx.array_equal(stored[name], value).item(), name
@@ -385,25 +394,7 @@ def test_force_replaces_only_a_converted_checkpoint(make_checkpoint, tmp_path, k
 # ---------------------------------------------------------------------------------------------
 # 4. Vision tower and MTP head: kept whole, float unless asked.
 
-H, I, NH, NKV, HD = 64, 128, 4, 2, 32  # the tiny decoder's dims (tests/checkpoints.py)
-# docs/ARCHITECTURE.md §6, scaled down: fc [H, 2H]; q_proj [2·nh·hd, H] (query and gate).
-MTP_SHAPES = {
-    "mtp.fc.weight": (H, 2 * H),
-    "mtp.pre_fc_norm_embedding.weight": (H,),
-    "mtp.pre_fc_norm_hidden.weight": (H,),
-    "mtp.norm.weight": (H,),
-    "mtp.layers.0.input_layernorm.weight": (H,),
-    "mtp.layers.0.post_attention_layernorm.weight": (H,),
-    "mtp.layers.0.self_attn.q_proj.weight": (2 * NH * HD, H),
-    "mtp.layers.0.self_attn.k_proj.weight": (NKV * HD, H),
-    "mtp.layers.0.self_attn.v_proj.weight": (NKV * HD, H),
-    "mtp.layers.0.self_attn.o_proj.weight": (H, NH * HD),
-    "mtp.layers.0.self_attn.q_norm.weight": (HD,),
-    "mtp.layers.0.self_attn.k_norm.weight": (HD,),
-    "mtp.layers.0.mlp.gate_proj.weight": (I, H),
-    "mtp.layers.0.mlp.up_proj.weight": (I, H),
-    "mtp.layers.0.mlp.down_proj.weight": (H, I),
-}
+MTP_SHAPES = mtp_shapes(CONDITIONAL)
 MTP_MATRICES = (
     ["mtp.fc"]
     + [f"mtp.layers.0.self_attn.{p}_proj" for p in "qkvo"]
@@ -420,13 +411,7 @@ VISION_MATRICES = [
 def mtp_source(make_checkpoint, tmp_path_factory):
     """CONDITIONAL plus an MTP head, as the released checkpoints carry one."""
     directory = copy_checkpoint(make_checkpoint, tmp_path_factory.mktemp("mtp"), CONDITIONAL)
-    rng = np.random.default_rng(0)
-    mtp = {
-        name: mx.array(0.1 * rng.standard_normal(shape).astype(np.float32))
-        for name, shape in MTP_SHAPES.items()
-    }
-    rewrite_weights(directory / "model.safetensors", lambda t: t.update(mtp))
-    return directory
+    return add_mtp_head(directory, mtp_tensors(CONDITIONAL))
 
 
 @pytest.mark.parametrize(
@@ -437,9 +422,7 @@ def mtp_source(make_checkpoint, tmp_path_factory):
 def test_vision_and_mtp_quantized_only_when_asked(converted, mtp_source, vision, mtp):
     model = load_model(mtp_source)
     expected = {
-        k: v
-        for k, v in {**dict(tree_flatten(model.parameters())), **model.mtp_weights}.items()
-        if k.startswith(("vision_tower.", "mtp."))
+        k: v for k, v in tree_flatten(model.parameters()) if k.startswith(("vision_tower.", "mtp."))
     }  # run-time layout, float
     assert {n for n in expected if n.startswith("mtp.")} == set(MTP_SHAPES)
     weights = tensors(

@@ -135,11 +135,7 @@ class ScriptedModel:
     def __init__(self, script, prompt_length, vocab, model):
         self.script, self.prompt_length, self.vocab = script, prompt_length, vocab
         # the real model's config and weights: the memory check plans for them
-        self.config, self.parameters, self.mtp_weights = (
-            model.config,
-            model.parameters,
-            model.mtp_weights,
-        )
+        self.config, self.parameters = model.config, model.parameters
 
     fingerprint = "scripted"
 

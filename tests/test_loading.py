@@ -18,7 +18,15 @@ from qwen35_mlx import load
 from qwen35_mlx.loading import CheckpointError, load_model, resolve
 
 from checkpoints import Spec
-from helpers import contents, copy_checkpoint, prompt, reference_logits, rewrite_weights
+from helpers import (
+    add_mtp_head,
+    contents,
+    copy_checkpoint,
+    mtp_tensors,
+    prompt,
+    reference_logits,
+    rewrite_weights,
+)
 from metrics import relative_error
 
 CAUSAL = Spec()
@@ -302,10 +310,8 @@ def test_float_weight_stored_as_int32(make_checkpoint, tmp_path):
 
 def test_mtp_weight_stored_as_int32(make_checkpoint, tmp_path):
     directory = copy_checkpoint(make_checkpoint, tmp_path)
-    rewrite_weights(
-        directory / "model.safetensors",
-        lambda t: t.update({"mtp.fc.weight": mx.zeros((64, 128), mx.int32)}),
-    )
+    mtp = {**mtp_tensors(), "mtp.fc.weight": mx.zeros((64, 128), mx.int32)}
+    add_mtp_head(directory, mtp)
     assert_rejected(directory, "'mtp.fc.weight' is stored as mlx.core.int32")
 
 
@@ -501,7 +507,7 @@ def test_mlx_lm_quantized_checkpoint(make_checkpoint, tmp_path, recipe):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Vision tensors are loaded into the vision tower; MTP tensors are kept, not lost.
+# 3. Vision tensors are loaded into the vision tower (the MTP head: tests/test_mtp.py).
 
 
 def test_vision_tensors_loaded(make_checkpoint):
@@ -511,29 +517,9 @@ def test_vision_tensors_loaded(make_checkpoint):
     visual = {k: v.detach().numpy() for k, v in reference.model.visual.state_dict().items()}
     visual["patch_embed.proj.weight"] = visual["patch_embed.proj.weight"].transpose(0, 2, 3, 4, 1)
     loaded = dict(tree_flatten(model.vision_tower.parameters()))
-    assert visual and set(loaded) == set(visual) and not model.mtp_weights
+    assert visual and set(loaded) == set(visual) and model.mtp is None
     for name, value in visual.items():
         assert np.array_equal(np.array(loaded[name]), value), name
-
-
-def test_mtp_tensors_kept(make_checkpoint, tmp_path):
-    directory = copy_checkpoint(make_checkpoint, tmp_path)
-    rng = np.random.default_rng(0)
-    mtp = {
-        "mtp.fc.weight": rng.standard_normal((64, 128)).astype(np.float32),
-        "mtp.norm.weight": rng.standard_normal(64).astype(np.float32),
-        "mtp.pre_fc_norm_hidden.weight": rng.standard_normal(64).astype(np.float32),
-        "mtp.layers.0.mlp.up_proj.weight": rng.standard_normal((128, 64)).astype(np.float32),
-    }
-    rewrite_weights(
-        directory / "model.safetensors",
-        lambda t: t.update({k: mx.array(v) for k, v in mtp.items()}),
-    )
-    model = load_model(directory)
-    assert set(model.mtp_weights) == set(mtp)
-    for name, value in mtp.items():
-        expected = value + 1.0 if "norm" in name else value  # all MTP norms are (1+w)
-        assert np.array_equal(np.array(model.mtp_weights[name]), expected), name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ _TEXT_UNUSED = frozenset(
         "eos_token_id",
         "full_attention_interval",
         "attn_output_gate",
-        "mtp_num_hidden_layers",
         "mtp_use_dedicated_embeddings",
         "mamba_ssm_dtype",
         "mlp_only_layers",
@@ -199,6 +198,7 @@ _TEXT_RULES: dict[str, Rule] = {
         ],
         _SIZE,
     ),
+    "mtp_num_hidden_layers": _integer(0),
     "rms_norm_eps": _number(0, 1),
     "hidden_act": _STRING,
     "output_gate_type": _STRING,
@@ -314,6 +314,7 @@ class TextConfig:
     max_position_embeddings: int = 32768
     hidden_act: str = "silu"
     attention_bias: bool = False
+    mtp_num_hidden_layers: int = 1  # decoder layers of the MTP head, when the checkpoint has one
     rope: RopeConfig = RopeConfig()
 
     @property

@@ -1,5 +1,5 @@
-"""The whole Qwen3.5 model as users load it: the text decoder and, for multimodal checkpoints,
-the vision tower. The MTP head's tensors are held in `mtp_weights` until the head joins.
+"""The whole Qwen3.5 model as users load it: the text decoder, for multimodal checkpoints the
+vision tower, and where the checkpoint has one the MTP head (`mtp`, docs/ARCHITECTURE.md §6).
 
 A prompt with images or videos runs as: `encode_vision` (pixels -> features), `embed_inputs`
 (features scattered at the placeholder tokens), `position_ids` (M-RoPE), then `__call__`
@@ -10,35 +10,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .deferred import DeferredWeights
+from .mtp import MTPHead
 from .positions import rope_index
 from .state import PromptCache, make_prompt_cache
 from .text import LanguageModel
 from .vision import VisionModel
 
 QUANT_RECIPES = ("hybrid", "uniform")
+# Decoder and MTP weights kept float32 whatever the model dtype: norms (the (1+w) ones hold the
+# shifted weight, docs/ARCHITECTURE.md §2.2) and A_log.
+FLOAT32_WEIGHTS = ("norm.weight", "norm_embedding.weight", "norm_hidden.weight", "A_log")
 
 
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, mtp: bool = False):
+        """`mtp`: build the MTP head (a checkpoint says so by holding `mtp.*` tensors)."""
         super().__init__()
         self.config = config
         self.language_model = LanguageModel(config.text, config.tie_word_embeddings)
         self.vision_tower = None if config.vision is None else VisionModel(config.vision)
+        self.mtp = MTPHead(config.text) if mtp else None
         # what snapshots of its caches are tied to; `load` adds the weights' identity
         self.fingerprint = hashlib.sha256(
             json.dumps(config.raw, sort_keys=True).encode()
         ).hexdigest()
-        self.set_mtp_weights({})
-        self._read_vision_weights = None  # see defer_vision_weights
-        self._vision_lock = threading.Lock()
+        self._deferred_vision: DeferredWeights | None = None  # see defer_vision_weights
 
     def __call__(
         self,
@@ -96,7 +99,8 @@ class Model(nn.Module):
                 "this checkpoint has no vision tower (a text-only model); load a "
                 "Qwen3.5 checkpoint with its vision weights to pass images or videos"
             )
-        self._load_deferred_vision_weights()
+        if self._deferred_vision is not None:
+            self._deferred_vision.materialise()
         return self.vision_tower(pixel_values, grid_thw)
 
     def embed_inputs(
@@ -148,28 +152,27 @@ class Model(nn.Module):
             spatial_merge_size=self.config.vision.spatial_merge_size,
         )
 
-    def set_mtp_weights(self, weights: Mapping[str, mx.array]) -> None:
-        """The MTP head's tensors, unused until the head joins but kept (not silently dropped)
-        so that conversion writes them out. Held read-only: nn.Module would take a dict for
-        parameters."""
-        self.mtp_weights: Mapping[str, mx.array] = MappingProxyType(dict(weights))
+    def mtp_logits(
+        self,
+        hidden: mx.array,
+        next_ids: mx.array,
+        cache: list | None = None,
+        position_ids: mx.array | None = None,
+        rope_delta: int | mx.array = 0,
+    ) -> mx.array:
+        """The MTP head's logits [B, T, vocab] for the tokens two ahead: `hidden` [B, T, H] the
+        final-normed hidden states at positions t (`__call__` with `return_hidden`), `next_ids`
+        [B, T] the tokens at t + 1; positions as `MTPHead.__call__` takes them."""
+        if self.mtp is None:
+            raise ValueError("this checkpoint has no MTP head (no mtp.* tensors)")
+        embeddings = self.language_model.model.embed_tokens(next_ids)
+        drafted = self.mtp(hidden, embeddings, cache, position_ids, rope_delta)
+        return self.language_model.head(drafted)
 
     def defer_vision_weights(self, read: Callable[[], Mapping[str, mx.array]]) -> None:
-        """Evaluate the vision tower's weights on its first use, not at load. The tower holds
-        lazy arrays, which only the thread that built them can evaluate (MLX streams are per
-        thread); first used on another thread, `read()` builds them again there (under the
-        tower's own names, from the checkpoint files)."""
-        self._read_vision_weights = read
-        self._loading_thread = threading.get_ident()
-
-    def _load_deferred_vision_weights(self) -> None:
-        with self._vision_lock:
-            if self._read_vision_weights is None:
-                return
-            if threading.get_ident() != self._loading_thread:
-                self.vision_tower.load_weights(list(self._read_vision_weights().items()))
-            mx.eval(self.vision_tower.parameters())
-            self._read_vision_weights = None
+        """Evaluate the vision tower's weights on its first use, not at load (`DeferredWeights`:
+        `read()` gives them under the tower's own names)."""
+        self._deferred_vision = DeferredWeights(self.vision_tower, read)
 
     @property
     def layers(self) -> list:
@@ -186,7 +189,7 @@ class Model(nn.Module):
 
     @staticmethod
     def quant_predicate(
-        recipe: str, bits: int, group_size: int, *, vision: bool = False
+        recipe: str, bits: int, group_size: int, *, vision: bool = False, mtp: bool = False
     ) -> Callable:
         """Decides per module, for `nn.quantize`: False keeps it float, True quantizes it at
         `bits`, a dict overrides the bits (written per layer into the config).
@@ -197,7 +200,8 @@ class Model(nn.Module):
         published per-tensor studies of the 9B) gets 8 bits, the rest `bits`. Norms, A_log,
         dt_bias and conv1d are not matrices and are never quantized. The vision tower's
         matrices stay float unless `vision`, then at `bits`; its learned position table
-        (read as a grid and resampled) and its patch embedding (Conv3d) never.
+        (read as a grid and resampled) and its patch embedding (Conv3d) never. The MTP head's
+        matrices stay float unless `mtp`, then at `bits`.
         """
         if recipe not in QUANT_RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; choose one of {QUANT_RECIPES}")
@@ -207,6 +211,8 @@ class Model(nn.Module):
                 return False  # input dims must split into whole groups
             if path.startswith("vision_tower."):
                 return vision and not path.endswith("pos_embed")
+            if path.startswith("mtp."):
+                return mtp
             if recipe == "uniform":
                 return True
             if path.endswith(("linear_attn.in_proj_a", "linear_attn.in_proj_b")):
@@ -220,7 +226,8 @@ class Model(nn.Module):
     @staticmethod
     def cast_predicate(name: str) -> bool:
         """Whether a weight follows the model dtype; the decoder's norms and A_log stay
-        float32 (the vision tower's LayerNorms hold plain weights and follow the dtype)."""
+        float32, the MTP head's included (the vision tower's LayerNorms hold plain weights and
+        follow the dtype)."""
         if name.startswith("vision_tower."):
             return True
-        return not (name.endswith("norm.weight") or name.endswith("A_log"))
+        return not name.endswith(FLOAT32_WEIGHTS)
