@@ -20,7 +20,16 @@ def make_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_mtp_checkpoint(make_checkpoint, tmp_path_factory):
-    """The tiny float32 checkpoint of Spec() with an MTP head trained to draft its greedy
-    continuations (tests/mtp_training.py); `load()` gives a model whose `mtp` is trained."""
-    source, _ = make_checkpoint(Spec())
-    return train_mtp_checkpoint(source, tmp_path_factory.mktemp("trained-mtp") / "checkpoint")
+    """trained_mtp_checkpoint(Spec(...)) -> the tiny float32 checkpoint of that spec with an MTP
+    head trained to draft its greedy continuations (tests/mtp_training.py), built once per
+    session; `load()` gives a model whose `mtp` is trained."""
+    built = {}
+
+    def train(spec: Spec = Spec()):
+        if spec not in built:
+            source, _ = make_checkpoint(spec)
+            target = tmp_path_factory.mktemp(f"trained-mtp-{spec.id}") / "checkpoint"
+            built[spec] = train_mtp_checkpoint(source, target, spec)
+        return built[spec]
+
+    return train

@@ -293,5 +293,5 @@ def test_head_first_used_on_another_thread(with_head):
 
 
 def test_trained_head_predicts_the_token_two_ahead(trained_mtp_checkpoint):
-    model = load_model(trained_mtp_checkpoint)
+    model = load_model(trained_mtp_checkpoint())
     assert held_out_accuracy(model) > 0.5

@@ -6,13 +6,17 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
-from qwen35_mlx import generate_step, load
+from qwen35_mlx import cli, generate_step, load, stream_generate
+from qwen35_mlx.bench.mtp_training import prompts
+from qwen35_mlx.prompt_cache import PrefixCache
 from qwen35_mlx.sampling import Penalties, make_distribution, make_sampler
 from qwen35_mlx.speculative import (
     ROLLBACKS,
     DraftPolicy,
     ModelDrafter,
+    MTPDrafter,
     Speculation,
     accept_sampled,
 )
@@ -53,22 +57,24 @@ class ScriptedDrafter:
         return mx.array([(t + shift) % self.vocab for t in upcoming]), None
 
 
-def plain(model, max_tokens, **kwargs):
+def plain(model, max_tokens, prompt=PROMPT, **kwargs):
     cache = model.make_cache()
     tokens = [
         t
         for t, _ in generate_step(
-            mx.array(PROMPT), model, cache=cache, max_tokens=max_tokens, **kwargs
+            mx.array(prompt), model, cache=cache, max_tokens=max_tokens, **kwargs
         )
     ]
     return tokens, cache
 
 
-def speculative(model, drafter, k, max_tokens, adaptive=False, rollback="steps", **kwargs):
+def speculative(
+    model, drafter, k, max_tokens, adaptive=False, rollback="steps", prompt=PROMPT, **kwargs
+):
     cache = model.make_cache()
     speculation = Speculation(drafter, num_draft_tokens=k, adaptive=adaptive, rollback=rollback)
     steps = generate_step(
-        mx.array(PROMPT),
+        mx.array(prompt),
         model,
         cache=cache,
         max_tokens=max_tokens,
@@ -268,3 +274,63 @@ def test_an_interrupted_round_leaves_the_cache_as_before_it(tiny, rollback):
     fresh.append(cache.tokens)
     assert len(cache.tokens) > len(PROMPT)
     assert_same_cache(cache, fresh)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MTP head as drafter: trained on the tiny models' own greedy output (tests/mtp_training.py)
+
+
+@pytest.fixture(scope="module", params=["causal", "conditional"])
+def trained(request, trained_mtp_checkpoint):
+    return load(trained_mtp_checkpoint(Spec(layout=request.param)))
+
+
+# a prompt like those the head was trained on: 8 random ordinary tokens
+TRAINED_PROMPT = prompts(1, seed=1, below=496)[0].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_mtp_greedy_is_plain_greedy(trained, k):
+    model, _ = trained
+    expected, plain_cache = plain(model, 64, TRAINED_PROMPT)
+    tokens, cache, stats = speculative(model, MTPDrafter(model), k, 64, prompt=TRAINED_PROMPT)
+    assert tokens == expected
+    assert_same_cache(cache, plain_cache)
+    assert stats.acceptance > 0.5, stats.summary()  # the trained head drafts well
+
+
+def test_mtp_with_an_image_prompt_penalties_and_the_prefix_cache(trained_mtp_checkpoint, tmp_path):
+    model, tokenizer = load(trained_mtp_checkpoint(Spec(layout="conditional")))
+    image = tmp_path / "image.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": str(image)}, "Describe it."]}
+    ]
+    messages[0]["content"][1] = {"type": "text", "text": "Describe it."}
+    settings = dict(max_tokens=40, presence_penalty=0.5, frequency_penalty=0.1)
+    expected = [r.token for r in stream_generate(model, tokenizer, messages, **settings)]
+    prefixes = PrefixCache()
+    for turn in range(2):  # the second call starts from the cached prefix
+        responses = list(
+            stream_generate(model, tokenizer, messages, mtp=True, prompt_cache=prefixes, **settings)
+        )
+        assert [r.token for r in responses] == expected
+        assert (responses[-1].cached_tokens > 0) == (turn == 1)
+        assert responses[-1].speculative.drafted > 0
+
+
+def test_mtp_on_a_checkpoint_without_a_head_is_refused(tiny, capsys):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"no MTP head \(no mtp\.\* tensors\)"):
+        next(stream_generate(model, tokenizer, "Hello", mtp=True))
+
+
+def test_cli_prints_what_drafting_did(trained_mtp_checkpoint, capsys):
+    directory = trained_mtp_checkpoint()
+    args = ["generate", "--model", str(directory), "--prompt", "Hi", "--max-tokens", "24"]
+    assert cli.main([*args, "--mtp", "--num-draft-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "speculative: drafted" in err and "accepted" in err
+    assert cli.main([*args, "--mtp", "--num-draft-tokens", "0"]) == 2
+    assert "num_draft_tokens must be a whole number from 1 to 16, got 0" in capsys.readouterr().err
