@@ -30,6 +30,7 @@ from qwen35_mlx.bench.random_checkpoint import (
 )
 from qwen35_mlx.gated_delta import SCAN_PATHS
 
+from helpers import add_mtp_head, copy_checkpoint, mtp_tensors
 from metrics import relative_error
 
 # the released vocabulary: the released tokenizer's special tokens (image pad, ...) are in it
@@ -355,3 +356,43 @@ def test_bench_prompt_cache_refuses_tiny_histories(bf16_checkpoint, capsys):
         cli.main(["bench", "prompt-cache", "--model", str(bf16_checkpoint), "--history", "-5"]) == 2
     )
     assert "--history lengths must be at least 16 tokens, got -5" in capsys.readouterr().err
+
+
+def test_bench_speculative_costs_expectations_and_end_to_end(make_checkpoint, tmp_path, capsys):
+    """On a tiny checkpoint with a random head, trained first: every table's ratios agree with
+    its times, the expected speed-ups with the measured costs, and speculation ran to the
+    plain tokens (the command fails otherwise)."""
+    directory = copy_checkpoint(make_checkpoint, tmp_path)
+    add_mtp_head(directory, mtp_tensors())
+    args = ["bench", "speculative", "--model", str(directory), "--context", "32"]
+    args += ["--max-k", "2", "--tokens", "24", "--repeats", "1", "--train-mtp", "30"]
+    assert cli.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    plain_ms = float(
+        next(line for line in lines if line.startswith("plain decode step")).split()[3]
+    )
+    draft_ms = float(next(line for line in lines if line.startswith("MTP draft step")).split()[3])
+    costs = {}
+    for line in lines:
+        cells = line.split()
+        if len(cells) == 5 and cells[0] in ("1", "2") and cells[2].endswith("x"):
+            k, steps_ms, steps_ratio, refeed_ms, refeed_ratio = cells
+            costs[int(k)] = float(steps_ms)
+            for ms, ratio in ((steps_ms, steps_ratio), (refeed_ms, refeed_ratio)):
+                assert ratio_agrees(float(ratio[:-1]), 0.005, float(ms), plain_ms, 0.005)
+    assert set(costs) == {1, 2}
+    expected_rows = [
+        line.split() for line in lines if re.match(r"^[12]  +\d", line) and "x" in line
+    ][2:]  # after the cost rows: the expected speed-ups at a = 0.5 .. 0.9
+    for cells in expected_rows:
+        k = int(cells[0])
+        for rate, cell in zip((0.5, 0.6, 0.7, 0.8, 0.9), cells[1:], strict=True):
+            tokens = sum(rate**i for i in range(k + 1))
+            expected = tokens * plain_ms / (costs[k] + k * draft_ms)
+            assert float(cell[:-1]) == pytest.approx(expected, rel=0.02, abs=0.01)
+    assert len(expected_rows) == 2
+    assert "trained MTP head: top-1" in "\n".join(lines)
+    row = re.compile(r"^(plain|MTP adaptive k|MTP k=2) +[\d.]+ +([\d.]+x)")
+    decoding = [found.groups() for found in map(row.match, lines) if found]
+    assert [name for name, _ in decoding] == ["plain", "MTP adaptive k", "MTP k=2"]
+    assert decoding[0][1] == "1.00x"

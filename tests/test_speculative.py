@@ -334,3 +334,19 @@ def test_cli_prints_what_drafting_did(trained_mtp_checkpoint, capsys):
     assert "speculative: drafted" in err and "accepted" in err
     assert cli.main([*args, "--mtp", "--num-draft-tokens", "0"]) == 2
     assert "num_draft_tokens must be a whole number from 1 to 16, got 0" in capsys.readouterr().err
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tiny):
+    model, tokenizer = tiny
+
+    class Renamed:  # the same ids, one token spelled differently
+        def vocabulary(self):
+            words = dict(tokenizer.vocabulary())
+            word = next(iter(words))
+            words[word + "x"] = words.pop(word)
+            return words
+
+    with pytest.raises(ValueError, match="the draft model's tokenizer differs from the model's"):
+        stream_generate(model, tokenizer, "Hi", draft_model=(model, Renamed())).__next__()
+    same = stream_generate(model, tokenizer, "Hi", draft_model=(model, tokenizer), max_tokens=9)
+    assert list(same)[-1].speculative.drafted > 0  # its own tokenizer is accepted

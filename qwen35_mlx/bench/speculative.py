@@ -10,8 +10,8 @@
    plain step per token.
 3. End to end: greedy decoding of `--tokens` tokens, plain against MTP speculation (adaptive
    k, and fixed k = max), the same tokens required; acceptance by position. A random head
-   accepts almost nothing (adaptive k then turns drafting off); real acceptance needs real
-   weights.
+   accepts almost nothing (adaptive k then turns drafting off); `--train-mtp` first trains the
+   head on the model's own greedy output (mtp_training.py). Real acceptance needs real weights.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ import numpy as np
 from ..generate import generate_step
 from ..loading import load
 from ..speculative import MTPDrafter, Speculation
+from .mtp_training import greedy_sequences, head_accuracy, prompts, train_head
 from .report import print_rows, progress
+
+TRAINING_PROMPTS = 16
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +40,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated end to end")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cost")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    parser.add_argument(
+        "--train-mtp",
+        type=int,
+        metavar="STEPS",
+        help="first train the MTP head this many steps on the model's own greedy output "
+        "(a random head drafts nothing useful); then decode prompts like those it trained on",
+    )
 
 
 def median_seconds(run, repeats: int) -> float:
@@ -144,6 +154,14 @@ def bench_speculative(args: argparse.Namespace) -> int:
             for k in range(1, args.max_k + 1)
         ],
     )
+    if args.train_mtp:
+        progress(f"training the MTP head, {args.train_mtp} steps")
+        train = greedy_sequences(model, prompts(TRAINING_PROMPTS, args.seed, vocab))
+        train_head(model, train, steps=args.train_mtp)
+        held_out = prompts(TRAINING_PROMPTS, args.seed + 1, vocab)
+        accuracy = head_accuracy(model, greedy_sequences(model, held_out))
+        print(f"\ntrained MTP head: top-1 {accuracy:.2f} on held-out continuations")
+        prompt = held_out[0].tolist()
     progress(f"end to end: {args.tokens} greedy tokens")
     decode(model, prompt, 4)  # warm-up
     expected, plain_seconds = decode(model, prompt, args.tokens)
