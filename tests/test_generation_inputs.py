@@ -191,11 +191,12 @@ def run_chat(directory, monkeypatch, capsys, interrupts: int):
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_conversation(tiny, monkeypatch, capsys):
     directory, *_ = tiny
+    handler = signal.getsignal(signal.SIGINT)  # SIG_IGN in a process started in the background
     code, out, sessions = run_chat(directory, monkeypatch, capsys, interrupts=1)
     assert code == 0 and "[stopped]" in out and "Traceback" not in out
     roles = [m["role"] for m in sessions[0].messages]
     assert roles == ["user", "assistant", "user", "assistant"]  # the second message answered
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
 
 
 def test_a_second_ctrl_c_quits_cleanly(tiny, monkeypatch, capsys):

@@ -109,7 +109,7 @@ class GatedDeltaNet(nn.Module):
         v = mixed[..., 2 * key_dim :].reshape(B, T, self.Hv, self.Dv)
 
         state = None if cache is None else cache[1]
-        every_step = cache is not None and cache.keep_steps
+        every_step = getattr(cache, "keep_steps", False)  # a list works as a cache too
         out, state = gated_delta_update(
             q, k, v, a, b, self.A_log, self.dt_bias, state, all_states=every_step
         )
