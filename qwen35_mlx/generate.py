@@ -182,7 +182,7 @@ def generate_step(
         mx.eval(token)
         progress(len(ids), len(ids))
     if speculation is not None:
-        yield from speculative_decode(
+        handover = yield from speculative_decode(
             model,
             cache,
             speculation,
@@ -195,7 +195,11 @@ def generate_step(
             feed=feed,
             decode_inputs=decode,
         )
-        return
+        if handover is None:
+            return
+        token, logprobs, emitted = handover  # drafting does not pay here: plain decoding
+        token, max_tokens = mx.array([token]), max_tokens - emitted
+        del decode["return_hidden"]
     for n in range(max_tokens):
         generated.append(int(token.item()))
         if n + 1 < max_tokens:  # queue the next step before yielding this token

@@ -25,7 +25,7 @@ is used, down to 0 (plain decoding, with a probe now and then) when drafting doe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -95,9 +95,12 @@ class DraftPolicy:
     The rate at position i is how often the i-th draft is kept when all before it were (a
     Beta(1, 1) prior; old rounds fade by FORGET per round). A round of k drafts is expected to
     emit 1 + sum over i <= k of the product of the rates up to i tokens. Round seconds are
-    averaged per k as measured; an untried k is interpolated between tried ones. The first
-    round is plain (the baseline), the second drafts the most; from then on, the k with the most
-    expected tokens per second, 0 included (with a probe every PROBE_EVERY plain rounds).
+    averaged per k as measured, and interpolated (or extrapolated) linearly for an untried k.
+    The first round is plain (the baseline), the second drafts one token; from then on, the k
+    with the most expected tokens per second, 0 included. While plain decoding wins, k = 1 is
+    probed again after PROBE_EVERY plain rounds, then twice as many, and so on. When the costs
+    alone rule drafting out (every round slower than plain decoding of all it could emit),
+    `ruled_out` says so and generation goes on without drafting.
     """
 
     FORGET = 0.97
@@ -110,6 +113,7 @@ class DraftPolicy:
         self.tried = [0.0] * max_k
         self.seconds: dict[int, float] = {}  # mean seconds of a round, per k
         self.plain_rounds = 0  # since drafting was last tried
+        self.probe_every = self.PROBE_EVERY
 
     def acceptance(self) -> list[float]:
         return [(kept + 1) / (tried + 2) for kept, tried in zip(self.kept, self.tried)]
@@ -124,35 +128,50 @@ class DraftPolicy:
     def round_seconds(self, k: int) -> float | None:
         if k in self.seconds:
             return self.seconds[k]
-        below = max((t for t in self.seconds if t < k), default=None)
-        above = min((t for t in self.seconds if t > k), default=None)
-        if below is None or above is None:
+        tried = sorted(self.seconds)
+        if len(tried) < 2:
             return None
-        share = (k - below) / (above - below)
-        return self.seconds[below] + share * (self.seconds[above] - self.seconds[below])
+        below, above = [t for t in tried if t < k], [t for t in tried if t > k]
+        low, high = (below[-1], above[0]) if below and above else (tried[-2], tried[-1])
+        slope = (self.seconds[high] - self.seconds[low]) / (high - low)
+        return max(self.seconds[low] + slope * (k - low), 0.0)
 
     def speedup(self, k: int) -> float | None:
         """Expected tokens per second at k over plain decoding's."""
         plain, drafting = self.round_seconds(0), self.round_seconds(k)
-        if plain is None or drafting is None:
+        if plain is None or not drafting:
             return None
         return self.expected_tokens(k) * plain / drafting
 
     def choose(self, room: int) -> int:
         """k for the next round, when at most `room` more tokens may be emitted."""
         ceiling = min(self.max_k, room - 1)
-        if ceiling <= 0 or (self.adaptive and 0 not in self.seconds):
+        if ceiling <= 0:
             return 0
-        if not self.adaptive or self.max_k not in self.seconds:
+        if not self.adaptive:
             return ceiling
+        for first in (0, 1):  # the baseline, then the cheapest drafting round
+            if first not in self.seconds:
+                return first
         best = max(range(ceiling + 1), key=lambda k: self.speedup(k) or 0.0)
         if best > 0:
+            self.plain_rounds, self.probe_every = 0, self.PROBE_EVERY
             return best
         self.plain_rounds += 1
-        if self.plain_rounds >= self.PROBE_EVERY:
-            self.plain_rounds = 0
-            return 1
-        return 0
+        if self.plain_rounds < self.probe_every:
+            return 0
+        self.plain_rounds, self.probe_every = 0, 2 * self.probe_every
+        return 1
+
+    def ruled_out(self) -> bool:
+        """Whether drafting cannot pay here whatever the acceptance (adaptive only)."""
+        if not self.adaptive or 0 not in self.seconds or 1 not in self.seconds:
+            return False
+        return not any(self.could_pay(k) for k in range(1, self.max_k + 1))
+
+    def could_pay(self, k: int) -> bool:
+        """Whether a round of k drafts beats plain decoding if every draft is kept."""
+        return (k + 1) * self.round_seconds(0) > self.round_seconds(k)
 
     def update(self, k: int, accepted: int, seconds: float) -> None:
         if k:
@@ -429,8 +448,10 @@ def speculative_decode(
     generated: list[int],
     feed: Callable,
     decode_inputs: dict,
-) -> Iterator[tuple[int, mx.array]]:
+) -> Generator[tuple[int, mx.array], None, tuple[int, mx.array, int] | None]:
     """Yields (token, log-probabilities [vocab]) from the prompt's first sampled `token` on.
+    Returns None when done, or, when the measured costs rule drafting out on this machine,
+    (the next token, its log-probabilities, tokens emitted) for plain decoding to go on from.
 
     `feed(tokens [T], ids, keys, inputs)` runs the model on the cache (rolled back if it
     raises) and records the ids; `generated` is the shared list the logits processors read.
@@ -438,6 +459,8 @@ def speculative_decode(
     drafter, policy, stats = speculation.drafter, speculation.policy, speculation.stats
     emitted = 0
     while True:
+        if policy.ruled_out():
+            return token, logprobs, emitted
         generated.append(token)
         emitted += 1
         yield token, logprobs

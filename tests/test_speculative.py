@@ -2,6 +2,7 @@
 same distribution), a cache that holds exactly the kept tokens, the draft policy's choices."""
 
 import math
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -222,26 +223,58 @@ def test_draft_model_with_another_vocabulary_is_refused(tiny, make_checkpoint):
 
 def test_policy_picks_the_fastest_expected_k():
     policy = DraftPolicy(4)
-    assert policy.choose(100) == 0  # first: plain, for the baseline
+    assert policy.choose(100) == 0  # first plain, for the baseline
     policy.update(0, 0, 1.0)
-    assert policy.choose(100) == 4  # then the most drafts
-    for _ in range(60):  # the first draft is always kept, the second never
-        policy.update(4, 1, 1.5)
+    assert policy.choose(100) == 1  # then the cheapest drafting round
     policy.update(1, 1, 1.1)
-    # k = 1: 2 tokens in 1.1 s; k = 4: about 2 tokens in 1.5 s; plain: 1 in 1.0
+    # the rest extrapolated (1.0 + 0.1 k s), the first position's rate 2/3, the untried ones
+    # at the prior's 1/2: k = 2 expects 2 tokens in 1.2 s, the most per second
+    assert policy.speedup(2) == pytest.approx(2.0 / 1.2)
+    assert policy.choose(100) == 2
+    for _ in range(60):  # the first draft is always kept, the second never
+        policy.update(2, 1, 1.2)
+    # k = 1: 2 tokens in 1.1 s beats k = 2: about 2 tokens in 1.2 s, and plain: 1 in 1.0 s
     assert policy.choose(100) == 1
     assert policy.speedup(1) == pytest.approx(policy.expected_tokens(1) / 1.1)
     assert policy.choose(1) == 0  # no room for a draft and the token after it
 
 
-def test_policy_stops_drafting_when_it_does_not_pay():
+def test_policy_probes_less_and_less_while_drafting_does_not_pay():
     policy = DraftPolicy(3)
     policy.update(0, 0, 1.0)
     for _ in range(60):
-        policy.update(3, 0, 2.0)  # nothing kept, and a round costs two plain steps
-    chosen = [policy.choose(100) for _ in range(DraftPolicy.PROBE_EVERY)]
-    assert chosen[:-1] == [0] * (DraftPolicy.PROBE_EVERY - 1)
-    assert chosen[-1] == 1  # a probe now and then
+        policy.update(1, 0, 1.2)  # nothing kept, though a kept draft would have paid
+    chosen = [policy.choose(100) for _ in range(100)]
+    probes = [n for n, k in enumerate(chosen) if k]
+    assert probes == [15, 47]  # after 16 plain rounds, then 32
+    assert set(chosen) == {0, 1}
+
+
+def test_policy_never_probes_when_the_costs_rule_drafting_out():
+    policy = DraftPolicy(4)
+    policy.update(0, 0, 1.0)
+    policy.update(1, 1, 2.5)  # a round of one draft costs 2.5 plain steps and yields at most 2
+    assert not any(policy.could_pay(k) for k in range(1, 5))
+    assert policy.ruled_out()
+
+
+def test_generation_goes_on_plainly_when_drafting_cannot_pay(tiny):
+    """A drafter so slow that even all-kept drafts lose: after the baseline round and one
+    drafting round, decoding goes on without drafting, to the same tokens."""
+    model, _ = tiny
+    expected, plain_cache = plain(model, 40)
+    drafter = ScriptedDrafter(PROMPT + expected, model.config.text.vocab_size, right=True)
+    drafts = drafter.draft
+
+    def slow(token, k, distribution):
+        time.sleep(0.3)
+        return drafts(token, k, distribution)
+
+    drafter.draft = slow
+    tokens, cache, stats = speculative(model, drafter, 3, 40, adaptive=True)
+    assert tokens == expected
+    assert_same_cache(cache, plain_cache)
+    assert (stats.plain_steps, stats.rounds, stats.accepted) == (1, 1, 1)
 
 
 @pytest.mark.parametrize("rollback", ROLLBACKS)
