@@ -56,6 +56,7 @@ class SpeculativeStats:
     accepted_at: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0  # k of the last round
     expected_speedup: float | None = None  # the policy's estimate at that k vs plain decoding
+    stopped_after: int | None = None  # tokens emitted when the costs ruled drafting out
 
     @property
     def acceptance(self) -> float:
@@ -82,11 +83,17 @@ class SpeculativeStats:
             for kept, drafted in zip(self.accepted_at, self.drafted_at, strict=True)
         )
         speedup = "-" if self.expected_speedup is None else f"{self.expected_speedup:.2f}x"
-        return (
+        summary = (
             f"drafted {self.drafted}, accepted {self.accepted} ({self.acceptance:.0%}; by "
             f"position {by_position or '-'}); {self.rounds} verify passes, {self.plain_steps} "
-            f"plain steps; k now {self.num_draft_tokens}, expected speed-up {speedup}"
+            f"plain steps"
         )
+        if self.stopped_after is not None:
+            return (
+                f"{summary}; drafting stopped after {self.stopped_after} tokens: the measured "
+                "costs say it cannot pay on this machine"
+            )
+        return f"{summary}; k now {self.num_draft_tokens}, expected speed-up {speedup}"
 
 
 class DraftPolicy:
@@ -460,6 +467,7 @@ def speculative_decode(
     emitted = 0
     while True:
         if policy.ruled_out():
+            stats.stopped_after = emitted
             return token, logprobs, emitted
         generated.append(token)
         emitted += 1

@@ -274,7 +274,10 @@ def test_generation_goes_on_plainly_when_drafting_cannot_pay(tiny):
     tokens, cache, stats = speculative(model, drafter, 3, 40, adaptive=True)
     assert tokens == expected
     assert_same_cache(cache, plain_cache)
-    assert (stats.plain_steps, stats.rounds, stats.accepted) == (1, 1, 1)
+    assert (stats.plain_steps, stats.rounds, stats.accepted, stats.stopped_after) == (1, 1, 1, 3)
+    assert stats.summary().endswith(
+        "drafting stopped after 3 tokens: the measured costs say it cannot pay on this machine"
+    )
 
 
 @pytest.mark.parametrize("rollback", ROLLBACKS)
