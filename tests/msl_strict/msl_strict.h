@@ -34,10 +34,10 @@ typedef char int8_t;
 typedef uchar uint8_t;
 typedef half float16_t;
 
-struct bfloat {
+struct bfloat {  // converts to and from float, as MLX's bfloat16_t
   ushort bits;
   bfloat() = default;
-  explicit bfloat(float value);
+  bfloat(float value);
   operator float() const;
 };
 typedef bfloat bfloat16_t;
@@ -75,9 +75,9 @@ MSL_UNARY(sin)
 MSL_UNARY(cos)
 MSL_UNARY(floor)
 MSL_UNARY(ceil)
-MSL_UNARY(isnan)
-MSL_UNARY(isinf)
 #undef MSL_UNARY
+bool isnan(float x);
+bool isinf(float x);
 #define MSL_BINARY(name)        \
   float name(float x, float y); \
   half name(half x, half y);    \
