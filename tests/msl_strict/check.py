@@ -1,26 +1,28 @@
-"""Compiles MLX's generated source of a kernel with clang in C++ for OpenCL mode against
-msl_strict.h, which enforces what the emulator's C++ does not: address spaces, no `double`,
-exact simdgroup matrix element types. Clang's AST then shows the lambdas and recursion that Metal
-also rejects.
+"""Parses MLX's generated source of a kernel with clang (libclang, the `libclang` wheel of the
+test extra) in C++ for OpenCL mode against msl_strict.h, which enforces what the emulator's C++
+does not: address spaces, no `double`, exact simdgroup matrix element types. Clang's AST then
+shows the lambdas and recursion that Metal also rejects.
 
 The source is the one `msl_emulator.generated_source` captures from MLX, changed only where
 OpenCL needs it: the template parameters become constants (OpenCL kernels cannot be templates),
 `[[kernel]]` becomes `__kernel`, and the explicit instantiation goes. Results are cached by a hash
-of (source, msl_strict.h, clang's version, flags) in $QWEN35_MLX_STRICT_CACHE, else
+of (source, msl_strict.h, libclang's version, flags) in $QWEN35_MLX_STRICT_CACHE, else
 ~/.cache/qwen35-mlx/msl-strict.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
-import shutil
-import subprocess
 from collections import defaultdict
 from pathlib import Path
+
+from clang import cindex
 
 from msl_emulator import generated_source
 
@@ -30,15 +32,14 @@ FLAGS = (
     "-x",
     "cl",
     "-cl-std=clc++2021",
-    "-fsyntax-only",
+    "-cl-no-stdinc",  # the libclang wheel ships no OpenCL headers; msl_strict.h declares all
     "-Xclang",
     "-cl-ext=-cl_khr_fp64,-__opencl_c_fp64",  # Metal has no double
     "-Wno-unknown-attributes",  # [[buffer(0)]], [[thread_position_in_grid]], ...
     f"-I{HERE}",
-    "-Xclang",
-    "-ast-dump=json",
 )
-compiler_runs = 0  # how many times clang ran in this process (the cache test reads it)
+SOURCE_NAME = "kernel.cl"
+compiler_runs = 0  # how many times libclang parsed in this process (the cache test reads it)
 
 
 class StrictError(Exception):
@@ -96,7 +97,7 @@ def cache_dir() -> Path:
 def _cached_errors(text: str) -> str:
     """What the check finds in `text` ('' when nothing), from the cache when it holds it."""
     key = hashlib.sha256(
-        "\0".join([text, HEADER.read_text(), _clang_version(), *FLAGS]).encode()
+        "\0".join([text, HEADER.read_text(), clang_version(), *FLAGS]).encode()
     ).hexdigest()[:24]
     path = cache_dir() / f"{key}.json"
     if path.exists():
@@ -110,60 +111,70 @@ def _cached_errors(text: str) -> str:
 
 
 @functools.cache
-def _clang_version() -> str:
-    if shutil.which("clang") is None:
-        raise StrictError(
-            "the strict Metal check needs clang, which is not on PATH: apt-get install clang"
-        )
-    return subprocess.run(["clang", "--version"], capture_output=True, text=True).stdout
+def clang_version() -> str:
+    """The version of libclang (the `libclang` package of the test extra) that checks."""
+    return importlib.metadata.version("libclang")
 
 
 def _check(text: str) -> str:
     global compiler_runs
     compiler_runs += 1
-    result = subprocess.run(
-        ["clang", *FLAGS, "-"], input=text, capture_output=True, text=True, check=False
+    unit = cindex.Index.create().parse(
+        SOURCE_NAME, args=list(FLAGS), unsaved_files=[(SOURCE_NAME, text)]
     )
-    if result.returncode != 0:
-        return result.stderr
-    return "\n".join(_language_errors(json.loads(result.stdout)))
+    errors = [
+        line
+        for diagnostic in unit.diagnostics
+        if diagnostic.severity >= cindex.Diagnostic.Error
+        for line in (_format(diagnostic), *map(_format, diagnostic.children))
+    ]
+    return "\n".join(errors or _language_errors(unit.cursor))
 
 
-def _language_errors(ast: dict) -> list[str]:
+cindex.conf.lib.clang_getPresumedLocation.argtypes = [
+    cindex.SourceLocation,
+    ctypes.POINTER(cindex._CXString),
+    ctypes.POINTER(ctypes.c_uint),
+    ctypes.POINTER(ctypes.c_uint),
+]
+SEVERITIES = {cindex.Diagnostic.Note: "note", cindex.Diagnostic.Warning: "warning"}
+
+
+def _format(diagnostic) -> str:
+    """As clang prints it, at the presumed location (`#line` names the .metal file)."""
+    name, line, column = cindex._CXString(), ctypes.c_uint(), ctypes.c_uint()
+    cindex.conf.lib.clang_getPresumedLocation(
+        diagnostic.location, ctypes.byref(name), ctypes.byref(line), ctypes.byref(column)
+    )
+    where = f"{cindex._CXString.from_result(name)}:{line.value}:{column.value}"
+    severity = SEVERITIES.get(diagnostic.severity, "error")
+    return f"{where}: {severity}: {diagnostic.spelling}"
+
+
+FUNCTIONS = (
+    cindex.CursorKind.FUNCTION_DECL,
+    cindex.CursorKind.CXX_METHOD,
+    cindex.CursorKind.FUNCTION_TEMPLATE,
+)
+
+
+def _language_errors(root) -> list[str]:
     """Lambdas and recursive calls in the translation unit (Metal has neither)."""
-    names, previous, calls = {}, {}, defaultdict(set)
-    errors = []
-    stack = [(ast, None)]
+    errors, calls, names = [], defaultdict(set), {}
+    stack = [(root, None)]
     while stack:
-        node, function = stack.pop()
-        kind = node.get("kind")
-        if kind in ("FunctionDecl", "CXXMethodDecl"):
-            names[node["id"]] = node.get("name", "?")
-            if "previousDecl" in node:
-                previous[node["id"]] = node["previousDecl"]
-            if any(child.get("kind") == "CompoundStmt" for child in node.get("inner", ())):
-                function = node["id"]
-        elif kind == "LambdaExpr":
+        cursor, function = stack.pop()
+        if cursor.kind in FUNCTIONS and cursor.is_definition():
+            function = cursor.canonical.get_usr()
+            names[function] = cursor.spelling
+        elif cursor.kind == cindex.CursorKind.LAMBDA_EXPR:
             errors.append(f"error: lambda expression in '{names.get(function, '?')}'")
-        elif function and kind in ("DeclRefExpr", "MemberExpr"):
-            callee = node.get("referencedDecl") or node.get("referencedMemberDecl")
-            if isinstance(callee, dict) and callee.get("kind") in ("FunctionDecl", "CXXMethodDecl"):
-                calls[function].add(callee["id"])
-            elif isinstance(callee, str):
-                calls[function].add(callee)
-        stack.extend((child, function) for child in node.get("inner", ()))
-
-    def first(decl):
-        while decl in previous:
-            decl = previous[decl]
-        return decl
-
-    graph = defaultdict(set)
-    for caller, callees in calls.items():
-        graph[first(caller)].update(first(callee) for callee in callees)
+        elif function and cursor.kind == cindex.CursorKind.CALL_EXPR and cursor.referenced:
+            calls[function].add(cursor.referenced.canonical.get_usr())
+        stack.extend((child, function) for child in cursor.get_children())
     return errors + [
         f"error: recursive call: {' -> '.join(names.get(f, '?') for f in cycle)}"
-        for cycle in _cycles(graph)
+        for cycle in _cycles(calls)
     ]
 
 
