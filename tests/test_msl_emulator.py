@@ -319,3 +319,70 @@ def test_compile_cache_is_hit(tmp_path, monkeypatch):
     second = emulate(EXP_SCALE, [x, np.array(2.0, np.float32)], run)
     assert msl_emulator.build.compiler_runs == before + 1
     assert np.array_equal(first[0], second[0])
+
+
+# What Apple's Metal compiler refuses, the emulator refuses at compile time too: the kernel's line
+# and the reason are in the error.
+REFUSED = {
+    "simdgroup_load_mismatched_type": (
+        "simdgroup_load_mismatched_type.metal:4",
+        r"simdgroup_load/simdgroup_store: the pointer's element type differs from the matrix's",
+    ),
+    "simdgroup_multiply_mismatched_type": (
+        "simdgroup_multiply_mismatched_type.metal:6",
+        r"deduced conflicting types for parameter .T. ",
+    ),
+    "double": ("double.metal:3", r"attempt to use (a )?poisoned"),
+}
+
+
+def run_on_one_simd_group(name: str, dtypes) -> np.ndarray:
+    """`name` from the planted kernels on an 8x8 bfloat16 matrix, in one SIMD group."""
+    inp = mx.array(rng.standard_normal(64).astype(np.float32)).astype(mx.bfloat16)
+    (out,) = emulate(
+        spec(PLANTED / f"{name}.metal"),
+        [inp],
+        launch((32, 1, 1), (32, 1, 1), [(64,)], dtypes),
+    )
+    return np.array(inp.astype(mx.float32)), out
+
+
+@pytest.mark.parametrize(
+    "name, line, message", [pytest.param(name, *item, id=name) for name, item in REFUSED.items()]
+)
+def test_what_metal_refuses_does_not_compile(name, line, message):
+    with pytest.raises(EmulatorError, match=message) as caught:
+        if name == "double":
+            run_planted(name)
+        else:
+            run_on_one_simd_group(name, [mx.float32])
+    assert "does not compile as C++ under the emulator" in str(caught.value)
+    assert line in str(caught.value)
+
+
+def test_simdgroup_load_of_converted_data_runs():
+    x, out = run_on_one_simd_group("simdgroup_load_mismatched_type_fixed", [mx.float32])
+    assert np.array_equal(out, x)
+
+
+def test_simdgroup_multiply_of_one_element_type_runs():
+    x, out = run_on_one_simd_group("simdgroup_multiply_mismatched_type_fixed", [mx.bfloat16])
+    a = x.reshape(8, 8).astype(np.float64)
+    assert relative_error(out.reshape(8, 8), a @ a) <= 1e-2
+    assert np.array_equal(out, bf16(out))
+
+
+def test_float_twin_of_double_runs():
+    x = rng.standard_normal(64).astype(np.float32)
+    (out,) = emulate(
+        spec(PLANTED / "double_fixed.metal"), [x], launch((64, 1, 1), (32, 1, 1), [(64,)])
+    )
+    assert np.array_equal(out, 2 * x)
+
+
+def test_mlx_utils_macros_are_defined():
+    x = rng.standard_normal(64).astype(np.float32)
+    (out,) = emulate(
+        spec(KERNELS / "mlx_utils_macros.metal"), [x], launch((64, 1, 1), (32, 1, 1), [(64,)])
+    )
+    assert np.array_equal(out, 4 * x)

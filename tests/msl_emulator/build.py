@@ -1,4 +1,5 @@
-"""Compiles a translated kernel into a shared library, cached by content hash.
+"""Compiles a translated kernel, with runtime.cpp as a second translation unit, into a shared
+library, cached by content hash.
 
 The cache key covers the C++ source, msl.h, runtime.cpp, the compiler and its flags, so an edit to
 any of them rebuilds. Cache folder: $QWEN35_MLX_EMULATOR_CACHE, else
@@ -74,7 +75,15 @@ def _compile(cpp: str, path: Path, compiler: str) -> None:
     partial_source.write_text(cpp)
     compiler_runs += 1
     result = subprocess.run(
-        [compiler, *FLAGS, f"-I{HERE}", str(partial_source), "-o", str(partial)],
+        [
+            compiler,
+            *FLAGS,
+            f"-I{HERE}",
+            str(partial_source),
+            str(HERE / "runtime.cpp"),
+            "-o",
+            str(partial),
+        ],
         capture_output=True,
         text=True,
         check=False,

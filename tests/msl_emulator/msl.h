@@ -12,6 +12,7 @@
 #include <limits>
 #include <source_location>
 #include <type_traits>
+#include <utility>
 
 namespace msl {
 
@@ -626,55 +627,54 @@ inline long index(int r, int c, unsigned long stride, vec<unsigned long, 2> orig
 }
 }  // namespace sgm
 
-template <class T, class P>
-MSL_INLINE void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P source,
+namespace sgm {
+// MSL declares simdgroup_load / simdgroup_store for a pointer to the matrix's own element type
+// only: `Memory` (a checked pointer, a thread pointer, or a threadgroup array, taken by reference
+// so that it is not copied) must hold T exactly.
+template <class T, class Memory>
+constexpr void require_element_type() {
+  using Element = std::remove_cvref_t<decltype(std::declval<Memory&>()[0])>;
+  static_assert(std::is_same_v<Element, T>,
+                "simdgroup_load/simdgroup_store: the pointer's element type differs from the "
+                "matrix's (MSL has no converting overload; convert the data first)");
+}
+}  // namespace sgm
+
+template <class T, class Memory>
+MSL_INLINE void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, Memory&& source,
                                unsigned long elements_per_row = 8,
                                vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul),
                                bool transpose = false, MSL_SITE) {
+  sgm::require_element_type<T, Memory>();
   sgm::converge(site, "simdgroup_load");
   int lane = msl::lane_id(), r = sgm::row(lane), c = sgm::col(lane);
   for (int j = 0; j < 2; j++)
-    m.elements[j] = T(source[sgm::index(r, c + j, elements_per_row, origin, transpose)]);
+    m.elements[j] = source[sgm::index(r, c + j, elements_per_row, origin, transpose)];
 }
 
-template <class T, class P>
-MSL_INLINE void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, P destination,
+template <class T, class Memory>
+MSL_INLINE void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, Memory&& destination,
                                 unsigned long elements_per_row = 8,
                                 vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul),
                                 bool transpose = false, MSL_SITE) {
+  sgm::require_element_type<T, Memory>();
   sgm::converge(site, "simdgroup_store");
   int lane = msl::lane_id(), r = sgm::row(lane), c = sgm::col(lane);
   for (int j = 0; j < 2; j++)
     destination[sgm::index(r, c + j, elements_per_row, origin, transpose)] = m.elements[j];
 }
 
-// Threadgroup arrays passed whole decay to pointers (a by-value template would copy them).
-template <class T, class U, size_t N>
-MSL_INLINE void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, msl::tarr<U, N>& source,
-                               unsigned long elements_per_row = 8,
-                               vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul),
-                               bool transpose = false, MSL_SITE) {
-  simdgroup_load(m, msl::ptr<U>(source), elements_per_row, origin, transpose, site);
-}
-template <class T, class U, size_t N>
-MSL_INLINE void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m,
-                                msl::tarr<U, N>& destination, unsigned long elements_per_row = 8,
-                                vec<unsigned long, 2> origin = vec<unsigned long, 2>(0ul),
-                                bool transpose = false, MSL_SITE) {
-  simdgroup_store(m, msl::ptr<U>(destination), elements_per_row, origin, transpose, site);
-}
-
 namespace sgm {
-template <class TD, class TA, class TB, class TC>
-struct Mma { simdgroup_matrix<TD, 8, 8>* d; const simdgroup_matrix<TA, 8, 8>* a;
-             const simdgroup_matrix<TB, 8, 8>* b; const simdgroup_matrix<TC, 8, 8>* c; };
+template <class T>
+struct Mma { simdgroup_matrix<T, 8, 8>* d; const simdgroup_matrix<T, 8, 8>* a;
+             const simdgroup_matrix<T, 8, 8>* b; const simdgroup_matrix<T, 8, 8>* c; };
 
-// D = A * B (+ C when given), products and sums in float, the result rounded to D's type once.
-template <class TD, class TA, class TB, class TC>
-void multiply_accumulate(const msl::Site& site, const char* op, simdgroup_matrix<TD, 8, 8>& d,
-                         const simdgroup_matrix<TA, 8, 8>& a, const simdgroup_matrix<TB, 8, 8>& b,
-                         const simdgroup_matrix<TC, 8, 8>* c) {
-  using Args = Mma<TD, TA, TB, TC>;
+// D = A * B (+ C when given), products and sums in float, the result rounded to T once.
+template <class T>
+void multiply_accumulate(const msl::Site& site, const char* op, simdgroup_matrix<T, 8, 8>& d,
+                         const simdgroup_matrix<T, 8, 8>& a, const simdgroup_matrix<T, 8, 8>& b,
+                         const simdgroup_matrix<T, 8, 8>* c) {
+  using Args = Mma<T>;
   if (msl::simd_width() != 32) msl::fail("%s needs a full SIMD group of 32 lanes", op);
   Args args{&d, &a, &b, c};
   msl::simd_collective(site, op, &args, [](void** lanes, int) {
@@ -694,32 +694,47 @@ void multiply_accumulate(const msl::Site& site, const char* op, simdgroup_matrix
       for (int j = 0; j < 2; j++) {
         float acc = C[r][c0 + j];
         for (int k = 0; k < 8; k++) acc += A[r][k] * B[k][c0 + j];
-        x->d->elements[j] = TD(acc);
+        x->d->elements[j] = T(acc);
       }
     }
   });
 }
 }  // namespace sgm
 
-template <class TD, class TA, class TB, class TC>
-void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
-                                   const simdgroup_matrix<TB, 8, 8>& b,
-                                   const simdgroup_matrix<TC, 8, 8>& c, MSL_SITE) {
+// One element type T across d, a, b (and c), deduced from each: MSL has no mixed-type overload.
+template <class T>
+void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 8, 8>& a,
+                                   const simdgroup_matrix<T, 8, 8>& b,
+                                   const simdgroup_matrix<T, 8, 8>& c, MSL_SITE) {
   sgm::multiply_accumulate(site, "simdgroup_multiply_accumulate", d, a, b, &c);
 }
-template <class TD, class TA, class TB>
-void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
-                        const simdgroup_matrix<TB, 8, 8>& b, MSL_SITE) {
+template <class T>
+void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 8, 8>& a,
+                        const simdgroup_matrix<T, 8, 8>& b, MSL_SITE) {
   sgm::multiply_accumulate(site, "simdgroup_multiply", d, a, b,
-                           static_cast<const simdgroup_matrix<TD, 8, 8>*>(nullptr));
+                           static_cast<const simdgroup_matrix<T, 8, 8>*>(nullptr));
 }
 }  // namespace metal
 
 using namespace metal;
 
+// ---------------------------------------------------------------- kernel code only
+// What follows binds the kernel code after this header, not runtime.cpp (which defines
+// MSL_EMULATOR_RUNTIME before including it).
+#ifndef MSL_EMULATOR_RUNTIME
 // Address-space qualifiers left after the rewrite (references, thread pointers) carry no meaning
 // on the CPU; defined last so that no system header sees them.
 #define device
 #define constant
 #define thread
 #define threadgroup
+
+// MLX's utils.h, which MLX puts before every custom kernel. The unroll pragma is g++'s (and
+// clang's) spelling of `clang loop unroll(full)`, with the same rule: a loop must follow it.
+#define MLX_MTL_PRAGMA_UNROLL _Pragma("GCC unroll 65534")
+#define MLX_MTL_LOOP_UNROLL _Pragma("GCC unroll 65534")
+#define MLX_MTL_CONST static constant constexpr const
+
+// Metal has no 64-bit floating point: any `double` in kernel code is a compile error.
+#pragma GCC poison double
+#endif

@@ -4,11 +4,8 @@
 // orders per launch, and all of it in a forked child so that a crashing kernel cannot take the
 // test process down.
 //
-// Included at the end of each generated translation unit, after the kernel and its `run_thread`.
-#undef device
-#undef constant
-#undef thread
-#undef threadgroup
+// Its own translation unit, linked with each kernel's (build.py): the kernel-only rules at the end
+// of msl.h (address-space macros, no `double`) do not apply here.
 #include <algorithm>
 #include <csignal>
 #include <cstdarg>
@@ -20,6 +17,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
+#define MSL_EMULATOR_RUNTIME
+#include "msl.h"
 // Fibers switch stacks with a few instructions on x86-64, with ucontext elsewhere (or when
 // MSL_EMULATOR_UCONTEXT is defined, to test that path).
 #if defined(__x86_64__) && !defined(MSL_EMULATOR_UCONTEXT)

@@ -226,7 +226,6 @@ def translate(spec, source: str) -> Translation:
             ),
             f"  {call}(\n    {arguments});",
             "}",
-            '#include "runtime.cpp"',
             "",
         ]
     )
