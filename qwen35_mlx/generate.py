@@ -26,14 +26,7 @@ from .sampling import (
     make_distribution,
     make_sampler,
 )
-from .speculative import (
-    Speculation,
-    SpeculativeStats,
-    make_speculation,
-    plain_next,
-    processed,
-    speculative_decode,
-)
+from .speculative import Speculation, SpeculativeStats, make_speculation, speculative_decode
 from .tokenizer import THINK_CLOSE, THINK_OPEN
 
 LogitsProcessor = Callable[[list[int], mx.array], mx.array]
@@ -140,14 +133,17 @@ def generate_step(
         drafter.feed(ids[start:end], out[1], positions)
         return out[0]
 
-    def step(
-        tokens: mx.array, fed_ids: list[int], fed_keys: list[int], inputs: dict
-    ) -> tuple[mx.array, mx.array]:
-        logits = feed(tokens, fed_ids, fed_keys, inputs)[:, -1, :]
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        """Logits [1, vocab] -> (token [1], log-probabilities [vocab])."""
         for process in logits_processors:
             logits = process(generated, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
+
+    def step(
+        tokens: mx.array, fed_ids: list[int], fed_keys: list[int], inputs: dict
+    ) -> tuple[mx.array, mx.array]:
+        return sample(feed(tokens, fed_ids, fed_keys, inputs)[:, -1, :])
 
     def snapshot_if_asked(prompt_length: int) -> None:
         if on_snapshot is not None and prompt_length in stops:
@@ -167,14 +163,7 @@ def generate_step(
         start = end
         report(start, len(ids))
 
-    if drafter is None:
-        token, logprobs = step(
-            prompt[start:], ids[start:], keys[start:], prompt_slice(start, len(ids))
-        )
-    else:
-        logprobs = processed(feed_prompt(start, len(ids))[0, -1:], [], [], logits_processors)
-        logprobs = logprobs.squeeze(0)
-        token = mx.array([plain_next(logprobs, distribution)])
+    token, logprobs = sample(feed_prompt(start, len(ids))[:, -1, :])
     cache.rope_delta = rope_delta
     snapshot_if_asked(len(ids))
     mx.async_eval(token, logprobs)

@@ -230,6 +230,18 @@ def pick(logprobs: mx.array, distribution: Callable | None, sampled_from: list) 
     return mx.random.categorical(dist)
 
 
+def draft_chain(logits: mx.array, next_logits: Callable, k: int, distribution: Callable | None):
+    """k drafts picked one after another: from `logits` [vocab], then from
+    `next_logits(step, draft)` after each but the last. Returns (the drafts, a lazy [k] array;
+    the distributions they were sampled from, [k, vocab], or None when greedy)."""
+    drafts, sampled_from = [], []
+    for step in range(k):
+        drafts.append(pick(logits - mx.logsumexp(logits), distribution, sampled_from))
+        if step + 1 < k:
+            logits = next_logits(step, drafts[-1])
+    return mx.stack(drafts), (mx.stack(sampled_from) if sampled_from else None)
+
+
 class MTPDrafter:
     """Drafts with the checkpoint's MTP head (docs/ARCHITECTURE.md §6): step 1 reads the
     model's hidden state at its last fed token and the embedding of the token after it; each
@@ -296,16 +308,19 @@ class MTPDrafter:
         positions = (
             last_position if positions is None else mx.concatenate([positions, last_position], -1)
         )
-        out = self._run(hidden, mx.array([*ids, token]), positions)[:, -1:]
-        drafts, sampled_from = [], []
-        for step in range(k):
-            logits = self.model.language_model.head(out)[0, -1]
-            drafts.append(pick(logits - mx.logsumexp(logits), distribution, sampled_from))
-            if step + 1 < k:
-                out = self._run(out, drafts[-1].reshape(1), last_position + step + 1)
+        out = self._run(hidden, mx.array([*ids, token]), positions)[:, -1:]  # [1, 1, H]
+
+        def next_logits(step: int, draft: mx.array) -> mx.array:
+            nonlocal out  # the head reads its own output and its last draft
+            out = self._run(out, draft.reshape(1), last_position + step + 1)
+            return self.model.language_model.head(out)[0, -1]
+
+        drafted = draft_chain(
+            self.model.language_model.head(out)[0, -1], next_logits, k, distribution
+        )
         for layer in self.cache:
             layer.offset = keep
-        return mx.stack(drafts), (mx.stack(sampled_from) if sampled_from else None)
+        return drafted
 
     def _text_positions(self, start: int, count: int) -> mx.array:
         first = start + self.rope_delta
@@ -372,15 +387,14 @@ class ModelDrafter:
         logits = self._forward(mx.array([*self.queued, token]))
         self.queued = []
         self.round = [self.cache.snapshot()]
-        drafts, sampled_from = [], []
-        for step in range(k):
-            row = logits[0, -1]
-            drafts.append(pick(row - mx.logsumexp(row), distribution, sampled_from))
-            if step + 1 < k:
-                logits = self._forward(drafts[-1].reshape(1))
-                self.round.append(self.cache.snapshot())
-        self.round_drafts = mx.stack(drafts)
-        return self.round_drafts, (mx.stack(sampled_from) if sampled_from else None)
+
+        def next_logits(step: int, draft: mx.array) -> mx.array:
+            logits = self._forward(draft.reshape(1))
+            self.round.append(self.cache.snapshot())
+            return logits[0, -1]
+
+        self.round_drafts, sampled_from = draft_chain(logits[0, -1], next_logits, k, distribution)
+        return self.round_drafts, sampled_from
 
     def _forward(self, tokens: mx.array) -> mx.array:
         logits = self.model(tokens[None], cache=self.cache, check_ids=False)
@@ -556,6 +570,5 @@ def processed(logits: mx.array, generated: list[int], drafts: list[int], process
 
 
 def plain_next(logprobs: mx.array, distribution: Callable | None) -> int:
-    if distribution is None:
-        return int(mx.argmax(logprobs).item())
-    return int(mx.random.categorical(distribution(logprobs)).item())
+    """The next token without drafting, as the sampler would draw it."""
+    return int(pick(logprobs, distribution, []).item())

@@ -108,8 +108,8 @@ def expected_speedup(rate: float, k: int, plain: float, verify: float, draft: fl
 
 def decode(model, prompt, tokens: int, speculation=None) -> tuple[list[int], float]:
     start = time.perf_counter()
-    out = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=tokens,
-                                       speculation=speculation)]  # fmt: skip
+    steps = generate_step(mx.array(prompt), model, max_tokens=tokens, speculation=speculation)
+    out = [token for token, _ in steps]
     return out, time.perf_counter() - start
 
 

@@ -15,6 +15,7 @@ under `mx.export_function`, which is how its primitives are counted (count.py).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -101,19 +102,19 @@ def gated_delta_update(
     B, T, Hv, Dv = v.shape
     if state is None:
         state = mx.zeros((B, Hv, Dv, q.shape[-1]), dtype=mx.float32)
-    if all_states:
-        q, k, g, beta = scan_inputs(q, k, a, b, A_log, dt_bias, Hv)
-        out, states = recurrent_scan(q, k, v.astype(mx.float32), g, beta, state, all_states)
-        return out.astype(v.dtype), states
-    if path is None:
-        path = pick_path(T)
-        if path in METAL_PATHS and not chunked_kernel.supports(q.shape[-1], Dv):
-            path = "chunked"
-    paths = {**PLAIN_PATHS, **METAL_PATHS}
-    if path not in paths:
-        raise ValueError(f"unknown gated delta path {path!r}; choose one of {sorted(paths)}")
+    if all_states:  # only the per-token recurrence has every token's state
+        scan = functools.partial(recurrent_scan, all_states=True)
+    else:
+        if path is None:
+            path = pick_path(T)
+            if path in METAL_PATHS and not chunked_kernel.supports(q.shape[-1], Dv):
+                path = "chunked"
+        paths = {**PLAIN_PATHS, **METAL_PATHS}
+        if path not in paths:
+            raise ValueError(f"unknown gated delta path {path!r}; choose one of {sorted(paths)}")
+        scan = paths[path]
     q, k, g, beta = scan_inputs(q, k, a, b, A_log, dt_bias, Hv)
-    out, state = paths[path](q, k, v.astype(mx.float32), g, beta, state)
+    out, state = scan(q, k, v.astype(mx.float32), g, beta, state)
     return out.astype(v.dtype), state
 
 
