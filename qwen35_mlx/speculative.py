@@ -452,6 +452,12 @@ def make_speculation(
     if draft_model is None:
         return None
     draft, draft_tokenizer = draft_model if isinstance(draft_model, tuple) else (draft_model, None)
+    if not hasattr(draft, "make_cache"):
+        raise ValueError(
+            f"draft_model takes a loaded model (or the (model, tokenizer) pair of "
+            f"qwen35_mlx.load), got {type(draft).__name__}: load it first, e.g. "
+            "draft_model=load('Qwen/Qwen3.5-0.8B')"
+        )
     drafter = ModelDrafter(draft, model, draft_tokenizer, tokenizer)
     return Speculation(drafter, num_draft_tokens, adaptive)
 

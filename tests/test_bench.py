@@ -396,3 +396,19 @@ def test_bench_speculative_costs_expectations_and_end_to_end(make_checkpoint, tm
     decoding = [found.groups() for found in map(row.match, lines) if found]
     assert [name for name, _ in decoding] == ["plain", "MTP adaptive k", "MTP k=2"]
     assert decoding[0][1] == "1.00x"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-k", "0"], "--max-k must be from 1 to 16, got 0"),
+        (["--repeats", "0"], "--repeats must be a whole number >= 1, got 0"),
+        (["--context", "0"], "--context must be a whole number >= 1, got 0"),
+        (["--tokens", "0"], "--tokens must be a whole number >= 1, got 0"),
+        (["--train-mtp", "-3"], "--train-mtp must be a whole number >= 1, got -3"),
+    ],
+)
+def test_bench_speculative_refuses_careless_flags_before_loading(flags, message, capsys):
+    args = ["bench", "speculative", "--model", "/nonexistent/checkpoint", *flags]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err

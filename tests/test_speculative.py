@@ -386,3 +386,9 @@ def test_draft_model_with_another_tokenizer_is_refused(tiny):
         stream_generate(model, tokenizer, "Hi", draft_model=(model, Renamed())).__next__()
     same = stream_generate(model, tokenizer, "Hi", draft_model=(model, tokenizer), max_tokens=9)
     assert list(same)[-1].speculative.drafted > 0  # its own tokenizer is accepted
+
+
+def test_draft_model_given_as_a_path_is_refused(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"draft_model takes a loaded model .* got str: load it"):
+        next(stream_generate(model, tokenizer, "Hi", draft_model="/models/qwen35-0.8b"))

@@ -24,9 +24,9 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from ..generate import generate_step
+from ..generate import check_whole, generate_step
 from ..loading import load
-from ..speculative import MTPDrafter, Speculation
+from ..speculative import MAX_DRAFT_TOKENS, MTPDrafter, Speculation
 from .mtp_training import greedy_sequences, head_accuracy, prompts, train_head
 from .report import print_rows, progress
 
@@ -113,7 +113,19 @@ def decode(model, prompt, tokens: int, speculation=None) -> tuple[list[int], flo
     return out, time.perf_counter() - start
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag, before any work."""
+    for flag, value in (("--context", args.context), ("--tokens", args.tokens)):
+        check_whole(flag, value, 1)
+    check_whole("--repeats", args.repeats, 1)
+    if args.train_mtp is not None:
+        check_whole("--train-mtp", args.train_mtp, 1)
+    if not 1 <= args.max_k <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"--max-k must be from 1 to {MAX_DRAFT_TOKENS}, got {args.max_k}")
+
+
 def bench_speculative(args: argparse.Namespace) -> int:
+    check_args(args)
     model, _ = load(args.model)
     vocab = model.config.text.vocab_size
     prompt = np.random.default_rng(args.seed).integers(0, vocab, size=args.context).tolist()
