@@ -1,0 +1,289 @@
+"""The Anthropic API: POST /v1/messages, a thin translation of a validated request into the
+library's (OpenAI-style) messages, one engine call, and its events into Anthropic's JSON and
+stream events (message_start, content_block_start/delta/stop, message_delta, message_stop)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+
+from .app import (
+    APIError,
+    EventStream,
+    Server,
+    as_api_error,
+    check_max_tokens,
+    check_model,
+    events,
+    first_event,
+)
+from .engine import Event, GenerationRequest, Usage
+from .media import resolve_media
+
+ERROR_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "not_found": "not_found_error",
+    "too_large": "request_too_large",
+    "rate_limit": "rate_limit_error",
+    "server": "api_error",
+}
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def error_shape(error: APIError) -> dict:
+    return {"type": "error", "error": {"type": ERROR_TYPES[error.kind], "message": error.message}}
+
+
+class TextBlock(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageSource(BaseModel):
+    type: Literal["base64", "url"]
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+    def url_or_data(self) -> str:
+        if self.type == "url":
+            if not self.url:
+                raise APIError(400, "invalid_request", "an image source of type url needs url")
+            return self.url
+        if not self.media_type or not self.data:
+            raise APIError(
+                400, "invalid_request", "a base64 image source needs media_type and data"
+            )
+        return f"data:{self.media_type};base64,{self.data}"
+
+
+class ImageBlock(BaseModel):
+    type: Literal["image"]
+    source: ImageSource
+
+
+class ThinkingBlock(BaseModel):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class ToolUseBlock(BaseModel):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(BaseModel):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock | ImageBlock] = ""
+    is_error: bool = False
+
+
+Block = Annotated[
+    TextBlock | ImageBlock | ThinkingBlock | ToolUseBlock | ToolResultBlock,
+    Field(discriminator="type"),
+]
+
+
+class Message(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class Thinking(BaseModel):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class MessagesRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # metadata, service_tier, ...
+
+    model: str
+    max_tokens: int = Field(ge=1)
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    stop_sequences: list[str] = []
+    stream: bool = False
+    temperature: float = Field(1.0, ge=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    thinking: Thinking | None = None
+
+    def library_messages(self) -> list[dict]:
+        """The conversation in the library's OpenAI-style form."""
+        messages = []
+        if self.system:
+            system = self.system
+            text = system if isinstance(system, str) else "".join(b.text for b in system)
+            messages.append({"role": "system", "content": text})
+        for message in self.messages:
+            messages.extend(library_message(message))
+        return messages
+
+    def enable_thinking(self) -> bool | None:
+        return None if self.thinking is None else self.thinking.type != "disabled"
+
+
+def library_message(message: Message) -> list[dict]:
+    """One Anthropic message as library messages: tool results become `tool` messages (before
+    the user's text), thinking becomes `reasoning_content`, tool uses `tool_calls`."""
+    if isinstance(message.content, str):
+        return [{"role": message.role, "content": message.content}]
+    results, content, reasoning, calls = [], [], [], []
+    for block in message.content:
+        if isinstance(block, ToolResultBlock):
+            results.append({"role": "tool", "tool_call_id": block.tool_use_id, **items(block)})
+        elif isinstance(block, ThinkingBlock):
+            reasoning.append(block.thinking)
+        elif isinstance(block, ToolUseBlock):
+            function = {"name": block.name, "arguments": block.input}
+            calls.append({"id": block.id, "type": "function", "function": function})
+        else:
+            content.append(content_item(block))
+    library = {"role": message.role, "content": content}
+    if reasoning:
+        library["reasoning_content"] = "".join(reasoning)
+    if calls:
+        library["tool_calls"] = calls
+    return results + ([library] if content or reasoning or calls else [])
+
+
+def items(result: ToolResultBlock) -> dict:
+    if isinstance(result.content, str):
+        return {"content": result.content}
+    return {"content": [content_item(block) for block in result.content]}
+
+
+def content_item(block: TextBlock | ImageBlock) -> dict:
+    if isinstance(block, TextBlock):
+        return {"type": "text", "text": block.text}
+    return {"type": "image_url", "image_url": {"url": block.source.url_or_data()}}
+
+
+async def messages(server: Server, body: dict) -> Response:
+    request = MessagesRequest.model_validate(body)
+    check_model(server, request.model)
+    library = await run_in_threadpool(resolve_media, request.library_messages(), server.media)
+    generation = GenerationRequest(
+        prompt=library,
+        max_tokens=check_max_tokens(server, request.max_tokens),
+        temp=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        stop=tuple(request.stop_sequences),
+        enable_thinking=request.enable_thinking(),
+    )
+    reply = Reply(request.model)
+    handle = server.engine.submit(generation)
+    first = await first_event(handle)
+    if request.stream:
+        return EventStream(reply.stream(events(first, handle)), handle)
+    async for event in events(first, handle):
+        reply.add(event)
+    return JSONResponse(reply.message())
+
+
+class Reply:
+    """A reply as content blocks: thinking, then text."""
+
+    def __init__(self, model: str):
+        self.id = f"msg_{uuid.uuid4().hex}"
+        self.model = model
+        self.blocks: list[dict] = []
+        self.stop_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self.usage: Usage | None = None
+
+    def add(self, event: Event) -> tuple[bool, dict] | None:
+        """Take `event`; returns (whether it opened a new block, the delta) for streaming."""
+        self.usage = event.usage
+        if event.finish_reason is not None:
+            reason = "stop_sequence" if event.stop_sequence else STOP_REASONS[event.finish_reason]
+            self.stop_reason, self.stop_sequence = reason, event.stop_sequence
+        if not event.text:
+            return None
+        kind = "thinking" if event.reasoning else "text"
+        opened = not self.blocks or self.blocks[-1]["type"] != kind
+        if opened:
+            signature = {"signature": ""} if event.reasoning else {}
+            self.blocks.append({"type": kind, kind: ""} | signature)
+        self.blocks[-1][kind] += event.text
+        return opened, {"type": f"{kind}_delta", kind: event.text}
+
+    def message(self, streaming: bool = False) -> dict:
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [] if streaming else self.blocks,
+            "stop_reason": None if streaming else self.stop_reason,
+            "stop_sequence": None if streaming else self.stop_sequence,
+            "usage": usage_json(self.usage),
+        }
+
+    def _start(self) -> str:
+        return sse("message_start", {"type": "message_start", "message": self.message(True)})
+
+    async def stream(self, stream: AsyncIterator[Event]) -> AsyncIterator[str]:
+        try:
+            async for line in self._events(stream):
+                yield line
+        except Exception as error:  # after the response started: an error event ends it
+            yield sse("error", error_shape(as_api_error(error)))
+
+    async def _events(self, stream: AsyncIterator[Event]) -> AsyncIterator[str]:
+        started = False
+        async for event in stream:
+            if not started:
+                self.usage, started = event.usage, True
+                yield self._start()
+            change = self.add(event)
+            if change is None:
+                continue
+            opened, delta = change
+            index = len(self.blocks) - 1
+            if opened and index > 0:
+                yield sse("content_block_stop", {"type": "content_block_stop", "index": index - 1})
+            if opened:
+                block = {**self.blocks[-1], self.blocks[-1]["type"]: ""}
+                start = {"type": "content_block_start", "index": index, "content_block": block}
+                yield sse("content_block_start", start)
+            yield sse(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": index, "delta": delta},
+            )
+        if not started:
+            yield self._start()
+        if self.blocks:
+            last = len(self.blocks) - 1
+            yield sse("content_block_stop", {"type": "content_block_stop", "index": last})
+        delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
+        usage = {"output_tokens": 0 if self.usage is None else self.usage.completion_tokens}
+        yield sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
+        yield sse("message_stop", {"type": "message_stop"})
+
+
+def usage_json(usage: Usage | None) -> dict:
+    if usage is None:
+        return {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0}
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "output_tokens": usage.completion_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -1,0 +1,289 @@
+"""The OpenAI API: /v1/models, /v1/chat/completions, /v1/completions, each a thin translation
+of a validated request into one engine call and of its events into OpenAI's JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+
+from .app import (
+    APIError,
+    EventStream,
+    Server,
+    as_api_error,
+    check_max_tokens,
+    check_model,
+    events,
+    first_event,
+)
+from .engine import Event, GenerationRequest, Usage
+from .media import resolve_media
+
+ERROR_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "not_found": "invalid_request_error",
+    "too_large": "invalid_request_error",
+    "rate_limit": "rate_limit_error",
+    "server": "server_error",
+}
+ERROR_CODES = {
+    "authentication": "invalid_api_key",
+    "not_found": "model_not_found",
+    "too_large": "request_too_large",
+    "rate_limit": "rate_limit_exceeded",
+}
+
+
+def error_shape(error: APIError) -> dict:
+    return {
+        "error": {
+            "message": error.message,
+            "type": ERROR_TYPES[error.kind],
+            "param": error.param,
+            "code": ERROR_CODES.get(error.kind),
+        }
+    }
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The sampling fields both completion routes take (OpenAI's, then the common extras)."""
+
+    model_config = ConfigDict(extra="ignore")  # fields of no effect here (user, store, ...)
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+
+    def generation(self, server: Server, prompt, **extra) -> GenerationRequest:
+        check_model(server, self.model)
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return GenerationRequest(
+            prompt=prompt,
+            max_tokens=check_max_tokens(server, self.max_tokens),
+            temp=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            stop=tuple(stop),
+            **extra,
+        )
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... go to the template
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+
+
+class ChatTemplateKwargs(BaseModel):
+    enable_thinking: bool | None = None
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: ChatTemplateKwargs = ChatTemplateKwargs()
+
+
+class CompletionRequest(Sampling):
+    prompt: str
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: Literal[False] = False
+
+
+async def list_models(server: Server, body: dict) -> Response:
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {"id": server.model_id, "object": "model", "created": 0, "owned_by": "qwen35-mlx"}
+            ],
+        }
+    )
+
+
+async def chat_completions(server: Server, body: dict) -> Response:
+    request = ChatCompletionRequest.model_validate(body)
+    messages = [
+        message.model_dump(exclude_none=True, exclude_unset=True) for message in request.messages
+    ]
+    messages = await run_in_threadpool(resolve_media, messages, server.media)
+    if request.max_completion_tokens is not None:
+        request.max_tokens = request.max_completion_tokens
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "invalid_request", "top_logprobs needs logprobs: true", "logprobs")
+    generation = request.generation(
+        server,
+        messages,
+        enable_thinking=request.chat_template_kwargs.enable_thinking,
+        top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+    )
+    reply = Reply("chatcmpl", request.model)
+    handle = server.engine.submit(generation)
+    first = await first_event(handle)
+    if request.stream:
+        usage = request.stream_options is not None and request.stream_options.include_usage
+        return EventStream(with_error_chunk(reply.chat_chunks(events(first, handle), usage)), handle)
+    async for event in events(first, handle):
+        reply.add(event)
+    message = {"role": "assistant", "content": reply.content}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason}
+    choice["logprobs"] = {"content": reply.logprobs} if request.logprobs else None
+    return JSONResponse(reply.body("chat.completion", [choice]))
+
+
+async def completions(server: Server, body: dict) -> Response:
+    request = CompletionRequest.model_validate(body)
+    generation = request.generation(server, request.prompt, top_logprobs=request.logprobs)
+    reply = Reply("cmpl", request.model)
+    handle = server.engine.submit(generation)
+    first = await first_event(handle)
+    if request.stream:
+        usage = request.stream_options is not None and request.stream_options.include_usage
+        return EventStream(with_error_chunk(reply.text_chunks(events(first, handle), usage)), handle)
+    async for event in events(first, handle):
+        reply.add(event)
+    choice = {"index": 0, "text": reply.reasoning + reply.content}
+    choice["finish_reason"] = reply.finish_reason
+    choice["logprobs"] = None if request.logprobs is None else legacy_logprobs(reply.logprobs)
+    return JSONResponse(reply.body("text_completion", [choice]))
+
+
+class Reply:
+    """One reply as it is built: text, reasoning, log-probabilities, finish and usage."""
+
+    def __init__(self, prefix: str, model: str):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.model, self.created = model, int(time.time())
+        self.content = self.reasoning = ""
+        self.logprobs: list[dict] = []
+        self.finish_reason = "length"
+        self.usage: Usage | None = None
+
+    def add(self, event: Event) -> None:
+        if event.reasoning:
+            self.reasoning += event.text
+        else:
+            self.content += event.text
+        if event.logprob is not None:
+            self.logprobs.append(token_logprobs(event))
+        self.finish_reason = event.finish_reason or self.finish_reason
+        self.usage = event.usage
+
+    def body(self, kind: str, choices: list[dict], with_usage: bool = True) -> dict:
+        body = {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if with_usage:
+            body["usage"] = usage_json(self.usage)
+        return body
+
+    async def chat_chunks(self, stream: AsyncIterator[Event], usage: bool) -> AsyncIterator[str]:
+        def chunk(delta: dict, finish: str | None = None, logprobs=None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return sse(self.body("chat.completion.chunk", [choice], with_usage=False))
+
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in stream:
+            self.add(event)
+            key = "reasoning_content" if event.reasoning else "content"
+            logprobs = None if event.logprob is None else {"content": [token_logprobs(event)]}
+            if event.text or logprobs:
+                yield chunk({key: event.text}, logprobs=logprobs)
+        yield chunk({}, self.finish_reason)
+        async for line in self.closing(usage, "chat.completion.chunk"):
+            yield line
+
+    async def text_chunks(self, stream: AsyncIterator[Event], usage: bool) -> AsyncIterator[str]:
+        async for event in stream:
+            self.add(event)
+            logprobs = None if event.logprob is None else legacy_logprobs([token_logprobs(event)])
+            if event.text or logprobs:
+                choice = {"index": 0, "text": event.text, "logprobs": logprobs}
+                yield sse(self.body("text_completion", [{**choice, "finish_reason": None}], False))
+        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": self.finish_reason}
+        yield sse(self.body("text_completion", [choice], with_usage=False))
+        async for line in self.closing(usage, "text_completion"):
+            yield line
+
+    async def closing(self, usage: bool, kind: str) -> AsyncIterator[str]:
+        if usage:
+            yield sse(self.body(kind, []))
+        yield "data: [DONE]\n\n"
+
+
+async def with_error_chunk(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The chunks; an error once streaming started ends the stream with an error chunk."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as error:
+        yield sse(error_shape(as_api_error(error)))
+
+
+def sse(value: dict) -> str:
+    return f"data: {json.dumps(value, ensure_ascii=False)}\n\n"
+
+
+def usage_json(usage: Usage | None) -> dict:
+    prompt = 0 if usage is None else usage.prompt_tokens
+    completion = 0 if usage is None else usage.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0 if usage is None else usage.cached_tokens},
+    }
+
+
+def token_logprobs(event: Event) -> dict:
+    def entry(item) -> dict:
+        return {"token": item.token, "logprob": item.logprob, "bytes": list(item.token.encode())}
+
+    return {**entry(event.logprob), "top_logprobs": [entry(t) for t in event.top_logprobs]}
+
+
+def legacy_logprobs(entries: list[dict]) -> dict:
+    """The /v1/completions form: parallel lists, top log-probabilities as {token: logprob}."""
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+    }
