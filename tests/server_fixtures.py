@@ -67,7 +67,8 @@ def start_server(directory, **limits):
 
 
 def raw_post(port: int, path: str, body: bytes, headers: dict | None = None):
-    """(status, parsed JSON body) of a POST sent as given."""
+    """(status, the body parsed as JSON, or as text when it is not JSON) of a POST sent as
+    given."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"} | (
         headers or {}
@@ -76,7 +77,10 @@ def raw_post(port: int, path: str, body: bytes, headers: dict | None = None):
     response = connection.getresponse()
     data = response.read()
     connection.close()
-    return response.status, json.loads(data)
+    try:
+        return response.status, json.loads(data)
+    except ValueError:
+        return response.status, data.decode()
 
 
 def post_json(port: int, path: str, value, headers: dict | None = None):

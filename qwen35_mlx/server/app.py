@@ -63,7 +63,9 @@ def endpoint(handler: Handler, shape: ErrorShape, key_headers=("authorization",)
         server: Server = request.app.state.server
         try:
             check_api_key(server, request, key_headers)
-            body = {} if request.method == "GET" else await read_json(request, server.max_body_bytes)
+            body = (
+                {} if request.method == "GET" else await read_json(request, server.max_body_bytes)
+            )
             return await handler(server, body)
         except Exception as error:
             return error_response(as_api_error(error), shape)

@@ -154,7 +154,9 @@ async def chat_completions(server: Server, body: dict) -> Response:
     first = await first_event(handle)
     if request.stream:
         usage = request.stream_options is not None and request.stream_options.include_usage
-        return EventStream(with_error_chunk(reply.chat_chunks(events(first, handle), usage)), handle)
+        return EventStream(
+            with_error_chunk(reply.chat_chunks(events(first, handle), usage)), handle
+        )
     async for event in events(first, handle):
         reply.add(event)
     message = {"role": "assistant", "content": reply.content}
@@ -173,7 +175,9 @@ async def completions(server: Server, body: dict) -> Response:
     first = await first_event(handle)
     if request.stream:
         usage = request.stream_options is not None and request.stream_options.include_usage
-        return EventStream(with_error_chunk(reply.text_chunks(events(first, handle), usage)), handle)
+        return EventStream(
+            with_error_chunk(reply.text_chunks(events(first, handle), usage)), handle
+        )
     async for event in events(first, handle):
         reply.add(event)
     choice = {"index": 0, "text": reply.reasoning + reply.content}
