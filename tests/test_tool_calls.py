@@ -354,23 +354,44 @@ def tool_loop(arguments):
     ]
 
 
+def parallel_calls(arguments):
+    """Two calls in one turn (content None, as OpenAI clients send it), two results."""
+    calls = [
+        {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": a}}
+        for i, a in enumerate(arguments)
+    ]
+    return [
+        {"role": "user", "content": "Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_0", "content": "clear"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+    ]
+
+
+HISTORIES = {
+    "tool_loop": (lambda arguments: tool_loop(arguments[0]), ['{"city": "Paris", "days": 2}']),
+    "parallel_calls": (parallel_calls, ['{"city": "Paris"}', '{"city": "Rome", "days": 1}']),
+}
+
+
 @TEMPLATE_VARIANTS
 @pytest.mark.parametrize("enable_thinking", [None, False])
-def test_tool_loop_renders_as_transformers(tokenizers, thinking_by_default, enable_thinking):
-    """OpenAI-style history (arguments as a JSON string) renders as transformers renders the
-    same history with the arguments as a mapping."""
+@pytest.mark.parametrize("history", HISTORIES.values(), ids=HISTORIES.keys())
+def test_tool_history_renders_as_transformers(
+    tokenizers, thinking_by_default, enable_thinking, history
+):
+    """OpenAI-style history (arguments as JSON strings) renders as transformers renders the
+    same history with the arguments as mappings."""
     ours, reference = tokenizers[thinking_by_default]
-    arguments = '{"city": "Paris", "days": 2}'
+    build, arguments = history
+    mappings = [json.loads(a) for a in arguments]
     switch = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     expected = reference.apply_chat_template(
-        tool_loop(json.loads(arguments)),
-        tools=TOOLS,
-        tokenize=False,
-        add_generation_prompt=True,
-        **switch,
+        build(mappings), tools=TOOLS, tokenize=False, add_generation_prompt=True, **switch
     )
-    assert chat_text(ours, tool_loop(arguments), enable_thinking, TOOLS) == expected
-    assert "<parameter=days>\n2\n</parameter>" in expected and "<tool_response>" in expected
+    assert chat_text(ours, build(arguments), enable_thinking, TOOLS) == expected
+    assert "\n</parameter>\n</function>\n</tool_call>" in expected
+    assert "<tool_response>" in expected
 
 
 def test_tools_reach_the_prompt_of_stream_generate(make_checkpoint, tokenizers):
