@@ -42,9 +42,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(directory, **limits):
-    """(Running, stop) for a server over `directory`'s checkpoint."""
-    engine = Engine(*load(directory), max_queue=limits.pop("max_queue", 2)).start()
+def start_server(directory, engine: Engine | None = None, **limits):
+    """(Running, stop) for a server over `directory`'s checkpoint (or over `engine`)."""
+    if engine is None:
+        engine = Engine(*load(directory), max_queue=limits.pop("max_queue", 2)).start()
     media = MediaPolicy(**limits.pop("media", {}))
     server = Server(engine, model_id=MODEL_ID, api_key=API_KEY, media=media, **limits)
     port = free_port()

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from ..tool_calls import TextDelta, ToolCallArguments, ToolCallStart, ToolCallStream
 from .app import (
     APIError,
     EventStream,
@@ -105,6 +106,23 @@ class Thinking(BaseModel):
     budget_tokens: int | None = None
 
 
+class Tool(BaseModel):
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+    def openai(self) -> dict:
+        function = {"name": self.name, "parameters": self.input_schema}
+        if self.description:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
+
+
+class ToolChoice(BaseModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+
+
 class MessagesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # metadata, service_tier, ...
 
@@ -118,6 +136,21 @@ class MessagesRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     thinking: Thinking | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice = ToolChoice(type="auto")
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools in OpenAI's form, as the chat template takes them; none with "none"."""
+        if self.tool_choice.type == "none" or not self.tools:
+            return None
+        if self.tool_choice.type != "auto":
+            raise APIError(
+                400,
+                "invalid_request",
+                "tool_choice 'any' or 'tool' needs constrained decoding, which this build "
+                "does not have yet; use tool_choice 'auto'",
+            )
+        return [tool.openai() for tool in self.tools]
 
     def library_messages(self) -> list[dict]:
         """The conversation in the library's OpenAI-style form."""
@@ -174,6 +207,7 @@ async def messages(server: Server, body: dict) -> Response:
     request = MessagesRequest.model_validate(body)
     check_model(server, request.model)
     library = await run_in_threadpool(resolve_media, request.library_messages(), server.media)
+    tools = request.offered_tools()
     generation = GenerationRequest(
         prompt=library,
         max_tokens=check_max_tokens(server, request.max_tokens),
@@ -182,8 +216,9 @@ async def messages(server: Server, body: dict) -> Response:
         top_k=request.top_k,
         stop=tuple(request.stop_sequences),
         enable_thinking=request.enable_thinking(),
+        tools=tools,
     )
-    reply = Reply(request.model)
+    reply = Reply(request.model, tools)
     handle = server.engine.submit(generation)
     first = await first_event(handle)
     if request.stream:
@@ -194,31 +229,80 @@ async def messages(server: Server, body: dict) -> Response:
 
 
 class Reply:
-    """A reply as content blocks: thinking, then text."""
+    """A reply as content blocks (thinking, text, tool_use) and the stream events that build
+    them. With `tools`, the answer text is read for tool calls as it arrives."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, tools: list[dict] | None = None):
         self.id = f"msg_{uuid.uuid4().hex}"
         self.model = model
         self.blocks: list[dict] = []
+        self.open = False  # whether the last block is still being written
+        self.calls = None if tools is None else ToolCallStream(tools)
         self.stop_reason: str | None = None
         self.stop_sequence: str | None = None
         self.usage: Usage | None = None
 
-    def add(self, event: Event) -> tuple[bool, dict] | None:
-        """Take `event`; returns (whether it opened a new block, the delta) for streaming."""
+    def add(self, event: Event) -> list[tuple[str, dict]]:
+        """Take `event`; returns the stream events (name, data) it makes."""
         self.usage = event.usage
         if event.finish_reason is not None:
             reason = "stop_sequence" if event.stop_sequence else STOP_REASONS[event.finish_reason]
             self.stop_reason, self.stop_sequence = reason, event.stop_sequence
-        if not event.text:
-            return None
-        kind = "thinking" if event.reasoning else "text"
-        opened = not self.blocks or self.blocks[-1]["type"] != kind
-        if opened:
-            signature = {"signature": ""} if event.reasoning else {}
-            self.blocks.append({"type": kind, kind: ""} | signature)
-        self.blocks[-1][kind] += event.text
-        return opened, {"type": f"{kind}_delta", kind: event.text}
+        if event.reasoning:
+            return self._text("thinking", event.text)
+        if self.calls is None:
+            pieces = [TextDelta(event.text)]
+        else:
+            pieces = self.calls.feed(event.text)
+            pieces += self.calls.finish() if event.finish_reason else []
+        changes = [change for piece in pieces for change in self._piece(piece)]
+        if self.stop_reason == "end_turn" and any(b["type"] == "tool_use" for b in self.blocks):
+            self.stop_reason = "tool_use"
+        return changes
+
+    def _piece(self, piece) -> list[tuple[str, dict]]:
+        if isinstance(piece, TextDelta):
+            return self._text("text", piece.text)
+        if isinstance(piece, ToolCallStart):
+            block = {"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}}
+            return self._start(block)
+        if isinstance(piece, ToolCallArguments):
+            delta = {"type": "input_json_delta", "partial_json": piece.delta}
+            return [self._delta(delta)]
+        self.blocks[-1]["input"] = piece.call.arguments  # ToolCallEnd
+        return self._stop()
+
+    def _text(self, kind: str, text: str) -> list[tuple[str, dict]]:
+        if not text:
+            return []
+        changes = []
+        if not (self.open and self.blocks[-1]["type"] == kind):
+            signature = {"signature": ""} if kind == "thinking" else {}
+            changes = self._start({"type": kind, kind: ""} | signature)
+        self.blocks[-1][kind] += text
+        return changes + [self._delta({"type": f"{kind}_delta", kind: text})]
+
+    def _start(self, block: dict) -> list[tuple[str, dict]]:
+        changes = self._stop()
+        self.blocks.append(block)
+        self.open = True
+        start = {"type": "content_block_start", "index": len(self.blocks) - 1}
+        return changes + [("content_block_start", start | {"content_block": dict(block)})]
+
+    def _delta(self, delta: dict) -> tuple[str, dict]:
+        index = len(self.blocks) - 1
+        return "content_block_delta", {
+            "type": "content_block_delta",
+            "index": index,
+            "delta": delta,
+        }
+
+    def _stop(self) -> list[tuple[str, dict]]:
+        if not self.open:
+            return []
+        self.open = False
+        index = len(self.blocks) - 1
+        return [("content_block_stop", {"type": "content_block_stop", "index": index})]
 
     def message(self, streaming: bool = False) -> dict:
         return {
@@ -232,46 +316,29 @@ class Reply:
             "usage": usage_json(self.usage),
         }
 
-    def _start(self) -> str:
-        return sse("message_start", {"type": "message_start", "message": self.message(True)})
-
     async def stream(self, stream: AsyncIterator[Event]) -> AsyncIterator[str]:
         try:
-            async for line in self._events(stream):
-                yield line
+            async for name, data in self._events(stream):
+                yield sse(name, data)
         except Exception as error:  # after the response started: an error event ends it
             yield sse("error", error_shape(as_api_error(error)))
 
-    async def _events(self, stream: AsyncIterator[Event]) -> AsyncIterator[str]:
+    async def _events(self, stream: AsyncIterator[Event]) -> AsyncIterator[tuple[str, dict]]:
         started = False
         async for event in stream:
             if not started:
                 self.usage, started = event.usage, True
-                yield self._start()
-            change = self.add(event)
-            if change is None:
-                continue
-            opened, delta = change
-            index = len(self.blocks) - 1
-            if opened and index > 0:
-                yield sse("content_block_stop", {"type": "content_block_stop", "index": index - 1})
-            if opened:
-                block = {**self.blocks[-1], self.blocks[-1]["type"]: ""}
-                start = {"type": "content_block_start", "index": index, "content_block": block}
-                yield sse("content_block_start", start)
-            yield sse(
-                "content_block_delta",
-                {"type": "content_block_delta", "index": index, "delta": delta},
-            )
+                yield "message_start", {"type": "message_start", "message": self.message(True)}
+            for change in self.add(event):
+                yield change
         if not started:
-            yield self._start()
-        if self.blocks:
-            last = len(self.blocks) - 1
-            yield sse("content_block_stop", {"type": "content_block_stop", "index": last})
+            yield "message_start", {"type": "message_start", "message": self.message(True)}
+        for change in self._stop():
+            yield change
         delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
         usage = {"output_tokens": 0 if self.usage is None else self.usage.completion_tokens}
-        yield sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
-        yield sse("message_stop", {"type": "message_stop"})
+        yield "message_delta", {"type": "message_delta", "delta": delta, "usage": usage}
+        yield "message_stop", {"type": "message_stop"}
 
 
 def usage_json(usage: Usage | None) -> dict:

@@ -32,6 +32,8 @@ class GenerationRequest:
     """What one HTTP request asks of the model, in `stream_generate`'s terms.
 
     prompt: chat messages (OpenAI style, image items included) or text used as is.
+    tools: OpenAI-form tool definitions the chat template shows the model (calls are read
+        from the answer text by the HTTP side, `qwen35_mlx.tool_calls`).
     top_logprobs: None for no log-probabilities; n >= 0 for the chosen token's and the n most
         likely ones' at each step.
     """
@@ -48,6 +50,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     enable_thinking: bool | None = None
+    tools: Sequence[Mapping] | None = None
     top_logprobs: int | None = None
 
     def generation_kwargs(self) -> dict:
@@ -112,11 +115,15 @@ class Handle:
         self.cancelled.set()
 
     def put(self, item) -> None:
-        """From the engine thread: an Event, an exception, or _DONE."""
+        """From the engine thread: an Event, or the exception that ends the request."""
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is reading
             self.cancel()
+
+    def close(self) -> None:
+        """From the engine thread: the request has no more events."""
+        self.put(_DONE)
 
     def __aiter__(self):
         return self
@@ -204,7 +211,7 @@ class Engine:
             finally:
                 with self._lock:
                     self._accepted -= 1
-                handle.put(_DONE)
+                handle.close()
 
     def _run(self, request: GenerationRequest, handle: Handle) -> None:
         """Generate for one request, stopping at the next token once it is cancelled."""

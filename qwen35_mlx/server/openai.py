@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from ..tool_calls import TextDelta, ToolCallArguments, ToolCallStart, ToolCallStream
 from .app import (
     APIError,
     EventStream,
@@ -114,6 +115,15 @@ class ChatCompletionRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: ChatTemplateKwargs = ChatTemplateKwargs()
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] = "auto"
+    response_format: dict[str, Any] | None = None
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools shown to the model: none with tool_choice "none"."""
+        if self.tool_choice != "none" and self.tools:
+            return self.tools
+        return None
 
 
 class CompletionRequest(Sampling):
@@ -143,13 +153,16 @@ async def chat_completions(server: Server, body: dict) -> Response:
         request.max_tokens = request.max_completion_tokens
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "invalid_request", "top_logprobs needs logprobs: true", "logprobs")
+    check_constraints(request)
+    tools = request.offered_tools()
     generation = request.generation(
         server,
         messages,
         enable_thinking=request.chat_template_kwargs.enable_thinking,
+        tools=tools,
         top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
-    reply = Reply("chatcmpl", request.model)
+    reply = Reply("chatcmpl", request.model, tools)
     handle = server.engine.submit(generation)
     first = await first_event(handle)
     if request.stream:
@@ -159,12 +172,28 @@ async def chat_completions(server: Server, body: dict) -> Response:
         )
     async for event in events(first, handle):
         reply.add(event)
-    message = {"role": "assistant", "content": reply.content}
-    if reply.reasoning:
-        message["reasoning_content"] = reply.reasoning
-    choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason}
+    choice = {"index": 0, "message": reply.message(), "finish_reason": reply.finish_reason}
     choice["logprobs"] = {"content": reply.logprobs} if request.logprobs else None
     return JSONResponse(reply.body("chat.completion", [choice]))
+
+
+def check_constraints(request: ChatCompletionRequest) -> None:
+    """Refuse what needs constrained decoding, rather than ignore it."""
+    if request.tool_choice not in ("auto", "none"):
+        raise APIError(
+            400,
+            "invalid_request",
+            "tool_choice 'required' or a named function needs constrained decoding, which "
+            "this build does not have yet; use tool_choice 'auto'",
+            "tool_choice",
+        )
+    if request.response_format not in (None, {"type": "text"}):
+        raise APIError(
+            400,
+            "invalid_request",
+            "response_format needs constrained decoding, which this build does not have yet",
+            "response_format",
+        )
 
 
 async def completions(server: Server, body: dict) -> Response:
@@ -187,25 +216,63 @@ async def completions(server: Server, body: dict) -> Response:
 
 
 class Reply:
-    """One reply as it is built: text, reasoning, log-probabilities, finish and usage."""
+    """One reply as it is built: reasoning, text, tool calls, log-probabilities, finish and
+    usage. With `tools`, the answer text is read for tool calls as it arrives."""
 
-    def __init__(self, prefix: str, model: str):
+    def __init__(self, prefix: str, model: str, tools: list[dict] | None = None):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.model, self.created = model, int(time.time())
         self.content = self.reasoning = ""
+        self.tool_calls: list[dict] = []
+        self.calls = None if tools is None else ToolCallStream(tools)
         self.logprobs: list[dict] = []
         self.finish_reason = "length"
         self.usage: Usage | None = None
 
-    def add(self, event: Event) -> None:
-        if event.reasoning:
-            self.reasoning += event.text
-        else:
-            self.content += event.text
+    def add(self, event: Event) -> list[dict]:
+        """Take `event`; returns the chat deltas it makes."""
         if event.logprob is not None:
             self.logprobs.append(token_logprobs(event))
-        self.finish_reason = event.finish_reason or self.finish_reason
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
         self.usage = event.usage
+        if event.reasoning:
+            self.reasoning += event.text
+            return [{"reasoning_content": event.text}] if event.text else []
+        if self.calls is None:
+            pieces = [TextDelta(event.text)] if event.text else []
+        else:
+            pieces = self.calls.feed(event.text)
+            pieces += self.calls.finish() if event.finish_reason else []
+        deltas = [delta for piece in pieces if (delta := self._piece(piece))]
+        if self.tool_calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+        return deltas
+
+    def _piece(self, piece) -> dict | None:
+        if isinstance(piece, TextDelta):
+            self.content += piece.text
+            return {"content": piece.text}
+        if isinstance(piece, ToolCallStart):
+            call = {"id": piece.id, "type": "function"}
+            call["function"] = {"name": piece.name, "arguments": ""}
+            self.tool_calls.append(call)
+            return {"tool_calls": [{"index": piece.index, **call}]}
+        if isinstance(piece, ToolCallArguments):
+            self.tool_calls[piece.index]["function"]["arguments"] += piece.delta
+            arguments = {"arguments": piece.delta}
+            return {"tool_calls": [{"index": piece.index, "function": arguments}]}
+        return None  # ToolCallEnd: the call was complete with its arguments
+
+    def message(self) -> dict:
+        message = {"role": "assistant", "content": self.content or None}
+        if self.reasoning:
+            message["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        elif message["content"] is None:
+            message["content"] = ""
+        return message
 
     def body(self, kind: str, choices: list[dict], with_usage: bool = True) -> dict:
         body = {
@@ -226,11 +293,12 @@ class Reply:
 
         yield chunk({"role": "assistant", "content": ""})
         async for event in stream:
-            self.add(event)
-            key = "reasoning_content" if event.reasoning else "content"
-            logprobs = None if event.logprob is None else {"content": [token_logprobs(event)]}
-            if event.text or logprobs:
-                yield chunk({key: event.text}, logprobs=logprobs)
+            deltas = self.add(event)
+            if event.logprob is not None:  # the token's log-probabilities go with its first delta
+                logprobs = {"content": [token_logprobs(event)]}
+                yield chunk(deltas.pop(0) if deltas else {"content": ""}, logprobs=logprobs)
+            for delta in deltas:
+                yield chunk(delta)
         yield chunk({}, self.finish_reason)
         async for line in self.closing(usage, "chat.completion.chunk"):
             yield line
