@@ -254,10 +254,12 @@ class Reply:
             self.content += piece.text
             return {"content": piece.text}
         if isinstance(piece, ToolCallStart):
-            call = {"id": piece.id, "type": "function"}
-            call["function"] = {"name": piece.name, "arguments": ""}
-            self.tool_calls.append(call)
-            return {"tool_calls": [{"index": piece.index, **call}]}
+            def call() -> dict:  # a fresh one each: the reply's grows, the delta is sent
+                function = {"name": piece.name, "arguments": ""}
+                return {"id": piece.id, "type": "function", "function": function}
+
+            self.tool_calls.append(call())
+            return {"tool_calls": [{"index": piece.index, **call()}]}
         if isinstance(piece, ToolCallArguments):
             self.tool_calls[piece.index]["function"]["arguments"] += piece.delta
             arguments = {"arguments": piece.delta}
