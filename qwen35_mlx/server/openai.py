@@ -254,6 +254,7 @@ class Reply:
             self.content += piece.text
             return {"content": piece.text}
         if isinstance(piece, ToolCallStart):
+
             def call() -> dict:  # a fresh one each: the reply's grows, the delta is sent
                 function = {"name": piece.name, "arguments": ""}
                 return {"id": piece.id, "type": "function", "function": function}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+import uvicorn
+
 from ..loading import load
 from .app import Server, create_app
 from .engine import Engine
@@ -43,8 +45,6 @@ def serve(
         max_tokens_limit: most tokens a request may ask for (and what it gets by default).
         dtype: weight dtype (default: the checkpoint's).
     """
-    import uvicorn
-
     if host not in LOOPBACK:
         warnings.warn(
             f"serving on {host}: other machines can reach this server"
