@@ -7,18 +7,15 @@ import base64
 import http.client
 import io
 import json
-import socket
-import threading
-import time
 from dataclasses import dataclass
 
-import uvicorn
 from PIL import Image
 
 from qwen35_mlx import load
 from qwen35_mlx.server.app import Server, create_app
 from qwen35_mlx.server.engine import Engine
 from qwen35_mlx.server.media import MediaPolicy
+from qwen35_mlx.server.run import serve_in_thread
 
 API_KEY = "test-key"
 MODEL_ID = "tiny-qwen35"
@@ -36,32 +33,16 @@ class Running:
         return self.server.engine
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(directory, engine: Engine | None = None, **limits):
     """(Running, stop) for a server over `directory`'s checkpoint (or over `engine`)."""
     if engine is None:
         engine = Engine(*load(directory), max_queue=limits.pop("max_queue", 2)).start()
     media = MediaPolicy(**limits.pop("media", {}))
     server = Server(engine, model_id=MODEL_ID, api_key=API_KEY, media=media, **limits)
-    port = free_port()
-    config = uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning")
-    http_server = uvicorn.Server(config)
-    thread = threading.Thread(target=http_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not http_server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
+    port, stop_serving = serve_in_thread(create_app(server))
 
     def stop():
-        http_server.should_exit = True
-        thread.join()
+        stop_serving()
         engine.stop()
 
     return Running(f"http://127.0.0.1:{port}", port, server, directory), stop

@@ -1,6 +1,12 @@
 """The OpenAI routes driven by the official `openai` client against the real server on loopback;
 replies checked against the Python API and log-probabilities against transformers."""
 
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import openai
 import pytest
 import torch
@@ -10,6 +16,7 @@ from qwen35_mlx import generate, load, stream_generate
 from checkpoints import Spec
 from server_fixtures import API_KEY, MODEL_ID, png_data_url, start_server
 
+README = Path(__file__).parent.parent / "README.md"
 HISTORY = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Name a colour of the sea."},
@@ -194,3 +201,32 @@ def test_logprob_tokens_are_the_generated_ids(client, local):
     assert "".join(logprobs.tokens) == reply.choices[0].text
     for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
         assert len(top) >= 1 and all(value <= chosen <= 0 for value in top.values())
+
+
+def readme_serve_block(language: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Serve") :]
+    return re.search(rf"^```{language}\n(.*?)^```", section, re.DOTALL | re.MULTILINE).group(1)
+
+
+def as_here(code: str, url: str) -> str:
+    """The README's example pointed at the test server."""
+    code = code.replace("http://127.0.0.1:8080", url).replace("Qwen/Qwen3.5-0.8B", MODEL_ID)
+    return code.replace('api_key="unused"', f'api_key="{API_KEY}"')
+
+
+def test_the_readme_examples_run(served, local):
+    running, _ = served
+    done = subprocess.run(
+        [sys.executable, "-c", as_here(readme_serve_block("python"), running.url)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout  # the streamed answer (sampled: its text is not fixed)
+    curl = as_here(readme_serve_block("bash"), running.url)
+    curl = curl.replace("curl ", f"curl -s -H 'Authorization: Bearer {API_KEY}' ", 1)
+    done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
+    reply = json.loads(done.stdout)
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]

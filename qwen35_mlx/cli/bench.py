@@ -41,6 +41,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="history lengths in tokens (the issue's set adds 32768)",
     )
     warm.add_argument("--plot", metavar="FILE", help="also draw the curves into this PNG")
+    serve = commands.add_parser(
+        "serve",
+        help="the server's warm-request time to first token, prefix cache vs none",
+        description="A real server on loopback; for each history length, the time to first "
+        "token of a request resending the history, with the engine's prefix cache and "
+        "without, in one run (needs the server extra).",
+    )
+    serve.add_argument("--model", required=True, help="checkpoint directory")
+    serve.add_argument(
+        "--history", type=int, nargs="+", default=[1024, 4096], help="history lengths in tokens"
+    )
     memory = commands.add_parser(
         "prefill-memory",
         help="peak memory of prefill by prompt length, per attention path",
@@ -103,6 +114,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.bench_command == "prompt-cache":
         bench_prompt_cache(args.model, args.history, args.plot)
+        return 0
+    if args.bench_command == "serve":
+        from ..bench import serve as serve_bench  # needs the server extra
+
+        serve_bench.bench_serve(args.model, args.history)
         return 0
     if args.bench_command == "prefill-memory":
         return prefill_memory.bench_prefill_memory(args)

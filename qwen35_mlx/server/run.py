@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
 import warnings
+from collections.abc import Callable
 
 import uvicorn
 
@@ -72,3 +76,27 @@ def serve(
         uvicorn.run(create_app(server), host=host, port=port)
     finally:
         engine.stop()
+
+
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> tuple[int, Callable[[], None]]:
+    """Serve `app` on a daemon thread (for tests and benchmarks): (the port, a function that
+    stops it). Port 0 picks a free one."""
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join()
+
+    return port, stop
