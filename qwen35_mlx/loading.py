@@ -384,6 +384,10 @@ def load_model(directory: str | Path, *, dtype: str | None = None, lazy: bool = 
     if model.mtp is not None:
         model.mtp.defer_weights(lambda: _part_weights(directory, config, target_dtype, MTP_PREFIX))
     mx.eval(model.language_model.parameters())
+    if mx.metal.is_available():  # the first model on a Mac self-tests the kernels (§8.1)
+        from .gated_delta.autotune import ensure_tuned  # here: it imports numpy and PIL
+
+        ensure_tuned()
     return model
 
 
