@@ -89,7 +89,7 @@ def decode_candidates() -> list[Candidate]:
 
 
 def text_shapes(size: str) -> dict:
-    return config_json(size, num_layers=4, vision=False, mtp=False)["text_config"]
+    return config_json(size, vision=False, mtp=False)["text_config"]
 
 
 def scan_case(size: str, tokens: int, seed: int = 0) -> tuple[mx.array, ...]:
@@ -152,10 +152,8 @@ def check(candidate: Candidate, cases: list[tuple], references: list, tolerance:
             mx.eval(outputs)
             errors += [relative_error(ours, ref) for ours, ref in zip(outputs, reference)]
     except Exception as error:  # a kernel that does not compile or launch: any failure counts
-        return (
-            "error",
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-        )
+        first_line = next(iter(str(error).splitlines()), "")
+        return "error", f"{type(error).__name__}: {first_line}"
     worst = math.nan if any(math.isnan(e) for e in errors) else max(errors)
     if not worst <= tolerance:
         return "wrong", f"relative error {worst:.1e} > {tolerance:.0e}"
