@@ -120,18 +120,22 @@ def decode_case(size: str, seed: int = 0) -> tuple:
     shapes = {"text_config": {"hidden_size": DECODE_HIDDEN}}
     config = config_json(size, vision=False, mtp=False, overrides=shapes)
     layer = GatedDeltaNet(ModelConfig.from_hf(config).text)
-    mx.random.seed(seed)
-    layer.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, layer.parameters()))
+    keys = iter(mx.random.split(mx.random.key(seed), 64))  # the global seed stays the user's
+
+    def normal(shape, scale=1.0):
+        return mx.random.normal(shape, key=next(keys)) * scale
+
+    layer.update(tree_map(lambda p: normal(p.shape, 0.05), layer.parameters()))
     layer.set_dtype(mx.bfloat16)
-    layer.A_log = mx.log(mx.random.uniform(1, 16, (layer.Hv,)))  # float32, as loading keeps it
-    layer.norm.weight = 1.0 + 0.1 * mx.random.normal((layer.Dv,))
+    layer.A_log = mx.log(mx.random.uniform(1, 16, (layer.Hv,), key=next(keys)))  # float32
+    layer.norm.weight = 1.0 + normal((layer.Dv,), 0.1)
     channels, kernel = layer.conv1d.weight.shape[:2]
     hidden = layer.out_proj.weight.shape[0]
     inputs = (
         layer,
-        mx.random.normal((1, 1, hidden)).astype(mx.bfloat16),
-        mx.random.normal((1, kernel - 1, channels)).astype(mx.bfloat16),
-        mx.random.normal((1, layer.Hv, layer.Dv, layer.Dk)) * 0.1,
+        normal((1, 1, hidden)).astype(mx.bfloat16),
+        normal((1, kernel - 1, channels)).astype(mx.bfloat16),
+        normal((1, layer.Hv, layer.Dv, layer.Dk), 0.1),
     )
     mx.eval(layer.parameters(), inputs[1:])
     return inputs
