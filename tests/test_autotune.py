@@ -12,6 +12,7 @@ from qwen35_mlx.cli import main as cli_main
 from qwen35_mlx.gated_delta import SCAN_PATHS, autotune, dispatch
 from qwen35_mlx.gated_delta.autotune import NO_METAL, Candidate, Result, layer_decode, load_or_tune
 from qwen35_mlx.gated_delta.chunked import chunked_scan
+from qwen35_mlx.gated_delta.kernel import KernelSpec
 from qwen35_mlx.gated_delta.recurrent import recurrent_scan
 from qwen35_mlx.gated_delta.tuning import (
     CACHE_DIR_ENV,
@@ -21,6 +22,8 @@ from qwen35_mlx.gated_delta.tuning import (
     read_tuning,
     write_tuning,
 )
+
+from msl_emulator import run_on_emulator
 
 TOKENS = (1, 16, 256)
 MACHINE = {
@@ -59,7 +62,7 @@ def clock(**per_path) -> FakeClock:
 
 
 @pytest.fixture
-def scan_candidates():
+def rigged():
     """Our two plain paths, a Metal kernel that fails to compile, and one that is wrong; the
     two bad ones would be the fastest if they were timed."""
     return [
@@ -74,11 +77,11 @@ FAST_BAD = dict(metal_chunked=(1e-9,) * 3, mx_fast=(1e-9,) * 3)
 
 
 def test_broken_kernels_are_disabled_and_the_fastest_correct_path_wins_each_range(
-    scan_candidates, capsys, tmp_path
+    rigged, capsys, tmp_path
 ):
     timer = clock(recurrent=(1.0, 5.0, 9.0), chunked=(2.0, 4.0, 3.0), **FAST_BAD)
     tuning = load_or_tune(
-        scan_candidates,
+        rigged,
         [],
         file=tmp_path / "autotune.json",
         measured_on=MACHINE,
@@ -121,9 +124,9 @@ def test_adjacent_ranges_with_one_winner_merge_and_a_later_winner_returns():
     assert tuning.disabled == ()
 
 
-def test_metal_candidates_are_neither_run_nor_timed_without_metal(scan_candidates):
+def test_metal_candidates_are_neither_run_nor_timed_without_metal(rigged):
     timer = clock(recurrent=(1.0, 1.0, 1.0), chunked=(2.0, 2.0, 2.0))
-    results = autotune.self_test(scan_candidates, [], metal=False, tokens=TOKENS, timer=timer)
+    results = autotune.self_test(rigged, [], metal=False, tokens=TOKENS, timer=timer)
     status = {r.path: r.status for r in results}
     assert status == {
         "recurrent": "ok",
@@ -134,18 +137,18 @@ def test_metal_candidates_are_neither_run_nor_timed_without_metal(scan_candidate
     assert autotune.select(results, TOKENS).disabled == ()
 
 
-def test_the_cached_choice_is_reused_without_timing(scan_candidates, tmp_path):
+def test_the_cached_choice_is_reused_without_timing(rigged, tmp_path):
     file = tmp_path / "cache" / "autotune.json"
     first = clock(recurrent=(1.0, 5.0, 9.0), chunked=(2.0, 4.0, 3.0), **FAST_BAD)
     tuned = load_or_tune(
-        scan_candidates, [], file=file, measured_on=MACHINE, metal=True, tokens=TOKENS, timer=first
+        rigged, [], file=file, measured_on=MACHINE, metal=True, tokens=TOKENS, timer=first
     )
     record = json.loads(file.read_text())
     assert record["machine"] == MACHINE
     assert {row["path"]: row["status"] for row in record["results"]}["mx_fast"] == "wrong"
 
     again = FakeClock({})  # any timing would raise KeyError
-    never = [Candidate(c.name, raising, c.metal) for c in scan_candidates]  # nor any check
+    never = [Candidate(c.name, raising, c.metal) for c in rigged]  # nor any check
     reused = load_or_tune(
         never, [], file=file, measured_on=MACHINE, metal=True, tokens=TOKENS, timer=again
     )
@@ -171,9 +174,7 @@ STALE = {
 
 
 @pytest.mark.parametrize("stale", [*STALE, "not JSON", "truncated"])
-def test_a_corrupt_or_foreign_cache_is_measured_again_and_rewritten(
-    scan_candidates, tmp_path, stale
-):
+def test_a_corrupt_or_foreign_cache_is_measured_again_and_rewritten(rigged, tmp_path, stale):
     file = tmp_path / "autotune.json"
     write_tuning(file, MACHINE, Tuning(((1, "recurrent"),), "plain"), [])
     text = file.read_text()
@@ -185,7 +186,7 @@ def test_a_corrupt_or_foreign_cache_is_measured_again_and_rewritten(
     else:
         file.write_text(json.dumps(STALE[stale](json.loads(text))))
     timer = clock(recurrent=(2.0, 2.0, 2.0), chunked=(1.0, 1.0, 1.0))
-    plain = scan_candidates[:2]
+    plain = rigged[:2]
     tuning = load_or_tune(
         plain, [], file=file, measured_on=MACHINE, metal=True, tokens=TOKENS, timer=timer
     )
@@ -254,6 +255,22 @@ def test_the_decode_kernel_is_kept_only_when_correct_and_faster():
     assert autotune.select(slower, TOKENS).decode == "plain"
     without = [r for r in results if r.path != "fused"]
     assert autotune.select(without, TOKENS).decode == "plain"  # the bad ones never win
+
+
+def test_our_kernels_pass_the_self_test_on_the_emulator(monkeypatch):
+    """The self-test's real Metal candidates at its real shapes, each kernel call run by the
+    MSL-on-CPU emulator as a Mac's GPU would run it: both kernels are found correct (a kernel
+    that refused these launches would be disabled on every Mac)."""
+    monkeypatch.setattr(KernelSpec, "run", run_on_emulator)
+    tables = (autotune.scan_candidates(), autotune.decode_candidates())
+    metal_only = [[c for c in table if c.metal] for table in tables]
+    assert [[c.name for c in table] for table in metal_only] == [["metal_chunked"], ["fused"]]
+    results = autotune.self_test(*metal_only, metal=True, tokens=(1,), timer=clock_at_one)
+    assert [(r.path, r.status) for r in results] == [("metal_chunked", "ok"), ("fused", "ok")]
+
+
+def clock_at_one(path, tokens, call):
+    return 1.0
 
 
 def test_doctor_prints_a_table_and_records_nothing_without_metal(cache_dir, capsys):

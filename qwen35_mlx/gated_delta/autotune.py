@@ -32,13 +32,15 @@ from .recurrent import recurrent_scan
 from .tuning import Tuning, cache_file, machine, read_tuning, write_tuning
 
 CHECK_SIZES = ("0.8B", "9B")  # the two head layouts: Hv = Hk = 16, and Hk = 16, Hv = 32
+DECODE_CHECKS = (("0.8B", mx.float32), ("9B", mx.bfloat16))  # the last one is also timed
 CHECK_TOKENS = (1, 7, 40)  # one token, less than a chunk, several chunks and a partial one
 TIMING_SIZE = "9B"  # the larger layout decides
 DEFAULT_TOKENS = (1, 16, 256, 2048)  # lengths timed; each choice holds up to the next one
 DEFAULT_REPEATS = 3
-# relative RMS error against the plain path on the CPU: float32 scans differ only in the order
-# of their sums; the decode step's output is bfloat16 as the model's
-TOLERANCE = {"scan": 1e-4, "decode": 1e-2}
+# relative RMS error against the plain path on the CPU, by activation dtype: in float32 the
+# paths differ only in the order of their sums; in bfloat16 (the decode check at the 9B heads,
+# as the model runs) also in where they round, ~7e-3 measured for the fused step
+TOLERANCE = {mx.float32: 1e-4, mx.bfloat16: 2e-2}
 NO_METAL = "not available (no Metal)"
 DECODE_HIDDEN = 256
 
@@ -50,6 +52,12 @@ class Candidate:
     name: str  # the path name `pick_path` or a layer's `decode_path` uses
     run: Callable[..., Sequence[mx.array]]  # the task's inputs -> its outputs
     metal: bool = False  # runs only on a Metal GPU
+
+
+@dataclass(frozen=True)
+class Case:
+    inputs: tuple  # a task's inputs, as its candidates take them
+    tolerance: float  # relative error allowed against the plain path
 
 
 @dataclass
@@ -113,8 +121,8 @@ def scan_case(size: str, tokens: int, seed: int = 0) -> tuple[mx.array, ...]:
     return inputs
 
 
-def decode_case(size: str, seed: int = 0) -> tuple:
-    """A DeltaNet layer at a size's heads with random bfloat16 weights, one token and nonzero
+def decode_case(size: str, dtype: mx.Dtype, seed: int = 0) -> tuple:
+    """A DeltaNet layer at a size's heads with random weights in `dtype`, one token and nonzero
     conv and recurrent states. The hidden size is small: the projections around the step cost
     both decode paths the same, and the decode kernel's shapes do not depend on it."""
     shapes = {"text_config": {"hidden_size": DECODE_HIDDEN}}
@@ -126,15 +134,15 @@ def decode_case(size: str, seed: int = 0) -> tuple:
         return mx.random.normal(shape, key=next(keys)) * scale
 
     layer.update(tree_map(lambda p: normal(p.shape, 0.05), layer.parameters()))
-    layer.set_dtype(mx.bfloat16)
+    layer.set_dtype(dtype)
     layer.A_log = mx.log(mx.random.uniform(1, 16, (layer.Hv,), key=next(keys)))  # float32
     layer.norm.weight = 1.0 + normal((layer.Dv,), 0.1)
     channels, kernel = layer.conv1d.weight.shape[:2]
     hidden = layer.out_proj.weight.shape[0]
     inputs = (
         layer,
-        normal((1, 1, hidden)).astype(mx.bfloat16),
-        normal((1, kernel - 1, channels)).astype(mx.bfloat16),
+        normal((1, 1, hidden)).astype(dtype),
+        normal((1, kernel - 1, channels)).astype(dtype),
         normal((1, layer.Hv, layer.Dv, layer.Dk), 0.1),
     )
     mx.eval(layer.parameters(), inputs[1:])
@@ -147,21 +155,21 @@ def relative_error(ours: mx.array, reference: mx.array) -> float:
     return (mx.linalg.norm(ours - reference) / mx.linalg.norm(reference)).item()
 
 
-def check(candidate: Candidate, cases: list[tuple], references: list, tolerance: float):
-    """(status, detail): "ok" with the worst error, "wrong" past `tolerance`, or "error"."""
-    errors = []
+def check(candidate: Candidate, cases: list[Case], references: list) -> tuple[str, str]:
+    """(status, detail): "ok" or "wrong" with the error nearest its tolerance, or "error"."""
+    errors = []  # (relative error, tolerance)
     try:
-        for inputs, reference in zip(cases, references):
-            outputs = candidate.run(*inputs)
+        for case, reference in zip(cases, references):
+            outputs = candidate.run(*case.inputs)
             mx.eval(outputs)
-            errors += [relative_error(ours, ref) for ours, ref in zip(outputs, reference)]
+            errors += [(relative_error(o, r), case.tolerance) for o, r in zip(outputs, reference)]
     except Exception as error:  # a kernel that does not compile or launch: any failure counts
         first_line = next(iter(str(error).splitlines()), "")
         return "error", f"{type(error).__name__}: {first_line}"
-    worst = math.nan if any(math.isnan(e) for e in errors) else max(errors)
-    if not worst <= tolerance:
-        return "wrong", f"relative error {worst:.1e} > {tolerance:.0e}"
-    return "ok", f"relative error {worst:.1e}"
+    error, tolerance = max(errors, key=lambda e: math.inf if math.isnan(e[0]) else e[0] / e[1])
+    if not error <= tolerance:
+        return "wrong", f"relative error {error:.1e} > {tolerance:.0e}"
+    return "ok", f"relative error {error:.1e} <= {tolerance:.0e}"
 
 
 def best_time(repeats: int = DEFAULT_REPEATS) -> Timer:
@@ -180,10 +188,10 @@ def best_time(repeats: int = DEFAULT_REPEATS) -> Timer:
     return timer
 
 
-def on_cpu(reference: Callable, cases: list[tuple]) -> list:
+def on_cpu(reference: Callable, cases: list[Case]) -> list:
     """The plain path's outputs, computed on the CPU whatever the default device."""
     with mx.stream(mx.cpu):
-        outputs = [reference(*inputs) for inputs in cases]
+        outputs = [reference(*case.inputs) for case in cases]
         mx.eval(outputs)
     return outputs
 
@@ -191,7 +199,7 @@ def on_cpu(reference: Callable, cases: list[tuple]) -> list:
 def run_task(
     task: str,
     candidates: Sequence[Candidate],
-    cases: list[tuple],
+    cases: list[Case],
     reference: Callable,
     timing_cases: dict[int, tuple],
     metal: bool,
@@ -204,7 +212,7 @@ def run_task(
         if candidate.metal and not metal:
             results.append(Result(task, candidate.name, NO_METAL))
             continue
-        result = Result(task, candidate.name, *check(candidate, cases, references, TOLERANCE[task]))
+        result = Result(task, candidate.name, *check(candidate, cases, references))
         if result.status == "ok":
             for T, inputs in timing_cases.items():
                 result.seconds[T] = timer(
@@ -227,7 +235,8 @@ def self_test(
     timer = timer or best_time()
     results = []
     if scan:
-        checks = [scan_case(size, T) for size in CHECK_SIZES for T in CHECK_TOKENS]
+        tolerance = TOLERANCE[mx.float32]  # the scan inputs are float32
+        checks = [Case(scan_case(size, T), tolerance) for size in CHECK_SIZES for T in CHECK_TOKENS]
         timings = {T: scan_case(TIMING_SIZE, T) for T in tokens}
         results += run_task("scan", scan, checks, recurrent_scan, timings, metal, timer)
     if decode:
@@ -235,11 +244,12 @@ def self_test(
         measured = dispatch.machine_tuning()
         dispatch.use_tuning(Tuning(scan_ranges(results, tokens), decode="plain"))
         try:
-            checks = {size: decode_case(size) for size in CHECK_SIZES}
-            timings = {1: checks[TIMING_SIZE]}
+            checks = [
+                Case(decode_case(size, dtype), TOLERANCE[dtype]) for size, dtype in DECODE_CHECKS
+            ]
+            timings = {1: checks[-1].inputs}  # the 9B heads in bfloat16
             reference = layer_decode("plain")
-            cases = list(checks.values())
-            results += run_task("decode", decode, cases, reference, timings, metal, timer)
+            results += run_task("decode", decode, checks, reference, timings, metal, timer)
         finally:
             dispatch.use_tuning(measured)
     return results
