@@ -2,12 +2,15 @@
 are disabled, injected timings decide the path per length range, the choice is cached per
 machine and read back by the dispatcher, and `qwen35-mlx doctor` prints its table here."""
 
+import argparse
+import inspect
 import json
 import re
 
 import mlx.core as mx
 import pytest
 
+from qwen35_mlx.cli import doctor as doctor_command
 from qwen35_mlx.cli import main as cli_main
 from qwen35_mlx.gated_delta import SCAN_PATHS, autotune, dispatch
 from qwen35_mlx.gated_delta.autotune import NO_METAL, Candidate, Result, layer_decode, load_or_tune
@@ -299,3 +302,13 @@ def test_doctor_prints_a_table_and_records_nothing_without_metal(cache_dir, caps
 def test_doctor_refuses_bad_lengths(capsys):
     assert cli_main(["doctor", "--tokens", "0"]) == 2
     assert "--tokens value must be at least 1" in capsys.readouterr().err
+
+
+def test_doctor_flags_are_the_api_keywords():
+    parser = argparse.ArgumentParser()
+    doctor_command.add_args(parser)
+    flags = {action.dest for action in parser._actions} - {"help"}
+    assert flags == set(inspect.signature(autotune.doctor).parameters) == {"tokens", "repeats"}
+    defaults = parser.parse_args([])
+    assert tuple(defaults.tokens) == autotune.DEFAULT_TOKENS
+    assert defaults.repeats == autotune.DEFAULT_REPEATS
