@@ -5,10 +5,11 @@ It computes the same recurrence (docs/ARCHITECTURE.md §2.4 step 7) with the sam
 `scan_inputs` prepares them for every path. Its one difference is the decay, taken in linear
 space (gamma = alpha = exp(g)) where the other paths take the log decay g.
 
-On Metal MLX runs its own kernel only for Dk = Dv = 128 with the (Hk, Hv) head counts of the
-Qwen3 Next / Qwen3.5 family (16/16 and 32/32 among them, the layouts our 0.8B-9B sizes reach once
-`scan_inputs` has repeated the key heads) and no mask; elsewhere, and on the CPU, it falls back to
-a per-token loop of MLX ops.
+Per MLX's Metal source (read, never run here), its kernel takes only Dk = Dv = 128, a few (Hk,
+Hv) head counts, 16/16 and 32/32 among them (the layouts the 0.8B-9B heads have once
+`scan_inputs` has repeated the key heads), and no mask; other shapes, and the CPU, fall back to
+a per-token loop of MLX ops. Handing it the key heads unrepeated (it maps value head j to key
+head j // (Hv / Hk) itself) would save the repeat; every path takes them repeated for now.
 """
 
 from __future__ import annotations
