@@ -37,8 +37,7 @@ CHECK_TOKENS = (1, 7, 40)  # one token, less than a chunk, several chunks and a 
 TIMING_SIZE = "9B"  # the larger layout decides
 # lengths timed, each choice holding up to the next; the per-token loops keep every step's
 # state alive until evaluated (2.2 MB a token with the 9B heads, measured on the CPU backend:
-# 2.2 GB at 1024 tokens), and the first model load
-# of an 8 GB Mac must bear it
+# 2.2 GB at 1024 tokens), which the first model load on an 8 GB Mac must bear
 DEFAULT_TOKENS = (1, 16, 128, 1024)
 DEFAULT_REPEATS = 3
 # relative RMS error against the plain path on the CPU, by activation dtype: in float32 the
