@@ -312,3 +312,19 @@ def test_doctor_flags_are_the_api_keywords():
     defaults = parser.parse_args([])
     assert tuple(defaults.tokens) == autotune.DEFAULT_TOKENS
     assert defaults.repeats == autotune.DEFAULT_REPEATS
+
+
+def test_a_path_failing_at_a_timed_length_is_disabled():
+    def timer(path, tokens, call):
+        if (path, tokens) == ("chunked", 256):
+            raise RuntimeError("[metal::malloc] Attempting to allocate more than the maximum")
+        return {"recurrent": 2.0, "chunked": 1.0}[path]
+
+    candidates = [Candidate("recurrent", recurrent_scan), Candidate("chunked", chunked_scan)]
+    results = autotune.self_test(candidates, [], metal=False, tokens=TOKENS, timer=timer)
+    chunked = results[1]
+    assert chunked.status == "error" and chunked.seconds == {}
+    assert chunked.detail == (
+        "at T=256: RuntimeError: [metal::malloc] Attempting to allocate more than the maximum"
+    )
+    assert autotune.select(results, TOKENS).scan == ((1, "recurrent"),)

@@ -158,6 +158,10 @@ def relative_error(ours: mx.array, reference: mx.array) -> float:
     return (mx.linalg.norm(ours - reference) / mx.linalg.norm(reference)).item()
 
 
+def one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+
+
 def check(candidate: Candidate, cases: list[Case], references: list) -> tuple[str, str]:
     """(status, detail): "ok" or "wrong" with the error nearest its tolerance, or "error"."""
     errors = []  # (relative error, tolerance)
@@ -167,8 +171,7 @@ def check(candidate: Candidate, cases: list[Case], references: list) -> tuple[st
             mx.eval(outputs)
             errors += [(relative_error(o, r), case.tolerance) for o, r in zip(outputs, reference)]
     except Exception as error:  # a kernel that does not compile or launch: any failure counts
-        first_line = next(iter(str(error).splitlines()), "")
-        return "error", f"{type(error).__name__}: {first_line}"
+        return "error", one_line(error)
     error, tolerance = max(errors, key=lambda e: math.inf if math.isnan(e[0]) else e[0] / e[1])
     if not error <= tolerance:
         return "wrong", f"relative error {error:.1e} > {tolerance:.0e}"
@@ -199,6 +202,18 @@ def on_cpu(reference: Callable, cases: list[Case]) -> list:
     return outputs
 
 
+def time_candidate(candidate: Candidate, result: Result, cases: dict[int, tuple], timer: Timer):
+    """Fills `result.seconds`; a failure at some length (correct on small inputs, failing on
+    long ones) makes the candidate an error."""
+    for T, inputs in cases.items():
+        try:
+            result.seconds[T] = timer(candidate.name, T, functools.partial(candidate.run, *inputs))
+        except Exception as error:
+            result.status, result.detail = "error", f"at T={T}: {one_line(error)}"
+            result.seconds.clear()
+            return
+
+
 def run_task(
     task: str,
     candidates: Sequence[Candidate],
@@ -217,10 +232,7 @@ def run_task(
             continue
         result = Result(task, candidate.name, *check(candidate, cases, references))
         if result.status == "ok":
-            for T, inputs in timing_cases.items():
-                result.seconds[T] = timer(
-                    candidate.name, T, functools.partial(candidate.run, *inputs)
-                )
+            time_candidate(candidate, result, timing_cases, timer)
         results.append(result)
     return results
 
@@ -323,9 +335,17 @@ def ensure_tuned() -> None:
             f"and timing the Metal kernels once (recorded in {file})",
             file=sys.stderr,
         )
-    tuning = load_or_tune(
-        scan_candidates(), decode_candidates(), file=file, measured_on=measured_on, metal=True
-    )
+    try:
+        tuning = load_or_tune(
+            scan_candidates(), decode_candidates(), file=file, measured_on=measured_on, metal=True
+        )
+    except Exception as error:  # a broken self-test must not stop the model from loading
+        print(
+            f"qwen35-mlx: warning: the kernel self-test failed ({one_line(error)}); the kernels "
+            "run untested. `qwen35-mlx doctor` shows the error for a bug report",
+            file=sys.stderr,
+        )
+        return
     dispatch.use_tuning(tuning)
 
 
