@@ -21,8 +21,7 @@ from .app import (
     as_api_error,
     check_max_tokens,
     check_model,
-    events,
-    first_event,
+    start,
 )
 from .engine import Event, GenerationRequest, Usage
 from .media import resolve_media
@@ -219,11 +218,10 @@ async def messages(server: Server, body: dict) -> Response:
         tools=tools,
     )
     reply = Reply(request.model, tools)
-    handle = server.engine.submit(generation)
-    first = await first_event(handle)
+    handle, stream = await start(server, generation)
     if request.stream:
-        return EventStream(reply.stream(events(first, handle)), handle)
-    async for event in events(first, handle):
+        return EventStream(reply.stream(stream), handle)
+    async for event in stream:
         reply.add(event)
     return JSONResponse(reply.message())
 

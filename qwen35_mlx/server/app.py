@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..generate import ContextLengthError
-from .engine import Engine, Event, Handle, QueueFullError
+from .engine import Engine, Event, GenerationRequest, Handle, QueueFullError
 from .media import MediaPolicy
 
 log = logging.getLogger("qwen35_mlx.server")
@@ -167,6 +167,12 @@ def check_max_tokens(server: Server, max_tokens: int | None) -> int:
             "max_tokens",
         )
     return max_tokens
+
+
+async def start(server: Server, request: GenerationRequest) -> tuple[Handle, AsyncIterator[Event]]:
+    """Submit `request`: (its handle, its events), the first one already arrived."""
+    handle = server.engine.submit(request)
+    return handle, events(await first_event(handle), handle)
 
 
 async def first_event(handle: Handle) -> Event | None:

@@ -21,8 +21,7 @@ from .app import (
     as_api_error,
     check_max_tokens,
     check_model,
-    events,
-    first_event,
+    start,
 )
 from .engine import Event, GenerationRequest, Usage
 from .media import resolve_media
@@ -77,6 +76,9 @@ class Sampling(BaseModel):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def generation(self, server: Server, prompt, **extra) -> GenerationRequest:
         check_model(server, self.model)
@@ -163,14 +165,11 @@ async def chat_completions(server: Server, body: dict) -> Response:
         top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
     reply = Reply("chatcmpl", request.model, tools)
-    handle = server.engine.submit(generation)
-    first = await first_event(handle)
+    handle, stream = await start(server, generation)
     if request.stream:
-        usage = request.stream_options is not None and request.stream_options.include_usage
-        return EventStream(
-            with_error_chunk(reply.chat_chunks(events(first, handle), usage)), handle
-        )
-    async for event in events(first, handle):
+        chunks = reply.chat_chunks(stream, request.include_usage())
+        return EventStream(with_error_chunk(chunks), handle)
+    async for event in stream:
         reply.add(event)
     choice = {"index": 0, "message": reply.message(), "finish_reason": reply.finish_reason}
     choice["logprobs"] = {"content": reply.logprobs} if request.logprobs else None
@@ -200,14 +199,11 @@ async def completions(server: Server, body: dict) -> Response:
     request = CompletionRequest.model_validate(body)
     generation = request.generation(server, request.prompt, top_logprobs=request.logprobs)
     reply = Reply("cmpl", request.model)
-    handle = server.engine.submit(generation)
-    first = await first_event(handle)
+    handle, stream = await start(server, generation)
     if request.stream:
-        usage = request.stream_options is not None and request.stream_options.include_usage
-        return EventStream(
-            with_error_chunk(reply.text_chunks(events(first, handle), usage)), handle
-        )
-    async for event in events(first, handle):
+        chunks = reply.text_chunks(stream, request.include_usage())
+        return EventStream(with_error_chunk(chunks), handle)
+    async for event in stream:
         reply.add(event)
     choice = {"index": 0, "text": reply.reasoning + reply.content}
     choice["finish_reason"] = reply.finish_reason
