@@ -73,3 +73,12 @@ def test_other_hosts_than_loopback_are_warned_about(make_checkpoint, monkeypatch
         warnings.simplefilter("error")  # loopback: no warning
         run.serve(str(directory))
     assert uvicorn_run.call_args.kwargs["host"] == "127.0.0.1"
+
+
+def test_bench_serve_reports_reuse_against_none(make_checkpoint, capsys):
+    directory, _ = make_checkpoint(Spec())
+    assert main(["bench", "serve", "--model", str(directory), "--history", "64"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip()[:1].isdigit()).split()
+    history, cached = int(row[0]), int(row[1])
+    assert 64 < cached < history  # the document's snapshot reused, the new question not
