@@ -62,6 +62,12 @@ def test_chat_reply_equals_the_python_api(client, local):
     assert reply.usage.completion_tokens == expected.generation_tokens
 
 
+def test_a_developer_message_is_a_system_message(client):
+    as_developer = [{**HISTORY[0], "role": "developer"}, *HISTORY[1:]]
+    expected = chat(client, HISTORY).choices[0].message.content
+    assert chat(client, as_developer).choices[0].message.content == expected
+
+
 def test_streamed_chat_equals_the_whole_reply(client):
     whole = chat(client, HISTORY)
     chunks = list(chat(client, HISTORY, stream=True, stream_options={"include_usage": True}))

@@ -106,6 +106,11 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
     reasoning_content: str | None = None
 
+    def library(self) -> dict:
+        """As the library takes it: OpenAI's `developer` role is the template's `system`."""
+        message = self.model_dump(exclude_none=True, exclude_unset=True)
+        return message | {"role": "system"} if self.role == "developer" else message
+
 
 class ChatTemplateKwargs(BaseModel):
     enable_thinking: bool | None = None
@@ -147,9 +152,7 @@ async def list_models(server: Server, body: dict) -> Response:
 
 async def chat_completions(server: Server, body: dict) -> Response:
     request = ChatCompletionRequest.model_validate(body)
-    messages = [
-        message.model_dump(exclude_none=True, exclude_unset=True) for message in request.messages
-    ]
+    messages = [message.library() for message in request.messages]
     messages = await run_in_threadpool(resolve_media, messages, server.media)
     if request.max_completion_tokens is not None:
         request.max_tokens = request.max_completion_tokens
