@@ -1,6 +1,6 @@
 """Constrained decoding: replies that follow a JSON schema or Qwen3.5's tool-call format.
 
-The grammars come from llguidance (docs/ARCHITECTURE.md §12): JSON from its JSON-schema
+The grammars come from llguidance (docs/ARCHITECTURE.md §14): JSON from its JSON-schema
 compiler, the tool-call wrapper from a small grammar in its Lark dialect that embeds the
 parameters' schemas with `%json`. A `Grammar` holds the compiled-from text; `processor` turns it
 into a logits processor for `generate_step` that adds, each step, a bias of 0 (allowed) or -inf
@@ -29,7 +29,7 @@ from .tokenizer import THINK_CLOSE
 
 EXTRA = "server"  # the optional extra that installs llguidance
 # No whitespace outside strings: with the library's default (any run of blanks between tokens)
-# a random-weight model emits blanks until max_tokens (docs/ARCHITECTURE.md §12).
+# a random-weight model emits blanks until max_tokens (docs/ARCHITECTURE.md §14).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 END_OF_TURN = "<|im_end|>"
 

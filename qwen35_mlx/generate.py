@@ -314,7 +314,7 @@ def stream_generate(
             say more do not pay; False drafts num_draft_tokens every round.
         response_format: OpenAI's: {"type": "json_object"} or {"type": "json_schema",
             "json_schema": {"name": ..., "schema": {...}}} constrain the answer to JSON (of
-            that schema), ending when the value closes (docs/ARCHITECTURE.md §12; needs the
+            that schema), ending when the value closes (docs/ARCHITECTURE.md §14; needs the
             `server` extra).
         constraint: a `constrained.Grammar` for the answer, e.g. `tool_call_grammar(tools,
             "required")`; not with response_format. Reasoning before it is free.

@@ -2,7 +2,7 @@
 
 Each library decodes the same reply: a fixed JSON document of `SCHEMA` (compact, as the
 grammar writes it) then `<|im_end|>`, each token forced by the sampler after the mask was
-computed and applied, as `generate_step` runs a logits processor (docs/ARCHITECTURE.md §12).
+computed and applied, as `generate_step` runs a logits processor (docs/ARCHITECTURE.md §14).
 A forced token the mask refuses is an error, so the run also checks each library's mask.
 Rounds alternate the libraries; the table gives, as medians: the time to prepare the
 tokenizer and to compile the schema, the mask's own cost per token (computed, applied and the
