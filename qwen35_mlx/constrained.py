@@ -32,6 +32,10 @@ EXTRA = "server"  # the optional extra that installs llguidance
 # a random-weight model emits blanks until max_tokens (docs/ARCHITECTURE.md §14).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 END_OF_TURN = "<|im_end|>"
+# [256, 8] the biases of the 8 tokens a bitmask byte covers (bit i: token 8 byte + i):
+# 0 allowed, -inf refused. A table lookup is ten times faster than unpacking the bits.
+_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+BYTE_BIAS = np.where(_BITS.astype(bool), np.float32(0), np.float32(-np.inf))
 
 
 def _llguidance():
@@ -97,10 +101,11 @@ class GrammarProcessor:
                 self.think_end = None
         self.seen = len(generated)
         if self.think_end is not None:
-            return logits + mx.array(self.no_stop)
+            return logits + mx.array(self.no_stop, logits.dtype)
         self.fill(self.bitmask)
-        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[: self.vocab_size]
-        return logits + mx.array(np.where(bits.astype(bool), np.float32(0), np.float32(-np.inf)))
+        # each bitmask byte looks up its 8 tokens' biases: [V/8, 8] -> [V]
+        bias = np.take(BYTE_BIAS, self.bitmask.view(np.uint8)[0], axis=0).reshape(-1)
+        return logits + mx.array(bias[: self.vocab_size], logits.dtype)
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
@@ -118,16 +123,14 @@ _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def grammar_tokenizer(tokenizer, vocab_size: int):
     """llguidance's view of `tokenizer` (every token's bytes; about 3 s to build for the 248K
     vocabulary, so it is kept per tokenizer). End of sequence is `<|im_end|>`."""
-    key = (vocab_size,)
     built = _TOKENIZERS.setdefault(tokenizer, {})
-    if key not in built:
-        llg = _llguidance()
-        built[key] = llg.LLTokenizer(
+    if vocab_size not in built:
+        built[vocab_size] = _llguidance().LLTokenizer(
             tokenizer.backend_json(),
             n_vocab=vocab_size,
             eos_token=tokenizer.encode(END_OF_TURN),
         )
-    return built[key]
+    return built[vocab_size]
 
 
 def response_format_grammar(response_format: Mapping | None) -> Grammar | None:
