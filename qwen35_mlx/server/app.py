@@ -2,7 +2,7 @@
 
 Starlette rather than FastAPI: each route validates its body with pydantic itself, so that a bad
 request is answered in its API's error shape (FastAPI's automatic validation answers 422 in its
-own), and nothing else of FastAPI is used (docs/ARCHITECTURE.md §14).
+own), and nothing else of FastAPI is used (docs/ARCHITECTURE.md §15).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 HTTP handlers never touch MLX: they submit a `GenerationRequest` (plain data) and read `Event`s
 (plain data) from the returned `Handle`, an async iterator fed from the engine thread. The worker
 runs one request at a time over `stream_generate`; `Engine._run` is the one place that decides
-how requests are scheduled (docs/ARCHITECTURE.md §14).
+how requests are scheduled (docs/ARCHITECTURE.md §15).
 """
 
 from __future__ import annotations
