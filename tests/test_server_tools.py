@@ -144,15 +144,3 @@ def test_an_anthropic_tool_use_block(served, stream):
     assert (use.name, use.input) == ("get_weather", {"city": "Paris", "days": 3})
     assert message.stop_reason == "tool_use"
     assert served.engine.requests[-1].tools == [TOOLS[0]]
-
-
-def test_tool_choice_needing_constraints_is_refused_not_ignored(served):
-    client = openai.OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0)
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
-            model=MODEL_ID,
-            messages=[{"role": "user", "content": "Weather?"}],
-            tools=TOOLS,
-            tool_choice="required",
-        )
-    assert "tool_choice" in caught.value.message

@@ -121,6 +121,14 @@ class ToolChoice(BaseModel):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
 
+    def openai(self) -> str | dict:
+        """As OpenAI's tool_choice (which the engine takes)."""
+        if self.type == "tool":
+            if not self.name:
+                raise APIError(400, "invalid_request", "tool_choice of type tool needs name")
+            return {"type": "function", "function": {"name": self.name}}
+        return {"any": "required"}.get(self.type, "auto")
+
 
 class MessagesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # metadata, service_tier, ...
@@ -142,13 +150,6 @@ class MessagesRequest(BaseModel):
         """The tools in OpenAI's form, as the chat template takes them; none with "none"."""
         if self.tool_choice.type == "none" or not self.tools:
             return None
-        if self.tool_choice.type != "auto":
-            raise APIError(
-                400,
-                "invalid_request",
-                "tool_choice 'any' or 'tool' needs constrained decoding, which this build "
-                "does not have yet; use tool_choice 'auto'",
-            )
         return [tool.openai() for tool in self.tools]
 
     def library_messages(self) -> list[dict]:
@@ -216,6 +217,7 @@ async def messages(server: Server, body: dict) -> Response:
         stop=tuple(request.stop_sequences),
         enable_thinking=request.enable_thinking(),
         tools=tools,
+        tool_choice=request.tool_choice.openai() if tools else "auto",
     )
     reply = Reply(request.model, tools)
     handle, stream = await start(server, generation)

@@ -19,6 +19,7 @@ from functools import cached_property
 
 import mlx.core as mx
 
+from ..constrained import tool_call_grammar
 from ..generate import GenerationResponse, stream_generate
 from ..prompt import VisionCache
 from ..prompt_cache import PrefixCache
@@ -34,6 +35,9 @@ class GenerationRequest:
     prompt: chat messages (OpenAI style, image items included) or text used as is.
     tools: OpenAI-form tool definitions the chat template shows the model (calls are read
         from the answer text by the HTTP side, `qwen35_mlx.tool_calls`).
+    tool_choice: OpenAI's "auto", "required" or {"type": "function", "function": {"name":
+        ...}}; the last two are enforced by constrained decoding.
+    response_format: OpenAI's, enforced by constrained decoding.
     top_logprobs: None for no log-probabilities; n >= 0 for the chosen token's and the n most
         likely ones' at each step.
     """
@@ -51,13 +55,16 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     enable_thinking: bool | None = None
     tools: Sequence[Mapping] | None = None
+    tool_choice: str | Mapping = "auto"
+    response_format: Mapping | None = None
     top_logprobs: int | None = None
 
     def generation_kwargs(self) -> dict:
         """The `stream_generate` keyword arguments (everything but the prompt)."""
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
-        del kwargs["prompt"], kwargs["top_logprobs"]
+        del kwargs["prompt"], kwargs["top_logprobs"], kwargs["tool_choice"]
         kwargs["stop"] = list(self.stop)
+        kwargs["constraint"] = tool_call_grammar(self.tools or (), self.tool_choice)
         return kwargs
 
 

@@ -158,13 +158,14 @@ async def chat_completions(server: Server, body: dict) -> Response:
         request.max_tokens = request.max_completion_tokens
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "invalid_request", "top_logprobs needs logprobs: true", "logprobs")
-    check_constraints(request)
     tools = request.offered_tools()
     generation = request.generation(
         server,
         messages,
         enable_thinking=request.chat_template_kwargs.enable_thinking,
         tools=tools,
+        tool_choice=request.tool_choice if tools else "auto",
+        response_format=request.response_format,
         top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
     reply = Reply("chatcmpl", request.model, tools)
@@ -177,25 +178,6 @@ async def chat_completions(server: Server, body: dict) -> Response:
     choice = {"index": 0, "message": reply.message(), "finish_reason": reply.finish_reason}
     choice["logprobs"] = {"content": reply.logprobs} if request.logprobs else None
     return JSONResponse(reply.body("chat.completion", [choice]))
-
-
-def check_constraints(request: ChatCompletionRequest) -> None:
-    """Refuse what needs constrained decoding, rather than ignore it."""
-    if request.tool_choice not in ("auto", "none"):
-        raise APIError(
-            400,
-            "invalid_request",
-            "tool_choice 'required' or a named function needs constrained decoding, which "
-            "this build does not have yet; use tool_choice 'auto'",
-            "tool_choice",
-        )
-    if request.response_format not in (None, {"type": "text"}):
-        raise APIError(
-            400,
-            "invalid_request",
-            "response_format needs constrained decoding, which this build does not have yet",
-            "response_format",
-        )
 
 
 async def completions(server: Server, body: dict) -> Response:
