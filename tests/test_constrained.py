@@ -9,10 +9,9 @@ import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_bench import TINY_TEXT
+from test_bench import write_text_only_checkpoint
 
 from qwen35_mlx import generate_step, load, stream_generate
-from qwen35_mlx.bench.random_checkpoint import write_random_checkpoint
 from qwen35_mlx.constrained import json_schema_grammar, response_format_grammar, tool_call_grammar
 from qwen35_mlx.tool_calls import parse_tool_calls
 
@@ -94,16 +93,7 @@ TOOLS = [WEATHER, ADD]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 4-layer, 64-wide random model with the real vocabulary (248,320) and tokenizer files."""
-    directory = write_random_checkpoint(
-        tmp_path_factory.mktemp("constrained") / "ckpt",
-        "0.8B",
-        num_layers=4,
-        vision=False,
-        mtp=False,
-        dtype="float32",
-        overrides={"text_config": {**TINY_TEXT, "linear_num_value_heads": 2}},
-    )
-    return load(directory)
+    return load(write_text_only_checkpoint(tmp_path_factory.mktemp("constrained") / "ckpt"))
 
 
 def reply(tiny, max_tokens: int, seed: int, **kwargs):

@@ -8,10 +8,9 @@ import anthropic
 import jsonschema
 import openai
 import pytest
-from test_bench import TINY_TEXT
+from test_bench import write_text_only_checkpoint
 
 from qwen35_mlx import generate, load
-from qwen35_mlx.bench.random_checkpoint import write_random_checkpoint
 
 from server_fixtures import API_KEY, MODEL_ID, start_server
 
@@ -20,15 +19,7 @@ HISTORY = [{"role": "user", "content": "Name a person."}]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    directory = write_random_checkpoint(
-        tmp_path_factory.mktemp("served") / "ckpt",
-        "0.8B",
-        num_layers=4,
-        vision=False,
-        mtp=False,
-        dtype="float32",
-        overrides={"text_config": {**TINY_TEXT, "linear_num_value_heads": 2}},
-    )
+    directory = write_text_only_checkpoint(tmp_path_factory.mktemp("served") / "ckpt")
     running, stop = start_server(directory)
     yield running
     stop()
