@@ -132,8 +132,17 @@ def test_fast_ops_fused_on_metal_count_once():
     assert unfused[0] == unfused[1] > 1
 
 
+def test_compiled_functions_count_as_fused():
+    from mlx_lm.models import qwen3_next  # SwiGLU: mx.compile'd silu(gate) * x
+
+    x = mx.zeros((1, 1, 64), dtype=mx.bfloat16)
+    primitives, traced_here, _ = model_primitives.metal_counts(
+        lambda gate, x: (qwen3_next.swiglu(gate, x) + x,), x, x
+    )
+    assert (primitives, traced_here) == (2, 4)  # Compiled + Add; Sigmoid, 2 Multiply, Add
+
+
 def test_mlx_lm_metal_branch_takes_its_kernel_in_every_deltanet_layer():
-    pytest.importorskip("mlx_lm")
     model = model_primitives.mlx_lm_model(tiny_config("9B"), "bf16")
     plain = model_primitives.mlx_lm_decode(model)
     with model_primitives.mlx_lm_metal_branch():

@@ -10,17 +10,20 @@ would write constants to disk): stand-ins of the real shapes and of the dtypes a
 4-bit) load gives, zeros broadcast from one element, so even the 9B costs no memory; the graph
 depends on shapes and dtypes only. Every cache already holds `CACHED_TOKENS` tokens, B = 1.
 
-Off Metal the fast ops (rms_norm, rope, scaled_dot_product_attention, layer_norm) are drawn as
-their fallback ops; on a Metal stream each is one primitive (sdpa where MLX's rule fuses it,
-`attention.metal_fuses`). Both are reported: "traced here" as drawn, "primitives" with each
-fast op a Metal stream fuses counted once. mx.compile'd functions (mlx-lm's SwiGLU and gate)
-are traced op by op; a Mac fuses each into one primitive, so mlx-lm's counts are upper bounds.
+The trace draws each fast op (rms_norm, rope, scaled_dot_product_attention, layer_norm) as
+its CPU fallback ops and each mx.compile'd function (mlx-lm's SwiGLU, gates, per-token step) op
+by op. MLX records a fast op as one primitive on a Metal stream (sdpa where MLX's rule fuses it,
+`attention.metal_fuses`) and a compiled function as its fused primitives on any device. Both
+are reported: "traced here" as drawn, "primitives" as MLX records the graph on a Mac, each such
+call's surplus (`Call.surplus`, from the same call traced and built on its own) taken off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -52,41 +55,103 @@ class DecodeCount:
     size: str
     weights: str
     implementation: str
-    primitives: int  # fast ops a Metal stream fuses counted once
-    traced: int  # as drawn here, fast ops as their fallback ops
+    primitives: int  # as MLX records the graph on a Metal stream
+    traced: int  # as drawn here: fast ops as their fallbacks, compiled functions op by op
     kernels: int  # custom-kernel dispatches
 
 
-@contextlib.contextmanager
-def fast_ops_recorded() -> Iterator[list[int]]:
-    """Yields a list that gets, for every mx.fast op called inside, the primitives it draws
-    here beyond the one a Metal stream records (0 where Metal takes the fallback too): those
-    drawn above its output and not above its array arguments."""
-    surplus: list[int] = []
-    saved = {name: getattr(mx.fast, name) for name in FAST_OPS}
+COMPILED = type(mx.compile(lambda x: x))  # what mx.compile returns
+COMPILING_MODULES = ("mlx_lm.", "qwen35_mlx.")  # whose module-level compiled functions count
 
-    def recording(name: str, op: Callable) -> Callable:
+
+@dataclass(frozen=True)
+class Spec:
+    """An array argument by shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call met while tracing that MLX records as fewer primitives than the trace draws: an
+    mx.fast op (one primitive on a Metal stream) or an mx.compile'd function (fused)."""
+
+    fn: Callable
+    args: tuple  # arrays as `Spec`s
+    kwargs: tuple  # (name, value) pairs, arrays as `Spec`s
+    compiled: bool
+
+    def surplus(self) -> int:
+        """Primitives the trace draws for this call beyond those MLX records."""
+        return _surplus(self)
+
+
+def _spec(x):
+    return Spec(x.shape, x.dtype) if isinstance(x, mx.array) else x
+
+
+def _filled(call: Call) -> tuple[list, dict]:
+    """The call's arguments with evaluated zeros for its arrays (leaves of any graph)."""
+    zeros = lambda x: mx.zeros(x.shape, x.dtype) if isinstance(x, Spec) else x
+    args, kwargs = [zeros(a) for a in call.args], {k: zeros(v) for k, v in call.kwargs}
+    mx.eval([x for x in (*args, *kwargs.values()) if isinstance(x, mx.array)])
+    return args, kwargs
+
+
+@functools.cache
+def _surplus(call: Call) -> int:
+    args, kwargs = _filled(call)
+
+    def traced(*arrays):
+        filled = iter(arrays)
+        inputs = [next(filled) if isinstance(a, mx.array) else a for a in args]
+        out = call.fn(*inputs, **kwargs)
+        return out if isinstance(out, tuple) else (out,)
+
+    arrays = [a for a in args if isinstance(a, mx.array)]
+    drawn = sum(primitive_counts(traced, *arrays).values())
+    if not call.compiled:
+        return drawn - 1
+    out = call.fn(*args, **kwargs)  # built lazily: one Compiled primitive per fused chain
+    return drawn - sum(graph_counts(*(out if isinstance(out, tuple) else (out,))).values())
+
+
+@contextlib.contextmanager
+def calls_recorded() -> Iterator[list[Call]]:
+    """Yields a list that gets every call, inside, of an mx.fast op a Metal stream fuses
+    (sdpa where `attention.metal_fuses`) and of a module-level mx.compile'd function of mlx-lm
+    or of this package."""
+    calls: list[Call] = []
+    sites = [(mx.fast, name, getattr(mx.fast, name), False) for name in FAST_OPS]
+    sites += [
+        (module, name, fn, True)
+        for module_name, module in list(sys.modules.items())
+        if module_name.startswith(COMPILING_MODULES)
+        for name, fn in list(vars(module).items())
+        if isinstance(fn, COMPILED)
+    ]
+
+    def recording(fn: Callable, name: str, compiled: bool) -> Callable:
         def call(*args, **kwargs):
-            out = op(*args, **kwargs)
-            if name != "scaled_dot_product_attention" or attention.metal_fuses(*args[:3]):
-                arrays = [x for x in (*args, *kwargs.values()) if isinstance(x, mx.array)]
-                own = _drawn(out) - _drawn(*arrays)
-                surplus.append(own - 1)
-            return out
+            if (
+                compiled
+                or name != "scaled_dot_product_attention"
+                or attention.metal_fuses(*args[:3])
+            ):
+                specs = tuple(sorted((k, _spec(v)) for k, v in kwargs.items()))
+                calls.append(Call(fn, tuple(map(_spec, args)), specs, compiled))
+            return fn(*args, **kwargs)
 
         return call
 
     try:
-        for name, op in saved.items():
-            setattr(mx.fast, name, recording(name, op))
-        yield surplus
+        for holder, name, fn, compiled in sites:
+            setattr(holder, name, recording(fn, name, compiled))
+        yield calls
     finally:
-        for name, op in saved.items():
-            setattr(mx.fast, name, op)
-
-
-def _drawn(*arrays: mx.array) -> int:
-    return sum(graph_counts(*arrays).values()) if arrays else 0
+        for holder, name, fn, _ in sites:
+            setattr(holder, name, fn)
 
 
 def stand_in_weights(model: nn.Module, keeps_float32: Callable[[str], bool]) -> None:
@@ -120,12 +185,13 @@ def _set(slot: Slot, x: mx.array) -> None:
 
 
 def metal_counts(fn, *args: mx.array) -> tuple[int, int, int]:
-    """(primitives with the fast ops a Metal stream fuses counted once, primitives as traced
-    here, custom kernels) of `fn(*args)`, traced with `primitive_counts`."""
-    with fast_ops_recorded() as surplus:
+    """(primitives as MLX records them on a Metal stream, primitives as traced here, custom
+    kernels) of `fn(*args)`, traced with `primitive_counts`."""
+    with calls_recorded() as calls:
         counts = primitive_counts(fn, *args)
+    surplus = sum(call.surplus() for call in calls)
     traced = sum(counts.values())
-    return traced - sum(surplus), traced, counts["CustomKernel"]
+    return traced - surplus, traced, counts["CustomKernel"]
 
 
 def count_decode(
@@ -315,10 +381,11 @@ def print_decode_counts(counts: list[DecodeCount]) -> None:
         text_columns=3,
     )
     print(
-        "(primitives: each mx.fast op a Metal stream fuses counted once, as a Mac records the "
-        "graph; traced here: as this machine draws it, fast ops as their fallback ops; "
-        "Metal rows force our fused DeltaNet decode step and mlx-lm's gated delta kernel; "
-        "mx.compile'd functions (mlx-lm's) drawn op by op, which a Mac fuses into one)"
+        "(primitives: as MLX records the graph on a Metal stream, each fused mx.fast op one "
+        "primitive, each mx.compile'd function its fused primitives; traced here: as "
+        "mx.export_function draws it on this machine, fast ops as their CPU fallbacks and "
+        "compiled functions op by op; Metal rows force our fused DeltaNet decode step and "
+        "mlx-lm's gated delta kernel)"
     )
 
 
