@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 from qwen35_mlx import cli
@@ -140,6 +141,8 @@ def test_compiled_functions_count_as_fused():
         lambda gate, x: (qwen3_next.swiglu(gate, x) + x,), x, x
     )
     assert (primitives, traced_here) == (2, 4)  # Compiled + Add; Sigmoid, 2 Multiply, Add
+    # mlx.nn's silu is compiled too: one primitive, not Sigmoid and Multiply
+    assert model_primitives.metal_counts(lambda x: (nn.silu(x),), x)[:2] == (1, 2)
 
 
 def test_mlx_lm_metal_branch_takes_its_kernel_in_every_deltanet_layer():

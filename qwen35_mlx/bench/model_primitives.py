@@ -11,11 +11,12 @@ would write constants to disk): stand-ins of the real shapes and of the dtypes a
 depends on shapes and dtypes only. Every cache already holds `CACHED_TOKENS` tokens, B = 1.
 
 The trace draws each fast op (rms_norm, rope, scaled_dot_product_attention, layer_norm) as
-its CPU fallback ops and each mx.compile'd function (mlx-lm's SwiGLU, gates, per-token step) op
-by op. MLX records a fast op as one primitive on a Metal stream (sdpa where MLX's rule fuses it,
-`attention.metal_fuses`) and a compiled function as its fused primitives on any device. Both
-are reported: "traced here" as drawn, "primitives" as MLX records the graph on a Mac, each such
-call's surplus (`Call.surplus`, from the same call traced and built on its own) taken off.
+its CPU fallback ops and each mx.compile'd function (mlx.nn's silu and softplus, mlx-lm's SwiGLU,
+gates, per-token step) op by op. MLX records a fast op as one primitive on a Metal stream (sdpa
+where MLX's rule fuses it, `attention.metal_fuses`) and a compiled function as its fused
+primitives on any device. Both are reported: "traced here" as drawn, "primitives" as MLX
+records the graph on a Mac, each such call's surplus (`Call.surplus`, from the same call traced
+and built on its own) taken off.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class DecodeCount:
 
 
 COMPILED = type(mx.compile(lambda x: x))  # what mx.compile returns
-COMPILING_MODULES = ("mlx_lm.", "qwen35_mlx.")  # whose module-level compiled functions count
+# whose module-level compiled functions count (mlx.nn: silu, softplus, ...)
+COMPILING_MODULES = ("mlx.nn", "mlx_lm.", "qwen35_mlx.")
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,8 @@ def _surplus(call: Call) -> int:
 @contextlib.contextmanager
 def calls_recorded() -> Iterator[list[Call]]:
     """Yields a list that gets every call, inside, of an mx.fast op a Metal stream fuses
-    (sdpa where `attention.metal_fuses`) and of a module-level mx.compile'd function of mlx-lm
-    or of this package."""
+    (sdpa where `attention.metal_fuses`) and of a module-level mx.compile'd function of mlx.nn,
+    mlx-lm or this package, calls made by a recorded compiled function left out."""
     calls: list[Call] = []
     sites = [(mx.fast, name, getattr(mx.fast, name), False) for name in FAST_OPS]
     sites += [
@@ -132,16 +134,20 @@ def calls_recorded() -> Iterator[list[Call]]:
         if isinstance(fn, COMPILED)
     ]
 
+    depth = 0  # compiled calls under way: what they call is theirs
+
     def recording(fn: Callable, name: str, compiled: bool) -> Callable:
         def call(*args, **kwargs):
-            if (
-                compiled
-                or name != "scaled_dot_product_attention"
-                or attention.metal_fuses(*args[:3])
-            ):
+            nonlocal depth
+            fused = compiled or name != "scaled_dot_product_attention"
+            if not depth and (fused or attention.metal_fuses(*args[:3])):
                 specs = tuple(sorted((k, _spec(v)) for k, v in kwargs.items()))
                 calls.append(Call(fn, tuple(map(_spec, args)), specs, compiled))
-            return fn(*args, **kwargs)
+            depth += compiled
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth -= compiled
 
         return call
 
@@ -389,7 +395,7 @@ def print_decode_counts(counts: list[DecodeCount]) -> None:
     )
 
 
-def bench_decode_primitives(sizes, weights=WEIGHTS) -> None:
+def bench_decode_primitives(sizes=SIZES, weights=WEIGHTS) -> None:
     with_mlx_lm = mlx_lm_available()
     if not with_mlx_lm:
         print(NO_MLX_LM)
