@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from benchmarks.count import decode_primitives, primitive_counts
+from qwen35_mlx.bench.count import decode_primitives, primitive_counts
+from qwen35_mlx.bench.model_primitives import mlx_lm_metal_branch
 from qwen35_mlx.bench.random_checkpoint import config_json
 from qwen35_mlx.bench.report import print_rows, progress
 from qwen35_mlx.gated_delta import SCAN_PATHS, gated_delta_update
@@ -184,22 +185,9 @@ def mlx_lm_decode_primitives(size: str) -> int:
 
 
 def mlx_lm_metal_decode_primitives(size: str) -> int:
-    """`mlx_lm_decode_primitives` on mlx-lm's Metal branch, as a Mac runs it.
-
-    mlx-lm builds its gated delta kernel at import only where Metal is available, and takes it
-    only when the default device is the GPU: both checks answer yes while the graph is traced
-    (tracing records the kernel call, it never runs it), and are restored after.
-    """
-    from mlx_lm.models import gated_delta
-
-    saved = mx.metal.is_available, mx.default_device, gated_delta._gated_delta_kernel_packed
-    try:
-        mx.metal.is_available = lambda: True
-        gated_delta._gated_delta_kernel_packed = gated_delta._make_gated_delta_packed_kernel()
-        mx.default_device = lambda: mx.gpu
+    """`mlx_lm_decode_primitives` on mlx-lm's Metal branch, as a Mac runs it."""
+    with mlx_lm_metal_branch():
         return mlx_lm_decode_primitives(size)
-    finally:
-        mx.metal.is_available, mx.default_device, gated_delta._gated_delta_kernel_packed = saved
 
 
 # One decoded token of one DeltaNet layer, by name: each counter takes the size.

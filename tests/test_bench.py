@@ -21,7 +21,7 @@ from benchmarks import generate as generate_benchmark
 from benchmarks import kernels as kernels_benchmark
 from benchmarks import vision as vision_benchmark
 from qwen35_mlx import cli, generate, load
-from qwen35_mlx.bench import kernel_counters, random_checkpoint, tokenizer_files
+from qwen35_mlx.bench import kernel_counters, model_primitives, random_checkpoint, tokenizer_files
 from qwen35_mlx.bench.random_checkpoint import (
     TEXT_COMMON,
     config_json,
@@ -337,6 +337,8 @@ TINY_HEADS = {
 
 def test_bench_kernels_prints_counters(monkeypatch, capsys):
     monkeypatch.setattr(kernel_counters, "heads_of", TINY_HEADS.__getitem__)
+    # the whole-model primitives it prints next are tests/test_count.py's
+    monkeypatch.setattr(model_primitives, "bench_decode_primitives", lambda sizes: None)
     assert cli.main(["bench", "kernels", "--tokens", "40", "--batch", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
@@ -365,6 +367,7 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
 
 def test_bench_kernels_without_emulator_says_so(monkeypatch, capsys):
     monkeypatch.setattr(kernel_counters, "load_emulator", lambda: None)
+    monkeypatch.setattr(model_primitives, "bench_decode_primitives", lambda sizes: None)
     assert cli.main(["bench", "kernels"]) == 0
     assert capsys.readouterr().out.strip() == kernel_counters.NO_EMULATOR
 

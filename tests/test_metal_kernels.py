@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from benchmarks.count import decode_primitive_counts, primitive_counts
+from qwen35_mlx.bench.count import decode_primitive_counts, primitive_counts
 from qwen35_mlx.gated_delta import dispatch as gated_delta
 from qwen35_mlx.gated_delta.chunked import chunked_scan
 from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call

@@ -9,7 +9,7 @@ import time
 
 from ..bench import constrained as constrained_bench
 from ..bench import generate as generate_bench
-from ..bench import kernel_counters, prefill_memory
+from ..bench import kernel_counters, model_primitives, prefill_memory
 from ..bench import speculative as speculative_bench
 from ..bench.prompt_cache import bench_prompt_cache
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
@@ -80,21 +80,27 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     constrained_bench.add_args(constrained)
     kernels = commands.add_parser(
         "kernels",
-        help="per-launch counters of the Metal kernels, from the MSL emulator",
+        help="per-launch counters of the Metal kernels, from the MSL emulator; primitives "
+        "per decoded token of the whole model against mlx-lm's",
         description="Runs the fused decode step and the chunked scan at each size's DeltaNet "
         "heads in the MSL-on-CPU emulator and prints what each launch asks of the GPU: "
         "device bytes read and written (against one read and write of the state), "
         "threadgroup-memory bank conflicts per SIMD step and by kernel line, barriers "
         "per threadgroup and per chunk, threadgroup memory, threads. Needs the "
         "repository's tests/msl_emulator beside the package and g++; without the emulator "
-        "it says so and exits 0.",
+        "it says so and exits 0. Then counts the MLX primitives and custom-kernel dispatches "
+        "one decoded token costs the whole text model of each size (bf16 and 4-bit weights), "
+        "ours on the CPU and the Metal path against mlx-lm's plain and Metal branches, from "
+        "graphs traced with mx.export_function (mlx-lm rows need `pip install "
+        "'qwen35-mlx[bench]'`).",
     )
     kernels.add_argument(
         "--heads",
         nargs="+",
         choices=("0.8B", "9B"),
         default=["0.8B", "9B"],
-        help="whose DeltaNet heads: 0.8B (Hk = Hv = 16), 9B (Hk = 16, Hv = 32)",
+        help="sizes: whose DeltaNet heads the kernels run (0.8B: Hk = Hv = 16, 9B: Hk = 16, "
+        "Hv = 32) and whose whole model the primitives are counted for",
     )
     kernels.add_argument("--tokens", type=int, default=64, help="T of the chunked scan")
     kernels.add_argument("--batch", type=int, default=1, help="B of both kernels")
@@ -156,7 +162,9 @@ def main(args: argparse.Namespace) -> int:
     if args.bench_command == "constrained":
         return constrained_bench.bench_constrained(args)
     if args.bench_command == "kernels":
-        return kernel_counters.bench_kernel_counters(args.heads, args.tokens, args.batch)
+        code = kernel_counters.bench_kernel_counters(args.heads, args.tokens, args.batch)
+        model_primitives.bench_decode_primitives(args.heads)
+        return code
     if args.bench_command == "startup":
         return bench_startup(args.repeats)
     return generate_bench.bench_generate(args)

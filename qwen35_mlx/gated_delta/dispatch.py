@@ -12,7 +12,7 @@ MSL-on-CPU emulator there.
 
 `SCAN_PATHS` holds the paths that run on this machine. Any path, Metal ones included, can be
 forced by name (`path=`, `decode_path=`): off Metal a forced kernel cannot run, but it traces
-under `mx.export_function`, which is how its primitives are counted (count.py).
+under `mx.export_function`, which is how its primitives are counted (bench/count.py).
 """
 
 from __future__ import annotations

@@ -44,6 +44,11 @@ def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
     """Whether MLX runs a fused kernel (no score matrix) for these shapes here."""
     if not (mx.default_device() == mx.gpu and mx.metal.is_available()):
         return False
+    return metal_fuses(q, k, v)
+
+
+def metal_fuses(q: mx.array, k: mx.array, v: mx.array) -> bool:
+    """Whether MLX's Metal back end runs a fused kernel for these shapes."""
     num_queries, head_dim = q.shape[2], q.shape[3]
     if head_dim != v.shape[3]:
         return False

@@ -15,6 +15,20 @@ from pathlib import Path
 import mlx.core as mx
 
 
+def _rectangles(dot: Path) -> Counter:
+    # only primitives are drawn as rectangles (arrays are plain nodes), whatever their label
+    return Counter(re.findall(r'label ="([^"]*)", shape=rectangle', dot.read_text()))
+
+
+def graph_counts(*outputs: mx.array) -> Counter:
+    """Primitives by name in the graph of `outputs` drawn as it stands (unevaluated arrays, or
+    arrays being traced); evaluated arrays and trace inputs are leaves."""
+    with tempfile.TemporaryDirectory() as folder:
+        dot = Path(folder) / "graph.dot"
+        mx.export_to_dot(str(dot), *outputs)
+        return _rectangles(dot)
+
+
 def primitive_counts(fn, *args: mx.array) -> Counter:
     """Primitives by name in the graph of `fn(*args)` (a tuple of arrays), inputs and constants
     excluded."""
@@ -32,8 +46,7 @@ def primitive_counts(fn, *args: mx.array) -> Counter:
             # writing the trace fails for a few primitives (e.g. Contiguous); it is drawn by then
             if not dot.exists():
                 raise
-        # only primitives are drawn as rectangles (arrays are plain nodes), whatever their label
-        return Counter(re.findall(r'label ="([^"]*)", shape=rectangle', dot.read_text()))
+        return _rectangles(dot)
 
 
 def decode_primitives(layer, decode_path: str, batch: int = 1) -> int:
