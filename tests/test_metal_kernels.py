@@ -12,7 +12,7 @@ from benchmarks.count import decode_primitive_counts, primitive_counts
 from qwen35_mlx.gated_delta import dispatch as gated_delta
 from qwen35_mlx.gated_delta.chunked import chunked_scan
 from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
-from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step_call
+from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step, decode_step_call
 from qwen35_mlx.gated_delta.dispatch import scan_inputs
 from qwen35_mlx.gated_delta.kernel import KernelSpec
 from qwen35_mlx.models.config import LINEAR, TextConfig
@@ -145,11 +145,19 @@ def test_chunked_kernel_missing_barrier_after_solve_is_caught(tmp_path):
 
 # ---- fused decode step ----
 
-DECODE_CASES = [  # (B, Hk, Hv, Dk, Dv, dtype, with_state)
-    (1, 2, 2, 128, 128, mx.float32, True),
-    (2, 1, 2, 128, 128, mx.bfloat16, True),
+HEADS = {"0.8B": (16, 16), "9B": (16, 32)}  # (Hk, Hv) with Dk = Dv = 128
+# (B, Hk, Hv, Dk, Dv, dtype, with_state): both models' heads in both dtypes at B = 1 and 3, which
+# split each head over 4 (0.8B, B = 1), 2 or 1 (9B, B = 3) threadgroups, and small heads with
+# Dk != Dv, not powers of two
+DECODE_CASES = [
+    (B, *HEADS[model], 128, 128, dtype, True)
+    for model in HEADS
+    for dtype in (mx.float32, mx.bfloat16)
+    for B in (1, 3)
+] + [
     (2, 2, 4, 16, 24, mx.float32, False),
     (1, 2, 4, 16, 24, mx.bfloat16, True),
+    (16, 1, 4, 16, 24, mx.bfloat16, True),
 ]
 
 
@@ -212,7 +220,8 @@ def decode_definition(qkv, z, a, b, layer, conv_state, state):
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[decode_id(c) for c in DECODE_CASES])
-def test_decode_step_matches_definition_and_plain_layer(case):
+def test_decode_step_matches_definition_and_plain_layer(case, monkeypatch):
+    monkeypatch.setattr(KernelSpec, "run", run_on_emulator)
     B, Hk, Hv, Dk, Dv, dtype, with_state = case
     layer = make_layer(Hk, Hv, Dk, Dv, dtype)
     x = mx.random.normal((B, 1, 64)).astype(dtype)
@@ -236,7 +245,8 @@ def test_decode_step_matches_definition_and_plain_layer(case):
         state,
         Hk,
     )
-    y, new_state, new_conv_state = emulate(DECODE_STEP, kernel_inputs, launch)
+    outputs = decode_step(kernel_inputs, launch)
+    y, new_state, new_conv_state = (np.array(x.astype(mx.float32)) for x in outputs)
 
     tolerance = TOLERANCE[dtype]
     for ours, reference in zip(
@@ -275,7 +285,10 @@ def test_layer_decodes_through_the_fused_step_like_the_plain_layer(monkeypatch):
 def test_decode_step_out_of_bounds_read_is_caught(tmp_path):
     # read a whole 32-lane row of the state when Dk = 16: past the buffer's end on its last row
     spec = broken_copy(
-        DECODE_STEP, tmp_path, "s[i] = d < Dk ? s_in[d] * decay : 0.0f;", "s[i] = s_in[d] * decay;"
+        DECODE_STEP,
+        tmp_path,
+        "s[r][i] = row < ROWS && d < Dk ? s_in[d] : 0.0f;",
+        "s[r][i] = s_in[d];",
     )
     layer = make_layer(1, 1, 16, 16, mx.float32)
     x = mx.random.normal((1, 1, 64))
@@ -299,14 +312,19 @@ def test_decode_step_out_of_bounds_read_is_caught(tmp_path):
 
 
 def test_layer_decodes_in_one_kernel_when_fused():
+    # 16 x 4 heads fill the GPU: one dispatch; 1 x 4 are split over 4 threadgroups each and the
+    # gated norm follows in a second dispatch
     layer = make_layer(2, 4, 16, 16, mx.bfloat16)
-    fused = decode_primitive_counts(layer, "fused")
-    plain = decode_primitive_counts(layer, "plain")
+    fused = decode_primitive_counts(layer, "fused", batch=16)
+    plain = decode_primitive_counts(layer, "plain", batch=16)
     # the projections (Matmul with its Transpose / Flatten / Unflatten) and z's Reshape remain
     assert fused["CustomKernel"] == 1
     assert set(fused) == {"CustomKernel", "Matmul", "Transpose", "Flatten", "Unflatten", "Reshape"}
     assert sum(fused.values()) < sum(plain.values())
     assert "CustomKernel" not in plain
+    split = decode_primitive_counts(layer, "fused", batch=1)
+    assert split["CustomKernel"] == 2
+    assert sum(split.values()) < sum(decode_primitive_counts(layer, "plain", batch=1).values())
 
 
 def test_dispatcher_picks_the_kernels_on_metal(monkeypatch):
