@@ -23,6 +23,7 @@ from msl_emulator import EmulatorError, emulate, run_on_emulator
 from test_gated_delta import CASES, case_id, gated_delta_reference, make_inputs
 
 TOLERANCE = {mx.float32: 1e-5, mx.bfloat16: 1e-2}
+HEADS = {"0.8B": (16, 16), "9B": (16, 32)}  # (Hk, Hv) with Dk = Dv = 128
 
 
 def broken_copy(spec, tmp_path, correct: str, broken: str):
@@ -65,10 +66,24 @@ def rounded(inputs, dtype):
     }
 
 
-# every case in float32; bfloat16 inputs at T = 1 and 65 (keeps the file near a minute)
-CHUNKED_CASES = [(case, mx.float32) for case in CASES] + [
-    (case, mx.bfloat16) for case in CASES if case["T"] in (1, 65)
-]
+# every case in float32; bfloat16 inputs at T = 1 and 65; then the real head counts, a covering
+# set of size x dtype x B in {1, 3} x T in {1, 7, 64} (all of them: test_msl_strict.py)
+CHUNKED_CASES = (
+    [(case, mx.float32) for case in CASES]
+    + [(case, mx.bfloat16) for case in CASES if case["T"] in (1, 65)]
+    + [
+        (
+            dict(B=B, T=T, Hk=HEADS[model][0], Hv=HEADS[model][1], Dk=128, Dv=128, with_state=True),
+            dtype,
+        )
+        for model, B, T, dtype in (
+            ("0.8B", 1, 7, mx.float32),
+            ("0.8B", 3, 1, mx.bfloat16),
+            ("9B", 3, 7, mx.bfloat16),
+            ("9B", 1, 64, mx.float32),
+        )
+    ]
+)
 
 
 @pytest.mark.parametrize(
@@ -101,9 +116,9 @@ def test_chunked_kernel_repeated_keys_stay_stable():
 
 
 def test_chunked_kernel_missing_barrier_is_caught(tmp_path):
-    # drop the barrier after A and P^T are built: k decayed to the chunk end then overwrites q^T
-    # while other threads still read it
-    built = "    PT[j * C + i] = decay * qk;\n  }\n"
+    # drop the barrier after A and P are built: simdgroups then read tiles of A that others are
+    # still writing
+    built = "    simdgroup_store(qk, P + 8 * ib * LC + 8 * jb, LC);\n  }\n"
     spec = broken_copy(
         CHUNKED_SCAN,
         tmp_path,
@@ -111,33 +126,28 @@ def test_chunked_kernel_missing_barrier_is_caught(tmp_path):
         built,
     )
     inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
-    with pytest.raises(EmulatorError, match="thread order"):
+    with pytest.raises(EmulatorError, match="data race on threadgroup array 'A'"):
         emulate_chunked(spec, scan_case(inputs, state, mx.float32))
 
 
-def test_chunked_kernel_missing_barrier_after_solve_is_caught(tmp_path):
-    # drop the barrier after the forward substitution: simdgroup 1 loads X^T columns that
-    # threads of simdgroup 0 are still solving. Every order computes the same outputs (each
-    # thread solves its column before any thread passes its next sync): only the race detector
-    # sees it, naming column 8's solver, its token 1 (C = 32: element 8 * 32 + 1) and both lines
-    solved = "      x[i] = acc;\n    }\n  }\n"
-    spec = broken_copy(
-        CHUNKED_SCAN,
-        tmp_path,
-        solved + "  threadgroup_barrier(mem_flags::mem_threadgroup);\n",
-        solved,
+def test_chunked_kernel_missing_barrier_at_chunk_end_is_caught(tmp_path):
+    # drop the barrier that closes a chunk: the next chunk's staging overwrites k while another
+    # simdgroup still reads it for its state update. The race detector names both lines
+    closing = (
+        "  threadgroup_barrier(mem_flags::mem_threadgroup);\n\n  for (int e = tid; e < live * BV;"
     )
+    spec = broken_copy(CHUNKED_SCAN, tmp_path, closing, closing.split("\n")[-1])
     lines = spec.source.splitlines()
-    load = lines.index("      simdgroup_load(xt, XT + row0 * C + 8 * jb, C);") + 1
-    solve = lines.index("      x[i] = acc;") + 1
+    staged = lines.index("    ks[i * LK + d] = i < live ? static_cast<float>(k[src]) : 0.0f;") + 1
+    read = lines.index("      simdgroup_load(kt, ks + 8 * ib * LK + 8 * d, LK);") + 1
     inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
     with pytest.raises(
         EmulatorError,
         match=(
-            rf"thread_index_in_threadgroup 32 .*data race on threadgroup array 'XT' element 257 .*"
-            rf"reads it .*at broken_chunked_scan.metal:{load} and thread_index_in_threadgroup 8 "
-            rf"\(simdgroup 0, lane 8\) wrote it at broken_chunked_scan.metal:{solve}, in another "
-            rf"SIMD group"
+            rf"simdgroup 0, lane 0\).*data race on threadgroup array 'ks' element 0 .*"
+            rf"this thread writes it at broken_chunked_scan.metal:{staged} and "
+            rf"thread_index_in_threadgroup 32 \(simdgroup 1, lane 0\) read it at "
+            rf"broken_chunked_scan.metal:{read}, in another SIMD group"
         ),
     ):
         emulate_chunked(spec, scan_case(inputs, state, mx.float32))
@@ -145,7 +155,6 @@ def test_chunked_kernel_missing_barrier_after_solve_is_caught(tmp_path):
 
 # ---- fused decode step ----
 
-HEADS = {"0.8B": (16, 16), "9B": (16, 32)}  # (Hk, Hv) with Dk = Dv = 128
 # (B, Hk, Hv, Dk, Dv, dtype, with_state): both models' heads in both dtypes at B = 1 and 3, which
 # split each head over 4 (0.8B, B = 1), 2 or 1 (9B, B = 3) threadgroups, and small heads with
 # Dk != Dv, not powers of two
