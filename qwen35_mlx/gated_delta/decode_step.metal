@@ -56,31 +56,40 @@ for (int r = 0; r < ROWS_PER_SG; ++r) {
 
 // 1. Conv + SiLU over q, k and this threadgroup's v channels; shift their conv state. A key
 // head's q/k channels are shared by Hv / Hk value heads and SPLIT threadgroups: only the first
-// threadgroup of the first of those heads writes their conv state.
+// threadgroup of the first of those heads writes their conv state. Thread 0 also computes
+// decay = exp(-exp(A_log) * softplus(a + dt_bias)) and beta = sigmoid(b) for all.
 threadgroup float mixed[2 * Dk + ROWS];  // [q | k | v rows] of this threadgroup after conv, SiLU
+threadgroup float gates[2];  // decay, beta
 const bool writes_qk_state = hv % (Hv / Hk) == 0 && row0 == 0;
 for (int i = tid; i < 2 * Dk + ROWS; i += NT) {
   const int c = i < Dk ? hk * Dk + i
               : i < 2 * Dk ? Hk * Dk + hk * Dk + (i - Dk)
               : 2 * Hk * Dk + hv * Dv + row0 + (i - 2 * Dk);
   auto past = conv_state + batch * (K - 1) * C + c;  // stride C per step
-  const InT current = qkv[batch * C + c];
-  float acc = 0.0f;
+  InT window[K];  // the channel's last K inputs, oldest first, each read once
   for (int j = 0; j < K - 1; ++j) {
-    acc += static_cast<float>(static_cast<InT>(conv_weight[c * K + j])) *
-           static_cast<float>(past[j * C]);
+    window[j] = past[j * C];
   }
-  acc += static_cast<float>(static_cast<InT>(conv_weight[c * K + K - 1])) *
-         static_cast<float>(current);
+  window[K - 1] = qkv[batch * C + c];
+  float acc = 0.0f;
+  for (int j = 0; j < K; ++j) {
+    acc += static_cast<float>(static_cast<InT>(conv_weight[c * K + j])) *
+           static_cast<float>(window[j]);
+  }
   const float conv = static_cast<float>(static_cast<InT>(acc));
   mixed[i] = static_cast<float>(static_cast<InT>(conv / (1.0f + metal::exp(-conv))));
   if (i >= 2 * Dk || writes_qk_state) {
     auto next = conv_state_out + batch * (K - 1) * C + c;
-    for (int j = 0; j < K - 2; ++j) {
-      next[j * C] = past[(j + 1) * C];
+    for (int j = 0; j < K - 1; ++j) {
+      next[j * C] = window[j + 1];
     }
-    next[(K - 2) * C] = current;
   }
+}
+if (tid == 0) {
+  const float x = static_cast<float>(a[n]) + static_cast<float>(dt_bias[hv]);
+  const float softplus = metal::max(x, 0.0f) + metal::log(1.0f + metal::exp(-metal::abs(x)));
+  gates[0] = metal::exp(-metal::exp(static_cast<float>(A_log[hv])) * softplus);
+  gates[1] = 1.0f / (1.0f + metal::exp(-static_cast<float>(b[n])));
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -105,13 +114,10 @@ for (int i = 0; i < PER_LANE; ++i) {
   k_lane[i] *= k_scale;
 }
 
-// 3. decay = exp(-exp(A_log) * softplus(a + dt_bias)), beta = sigmoid(b)
-const float x = static_cast<float>(a[n]) + static_cast<float>(dt_bias[hv]);
-const float softplus = metal::max(x, 0.0f) + metal::log(1.0f + metal::exp(-metal::abs(x)));
-const float decay = metal::exp(-metal::exp(static_cast<float>(A_log[hv])) * softplus);
-const float beta = 1.0f / (1.0f + metal::exp(-static_cast<float>(b[n])));
+const float decay = gates[0];
+const float beta = gates[1];
 
-// 4. The delta rule on each held row; o = S^T q rounded to InT as the plain layer casts it.
+// 3. The delta rule on each held row; o = S^T q rounded to InT as the plain layer casts it.
 threadgroup float scan_out[SPLIT == 1 ? Dv : 1];  // the head's o, for the norm below
 MLX_MTL_PRAGMA_UNROLL
 for (int r = 0; r < ROWS_PER_SG; ++r) {
@@ -146,7 +152,7 @@ for (int r = 0; r < ROWS_PER_SG; ++r) {
   }
 }
 
-// 5. Gated RMSNorm (gated_norm.h) by simdgroup 0 when this threadgroup holds the whole head.
+// 4. Gated RMSNorm (gated_norm.h) by simdgroup 0 when this threadgroup holds the whole head.
 if (SPLIT == 1) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (sg == 0) {
