@@ -45,7 +45,8 @@ MAX_SIMDGROUPS = 16  # 512 threads: 8 state rows per simdgroup at Dv = 128
 # threadgroup runs on one core); fewer (batch x value heads) are made up by splitting heads.
 MIN_THREADGROUPS = 64
 # At most this many threadgroups per head: each one convolves and normalises the whole q and k
-# (2 Dk channels), re-reading their conv weights and state.
+# (2 Dk channels), re-reading their conv weights and state (docs/ARCHITECTURE.md §8: at 0.8B,
+# B = 1, 1.17x the state's read + write in device bytes with 4, 1.07x with 1).
 MAX_SPLIT = 4
 
 
