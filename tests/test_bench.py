@@ -352,7 +352,7 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
             int(r) + int(w) for (k, s, _), (r, w) in buffers.items() if (k, s) == (kernel, size)
         )
         assert int(read) + int(written) == moved
-        assert float(ratio.rstrip("x")) == pytest.approx(moved / (2 * state), abs=5e-4)
+        assert float(ratio.rstrip("x")) == pytest.approx(moved / (2 * state), abs=6e-4)  # 3 places
     assert "Threadgroup-memory bank conflicts by kernel line:" in lines
 
 
