@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..bench import constrained as constrained_bench
 from ..bench import generate as generate_bench
 from ..bench import kernel_counters, prefill_memory
 from ..bench import speculative as speculative_bench
@@ -58,6 +59,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "0.5-0.9 from them; then greedy decoding plain vs MTP speculation end to end.",
     )
     speculative_bench.add_args(speculative)
+    constrained = commands.add_parser(
+        "constrained",
+        help="constrained decoding's cost per token vs unconstrained decoding",
+        description="Decodes one JSON reply with the grammar's mask computed and applied at "
+        "each step and without it, in one run: ms per token and the ratio, with the "
+        "time to prepare the tokenizer and compile the schema.",
+    )
+    constrained_bench.add_args(constrained)
     kernels = commands.add_parser(
         "kernels",
         help="per-launch counters of the Metal kernels, from the MSL emulator",
@@ -128,6 +137,8 @@ def main(args: argparse.Namespace) -> int:
         return prefill_memory.bench_prefill_memory(args)
     if args.bench_command == "speculative":
         return speculative_bench.bench_speculative(args)
+    if args.bench_command == "constrained":
+        return constrained_bench.bench_constrained(args)
     if args.bench_command == "kernels":
         return kernel_counters.bench_kernel_counters(args.heads, args.tokens, args.batch)
     if args.bench_command == "startup":
