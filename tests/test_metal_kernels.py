@@ -12,7 +12,7 @@ from qwen35_mlx.bench.count import decode_primitive_counts, primitive_counts
 from qwen35_mlx.gated_delta import dispatch as gated_delta
 from qwen35_mlx.gated_delta.chunked import chunked_scan
 from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
-from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step_call
+from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step, decode_step_call
 from qwen35_mlx.gated_delta.dispatch import scan_inputs
 from qwen35_mlx.gated_delta.kernel import KernelSpec
 from qwen35_mlx.models.config import LINEAR, TextConfig
@@ -23,6 +23,7 @@ from msl_emulator import EmulatorError, emulate, run_on_emulator
 from test_gated_delta import CASES, case_id, gated_delta_reference, make_inputs
 
 TOLERANCE = {mx.float32: 1e-5, mx.bfloat16: 1e-2}
+HEADS = {"0.8B": (16, 16), "9B": (16, 32)}  # (Hk, Hv) with Dk = Dv = 128
 
 
 def broken_copy(spec, tmp_path, correct: str, broken: str):
@@ -65,10 +66,24 @@ def rounded(inputs, dtype):
     }
 
 
-# every case in float32; bfloat16 inputs at T = 1 and 65 (keeps the file near a minute)
-CHUNKED_CASES = [(case, mx.float32) for case in CASES] + [
-    (case, mx.bfloat16) for case in CASES if case["T"] in (1, 65)
-]
+# every case in float32; bfloat16 inputs at T = 1 and 65; then the real head counts, a covering
+# set of size x dtype x B in {1, 3} x T in {1, 7, 64} (all of them: test_msl_strict.py)
+CHUNKED_CASES = (
+    [(case, mx.float32) for case in CASES]
+    + [(case, mx.bfloat16) for case in CASES if case["T"] in (1, 65)]
+    + [
+        (
+            dict(B=B, T=T, Hk=HEADS[model][0], Hv=HEADS[model][1], Dk=128, Dv=128, with_state=True),
+            dtype,
+        )
+        for model, B, T, dtype in (
+            ("0.8B", 1, 7, mx.float32),
+            ("0.8B", 3, 1, mx.bfloat16),
+            ("9B", 3, 7, mx.bfloat16),
+            ("9B", 1, 64, mx.float32),
+        )
+    ]
+)
 
 
 @pytest.mark.parametrize(
@@ -101,9 +116,9 @@ def test_chunked_kernel_repeated_keys_stay_stable():
 
 
 def test_chunked_kernel_missing_barrier_is_caught(tmp_path):
-    # drop the barrier after A and P^T are built: k decayed to the chunk end then overwrites q^T
-    # while other threads still read it
-    built = "    PT[j * C + i] = decay * qk;\n  }\n"
+    # drop the barrier after A and P are built: simdgroups then read tiles of A that others are
+    # still writing
+    built = "    simdgroup_store(qk, P + 8 * ib * LC + 8 * jb, LC);\n  }\n"
     spec = broken_copy(
         CHUNKED_SCAN,
         tmp_path,
@@ -111,33 +126,28 @@ def test_chunked_kernel_missing_barrier_is_caught(tmp_path):
         built,
     )
     inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
-    with pytest.raises(EmulatorError, match="thread order"):
+    with pytest.raises(EmulatorError, match="data race on threadgroup array 'A'"):
         emulate_chunked(spec, scan_case(inputs, state, mx.float32))
 
 
-def test_chunked_kernel_missing_barrier_after_solve_is_caught(tmp_path):
-    # drop the barrier after the forward substitution: simdgroup 1 loads X^T columns that
-    # threads of simdgroup 0 are still solving. Every order computes the same outputs (each
-    # thread solves its column before any thread passes its next sync): only the race detector
-    # sees it, naming column 8's solver, its token 1 (C = 32: element 8 * 32 + 1) and both lines
-    solved = "      x[i] = acc;\n    }\n  }\n"
-    spec = broken_copy(
-        CHUNKED_SCAN,
-        tmp_path,
-        solved + "  threadgroup_barrier(mem_flags::mem_threadgroup);\n",
-        solved,
+def test_chunked_kernel_missing_barrier_at_chunk_end_is_caught(tmp_path):
+    # drop the barrier that closes a chunk: the next chunk's staging overwrites k while another
+    # simdgroup still reads it for its state update. The race detector names both lines
+    closing = (
+        "  threadgroup_barrier(mem_flags::mem_threadgroup);\n\n  for (int e = tid; e < live * BV;"
     )
+    spec = broken_copy(CHUNKED_SCAN, tmp_path, closing, closing.split("\n")[-1])
     lines = spec.source.splitlines()
-    load = lines.index("      simdgroup_load(xt, XT + row0 * C + 8 * jb, C);") + 1
-    solve = lines.index("      x[i] = acc;") + 1
+    staged = lines.index("    ks[i * LK + d] = i < live ? static_cast<float>(k[src]) : 0.0f;") + 1
+    read = lines.index("      simdgroup_load(kt, ks + 8 * ib * LK + 8 * d, LK);") + 1
     inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
     with pytest.raises(
         EmulatorError,
         match=(
-            rf"thread_index_in_threadgroup 32 .*data race on threadgroup array 'XT' element 257 .*"
-            rf"reads it .*at broken_chunked_scan.metal:{load} and thread_index_in_threadgroup 8 "
-            rf"\(simdgroup 0, lane 8\) wrote it at broken_chunked_scan.metal:{solve}, in another "
-            rf"SIMD group"
+            rf"simdgroup 0, lane 0\).*data race on threadgroup array 'ks' element 0 .*"
+            rf"this thread writes it at broken_chunked_scan.metal:{staged} and "
+            rf"thread_index_in_threadgroup 32 \(simdgroup 1, lane 0\) read it at "
+            rf"broken_chunked_scan.metal:{read}, in another SIMD group"
         ),
     ):
         emulate_chunked(spec, scan_case(inputs, state, mx.float32))
@@ -145,11 +155,18 @@ def test_chunked_kernel_missing_barrier_after_solve_is_caught(tmp_path):
 
 # ---- fused decode step ----
 
-DECODE_CASES = [  # (B, Hk, Hv, Dk, Dv, dtype, with_state)
-    (1, 2, 2, 128, 128, mx.float32, True),
-    (2, 1, 2, 128, 128, mx.bfloat16, True),
+# (B, Hk, Hv, Dk, Dv, dtype, with_state): both models' heads in both dtypes at B = 1 and 3, which
+# split each head over 4 (0.8B, B = 1), 2 or 1 (9B, B = 3) threadgroups, and small heads with
+# Dk != Dv, not powers of two
+DECODE_CASES = [
+    (B, *HEADS[model], 128, 128, dtype, True)
+    for model in HEADS
+    for dtype in (mx.float32, mx.bfloat16)
+    for B in (1, 3)
+] + [
     (2, 2, 4, 16, 24, mx.float32, False),
     (1, 2, 4, 16, 24, mx.bfloat16, True),
+    (16, 1, 4, 16, 24, mx.bfloat16, True),
 ]
 
 
@@ -212,7 +229,8 @@ def decode_definition(qkv, z, a, b, layer, conv_state, state):
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[decode_id(c) for c in DECODE_CASES])
-def test_decode_step_matches_definition_and_plain_layer(case):
+def test_decode_step_matches_definition_and_plain_layer(case, monkeypatch):
+    monkeypatch.setattr(KernelSpec, "run", run_on_emulator)
     B, Hk, Hv, Dk, Dv, dtype, with_state = case
     layer = make_layer(Hk, Hv, Dk, Dv, dtype)
     x = mx.random.normal((B, 1, 64)).astype(dtype)
@@ -236,7 +254,8 @@ def test_decode_step_matches_definition_and_plain_layer(case):
         state,
         Hk,
     )
-    y, new_state, new_conv_state = emulate(DECODE_STEP, kernel_inputs, launch)
+    outputs = decode_step(kernel_inputs, launch)
+    y, new_state, new_conv_state = (np.array(x.astype(mx.float32)) for x in outputs)
 
     tolerance = TOLERANCE[dtype]
     for ours, reference in zip(
@@ -275,7 +294,10 @@ def test_layer_decodes_through_the_fused_step_like_the_plain_layer(monkeypatch):
 def test_decode_step_out_of_bounds_read_is_caught(tmp_path):
     # read a whole 32-lane row of the state when Dk = 16: past the buffer's end on its last row
     spec = broken_copy(
-        DECODE_STEP, tmp_path, "s[i] = d < Dk ? s_in[d] * decay : 0.0f;", "s[i] = s_in[d] * decay;"
+        DECODE_STEP,
+        tmp_path,
+        "s[r][i] = row < ROWS && d < Dk ? s_in[d] : 0.0f;",
+        "s[r][i] = s_in[d];",
     )
     layer = make_layer(1, 1, 16, 16, mx.float32)
     x = mx.random.normal((1, 1, 64))
@@ -299,14 +321,19 @@ def test_decode_step_out_of_bounds_read_is_caught(tmp_path):
 
 
 def test_layer_decodes_in_one_kernel_when_fused():
+    # 16 x 4 heads fill the GPU: one dispatch; 1 x 4 are split over 4 threadgroups each and the
+    # gated norm follows in a second dispatch
     layer = make_layer(2, 4, 16, 16, mx.bfloat16)
-    fused = decode_primitive_counts(layer, "fused")
-    plain = decode_primitive_counts(layer, "plain")
+    fused = decode_primitive_counts(layer, "fused", batch=16)
+    plain = decode_primitive_counts(layer, "plain", batch=16)
     # the projections (Matmul with its Transpose / Flatten / Unflatten) and z's Reshape remain
     assert fused["CustomKernel"] == 1
     assert set(fused) == {"CustomKernel", "Matmul", "Transpose", "Flatten", "Unflatten", "Reshape"}
     assert sum(fused.values()) < sum(plain.values())
     assert "CustomKernel" not in plain
+    split = decode_primitive_counts(layer, "fused", batch=1)
+    assert split["CustomKernel"] == 2
+    assert sum(split.values()) < sum(decode_primitive_counts(layer, "plain", batch=1).values())
 
 
 def test_dispatcher_picks_the_kernels_on_metal(monkeypatch):

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
-from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step_call
+from qwen35_mlx.gated_delta.decode_step import (
+    DECODE_STEP,
+    GATED_NORM,
+    decode_step_call,
+    gated_norm_launch,
+)
 from qwen35_mlx.gated_delta.kernel import KernelSpec, Launch
 
 from msl_emulator import emulate, profile
@@ -94,8 +99,11 @@ def normal(*shape):
     return mx.array(rng.standard_normal(shape).astype(np.float32))
 
 
-def test_decode_step_device_bytes_by_hand():
-    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 32, 8, 4
+@pytest.mark.parametrize("B", [2, 32], ids=["split4", "whole_heads"])
+def test_decode_step_device_bytes_by_hand(B):
+    # B = 2: 4 heads are fewer than 64, each is split over 4 threadgroups of 2 state rows and
+    # the gated norm follows in its own launch; B = 32: 64 heads, one threadgroup each
+    Hk, Hv, Dk, Dv, K = 1, 2, 32, 8, 4
     C = 2 * Hk * Dk + Hv * Dv
     bf16 = mx.bfloat16
     inputs, launch = decode_step_call(
@@ -113,33 +121,54 @@ def test_decode_step_device_bytes_by_hand():
         key_heads=Hk,
     )
     counters = profile(DECODE_STEP, inputs, launch)
-    heads, threads, e = B * Hv, 32 * min(16, Dv), 2  # threadgroups, threads each, bf16 bytes
+    heads, e = B * Hv, 2  # bf16 bytes
+    split = 4 if B == 2 else 1
+    rows = Dv // split  # state rows of a threadgroup, a simdgroup each
+    groups, threads = heads * split, 32 * rows
     state = heads * Dv * Dk * 4
-    head_channels = 2 * Dk + Dv  # each value head convolves its key head's q, k and its v
-    shifted = B * (
-        Hv * Dv + Hk * 2 * Dk
-    )  # channels whose conv state moves (q, k once per key head)
+    channels = 2 * Dk + rows  # each threadgroup convolves its key head's q, k and its v rows
+    shifted = B * (Hv * Dv + Hk * 2 * Dk)  # channels whose conv state moves (q, k once)
+    norm = heads * Dv * e if split == 1 else 0  # read by the gated norm at the end
     assert counters.bytes_read == {
-        "qkv": heads * head_channels * e,
-        "z": heads * Dv * e,
-        "a": heads * threads * e,  # every thread computes the decay and beta
-        "b": heads * threads * e,
-        "conv_state": (heads * head_channels * (K - 1) + shifted * (K - 2)) * e,
-        "conv_weight": heads * head_channels * K * e,
-        "A_log": heads * threads * 4,
-        "dt_bias": heads * threads * 4,
-        "norm_weight": heads * Dv * e,
+        "qkv": groups * channels * e,
+        "z": norm,
+        "a": groups * e,  # thread 0 computes the decay and beta
+        "b": groups * e,
+        "conv_state": groups * channels * (K - 1) * e,  # each input read once
+        "conv_weight": groups * channels * K * e,
+        "A_log": groups * 4,
+        "dt_bias": groups * 4,
+        "norm_weight": norm,
         "state_in": state,  # one read of the state
         "norm_eps": 0,  # a constant reference: not counted
-        "y": 0,
+        "out": 0,
         "state_out": 0,
         "conv_state_out": 0,
     }
-    written = {"y": heads * Dv * e, "state_out": state, "conv_state_out": shifted * (K - 1) * e}
+    written = {"out": heads * Dv * e, "state_out": state, "conv_state_out": shifted * (K - 1) * e}
     assert counters.bytes_written == {name: written.get(name, 0) for name in counters.bytes_read}
-    assert (counters.threadgroups, counters.threads_per_threadgroup) == (heads, threads)
-    assert counters.barriers_per_threadgroup == 2
-    assert counters.threadgroup_memory_bytes == (2 * Dk + Dv) * 4 + Dv * 4  # mixed, scan_out
+    assert (counters.threadgroups, counters.threads_per_threadgroup) == (groups, threads)
+    assert counters.barriers_per_threadgroup == (2 if split == 1 else 1)
+    # mixed, gates and the head's outputs for the norm at the end, each array 16-byte aligned
+    offset = 0
+    for floats in (2 * Dk + rows, 2, Dv if split == 1 else 1):
+        offset = -(-offset // 16) * 16 + floats * 4
+    assert counters.threadgroup_memory_bytes == offset
+    if split > 1:
+        scan_out = mx.array(counters.outputs[0]).astype(bf16).reshape(B, Hv, Dv)
+        named = dict(zip(DECODE_STEP.input_names, inputs))
+        norm_inputs = [scan_out, named["z"], named["norm_weight"], named["norm_eps"]]
+        gated = profile(GATED_NORM, norm_inputs, gated_norm_launch(B, Hv, Dv, bf16))
+        each = heads * Dv * e
+        assert gated.bytes_read == {
+            "o": each,
+            "z": each,
+            "norm_weight": each,
+            "norm_eps": 0,
+            "y": 0,
+        }
+        assert gated.bytes_written == {"o": 0, "z": 0, "norm_weight": 0, "norm_eps": 0, "y": each}
+        assert (gated.threadgroups, gated.barriers) == (heads, 0)
 
 
 def test_chunked_scan_device_bytes_by_hand():
@@ -173,6 +202,7 @@ def test_chunked_scan_device_bytes_by_hand():
     }
     written = {"out": B * T * Hv * Dv * 4, "state_out": state}
     assert counters.bytes_written == {name: written.get(name, 0) for name in counters.bytes_read}
-    assert counters.barriers_per_threadgroup == 5 * 2  # five per chunk
-    floats = 2 * Dk * C + 2 * C * C + 2 * columns * C + 2 * C + 64  # qT kT A PT XT OT gc beta decay
+    assert counters.barriers_per_threadgroup == 3 * 2  # three per chunk
+    # q, k, A, P and two halves of v / out, rows padded by 4 words; gc, beta
+    floats = 2 * C * (Dk + 4) + 2 * C * (C + 4) + 2 * C * (columns + 4) + 2 * C
     assert counters.threadgroup_memory_bytes == floats * 4

@@ -7,7 +7,12 @@ import mlx.core as mx
 import pytest
 
 from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
-from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step_launch
+from qwen35_mlx.gated_delta.decode_step import (
+    DECODE_STEP,
+    GATED_NORM,
+    decode_step_launch,
+    gated_norm_launch,
+)
 from qwen35_mlx.gated_delta.kernel import KernelSpec, Launch
 
 import msl_strict.check
@@ -45,7 +50,12 @@ def decode_step_inputs(B, Hk, Hv, dtype):
 def test_decode_step_compiles_strictly(model, dtype, B):
     Hk, Hv = HEADS[model]
     inputs = decode_step_inputs(B, Hk, Hv, DTYPES[dtype])
-    strict_check(DECODE_STEP, inputs, decode_step_launch(B, Hk, Hv, Dk, Dv, K, DTYPES[dtype]))
+    launch = decode_step_launch(B, Hk, Hv, Dk, Dv, K, DTYPES[dtype])
+    strict_check(DECODE_STEP, inputs, launch)
+    if dict(launch.template)["SPLIT"] > 1:  # the gated norm runs as its own kernel
+        z, norm_weight, norm_eps = inputs[1], inputs[8], inputs[10]
+        norm_inputs = [mx.zeros((B, Hv, Dv), DTYPES[dtype]), z, norm_weight, norm_eps]
+        strict_check(GATED_NORM, norm_inputs, gated_norm_launch(B, Hv, Dv, DTYPES[dtype]))
 
 
 @pytest.mark.parametrize("T", [1, 7, 64, 200], ids=lambda T: f"T{T}")

@@ -20,7 +20,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
-from ..gated_delta.decode_step import DECODE_STEP, decode_step_call
+from ..gated_delta.decode_step import (
+    DECODE_STEP,
+    GATED_NORM,
+    decode_step_call,
+    gated_norm_launch,
+)
 from ..gated_delta.kernel import KERNEL_DIR
 from .random_checkpoint import config_json
 from .report import print_rows, progress
@@ -84,8 +89,9 @@ def _normal(rng: np.random.Generator, *shape: int) -> mx.array:
     return mx.array(rng.standard_normal(shape).astype(np.float32))
 
 
-def decode_row(emulator, size: str, heads: Heads, batch: int) -> KernelRow:
-    """The fused decode step for one token, random activations and state."""
+def decode_rows(emulator, size: str, heads: Heads, batch: int) -> list[KernelRow]:
+    """The fused decode step for one token, random activations and state: its launch, and the
+    gated norm's where the step is split over more threadgroups than heads."""
     h, rng = heads, np.random.default_rng(0)
     channels = 2 * h.key_heads * h.key_dim + h.value_heads * h.value_dim
     inputs, launch = decode_step_call(
@@ -103,7 +109,16 @@ def decode_row(emulator, size: str, heads: Heads, batch: int) -> KernelRow:
         key_heads=h.key_heads,
     )
     counters = emulator.profile(DECODE_STEP, inputs, launch)
-    return KernelRow("decode step", size, counters, _state_bytes(heads, batch), None)
+    rows = [KernelRow("decode step", size, counters, _state_bytes(heads, batch), None)]
+    if dict(launch.template)["SPLIT"] > 1:
+        named = dict(zip(DECODE_STEP.input_names, inputs))
+        shape = (batch, h.value_heads, h.value_dim)
+        scan_out = mx.array(counters.outputs[0]).astype(DECODE_DTYPE).reshape(shape)
+        norm_inputs = [scan_out, *(named[k] for k in GATED_NORM.input_names[1:])]
+        norm_launch = gated_norm_launch(*shape, DECODE_DTYPE)
+        norm = emulator.profile(GATED_NORM, norm_inputs, norm_launch)
+        rows.append(KernelRow("gated norm", size, norm, _state_bytes(heads, batch), None))
+    return rows
 
 
 def chunked_row(emulator, size: str, heads: Heads, batch: int, tokens: int) -> KernelRow:
@@ -134,7 +149,7 @@ def measure(emulator, sizes, tokens: int, batch: int) -> list[KernelRow]:
     for size in sizes:
         heads = heads_of(size)
         progress(f"emulating the decode step, {size} heads")
-        rows.append(decode_row(emulator, size, heads, batch))
+        rows.extend(decode_rows(emulator, size, heads, batch))
         progress(f"emulating the chunked scan, {size} heads, T = {tokens}")
         rows.append(chunked_row(emulator, size, heads, batch, tokens))
     return rows
@@ -181,7 +196,8 @@ def print_launches(rows: list[KernelRow]) -> None:
     print_rows(columns, table, text_columns=2)
     print(
         "(vs state r+w: device bytes read + written over one read and one write of the float32 "
-        "state; for the decode step at B = 1 that is per decoded token. Bytes are what the "
+        "state; for the decode step at B = 1 that is per decoded token, with the gated norm's "
+        "where the step is split over more threadgroups than heads. Bytes are what the "
         "threads ask of memory, uncached. conflicted: SIMD steps of threadgroup-memory accesses "
         "with a bank conflict; worst degree: most distinct words in one of 32 banks in a step)"
     )

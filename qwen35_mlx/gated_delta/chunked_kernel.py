@@ -16,14 +16,16 @@ CHUNKED_SCAN = KernelSpec(
     source_file="chunked_scan.metal",
     input_names=("q", "k", "v", "g", "beta", "state_in", "T"),
     output_names=("out", "state_out"),
+    header_file="chunked_scan.h",
 )
 
 THREADGROUP_FLOATS = 32768 // 4  # Apple GPUs' threadgroup memory
 
 
 def threadgroup_floats(Dk: int, chunk: int, columns: int) -> int:
-    """Floats of threadgroup memory the kernel declares (see chunked_scan.metal)."""
-    return 2 * Dk * chunk + 2 * chunk * chunk + 2 * columns * chunk + 2 * chunk + 64
+    """Floats of threadgroup memory the kernel declares (see chunked_scan.metal): q, k, A, P
+    and two halves of v / out, rows padded by 4 words; decay and beta."""
+    return 2 * chunk * (Dk + 4) + 2 * chunk * (chunk + 4) + 2 * chunk * (columns + 4) + 2 * chunk
 
 
 def chunked_scan_launch(B: int, T: int, Hv: int, Dk: int, Dv: int) -> Launch:

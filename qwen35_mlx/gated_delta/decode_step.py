@@ -1,8 +1,10 @@
-"""The fused Gated DeltaNet decode step (`decode_step.metal`): one dispatch per layer and token.
+"""The fused Gated DeltaNet decode step (`decode_step.metal`, `gated_norm.metal`).
 
 From the layer's raw projections of one token it computes what the plain layer does between
 its input projections and `out_proj` (conv + SiLU, q/k norms, decay and beta, the delta rule, the
-gated RMSNorm), returning the normed output, the new state and the new conv state.
+gated RMSNorm), returning the normed output, the new state and the new conv state. One dispatch
+when batch x value heads fill the GPU; else the heads' state rows are split over more
+threadgroups and a second, small dispatch applies the gated RMSNorm, which needs whole heads.
 """
 
 from __future__ import annotations
@@ -27,17 +29,42 @@ DECODE_STEP = KernelSpec(
         "state_in",
         "norm_eps",
     ),
-    output_names=("y", "state_out", "conv_state_out"),
+    output_names=("out", "state_out", "conv_state_out"),
+    header_file="gated_norm.h",
+)
+GATED_NORM = KernelSpec(
+    name="qwen35_gated_delta_gated_norm",
+    source_file="gated_norm.metal",
+    input_names=("o", "z", "norm_weight", "norm_eps"),
+    output_names=("y",),
+    header_file="gated_norm.h",
 )
 
 MAX_SIMDGROUPS = 16  # 512 threads: 8 state rows per simdgroup at Dv = 128
+# Threadgroups a decode step should launch to keep a Pro / Max chip's GPU cores busy (one
+# threadgroup runs on one core); fewer (batch x value heads) are made up by splitting heads.
+MIN_THREADGROUPS = 64
+# At most this many threadgroups per head: each one convolves and normalises the whole q and k
+# (2 Dk channels), re-reading their conv weights and state (docs/ARCHITECTURE.md §8: at 0.8B,
+# B = 1, 1.17x the state's read + write in device bytes with 4, 1.07x with 1).
+MAX_SPLIT = 4
+
+
+def head_split(B: int, Hv: int, Dv: int) -> int:
+    """Threadgroups per (batch, value head): the fewest, a power of two dividing Dv, that give
+    MIN_THREADGROUPS, at most MAX_SPLIT."""
+    split = 1
+    while split < MAX_SPLIT and B * Hv * split < MIN_THREADGROUPS and Dv % (2 * split) == 0:
+        split *= 2
+    return split
 
 
 def decode_step_launch(
     B: int, Hk: int, Hv: int, Dk: int, Dv: int, K: int, dtype: mx.Dtype
 ) -> Launch:
-    """One threadgroup per (batch, value head), simdgroups over the Dv state rows."""
-    simdgroups = min(MAX_SIMDGROUPS, Dv)
+    """`head_split` threadgroups per (batch, value head), simdgroups over their state rows."""
+    split = head_split(B, Hv, Dv)
+    simdgroups = min(MAX_SIMDGROUPS, Dv // split)
     channels = 2 * Hk * Dk + Hv * Dv
     return Launch(
         template=(
@@ -48,8 +75,9 @@ def decode_step_launch(
             ("Hv", Hv),
             ("K", K),
             ("SG", simdgroups),
+            ("SPLIT", split),
         ),
-        grid=(32, simdgroups, B * Hv),
+        grid=(32, simdgroups * split, B * Hv),
         threadgroup=(32, simdgroups, 1),
         output_shapes=((B, 1, Hv * Dv), (B, Hv, Dv, Dk), (B, K - 1, channels)),
         output_dtypes=(dtype, mx.float32, dtype),
@@ -94,3 +122,26 @@ def decode_step_call(
         mx.array(norm_eps, dtype=mx.float32),
     ]
     return inputs, decode_step_launch(B, key_heads, Hv, Dk, Dv, K, qkv.dtype)
+
+
+def gated_norm_launch(B: int, Hv: int, Dv: int, dtype: mx.Dtype) -> Launch:
+    """One simdgroup per (batch, value head)."""
+    return Launch(
+        template=(("InT", dtype), ("Dv", Dv)),
+        grid=(32, 1, B * Hv),
+        threadgroup=(32, 1, 1),
+        output_shapes=((B, 1, Hv * Dv),),
+        output_dtypes=(dtype,),
+    )
+
+
+def decode_step(inputs: list, launch: Launch) -> tuple[mx.array, mx.array, mx.array]:
+    """Runs the step (inputs and launch from `decode_step_call`) -> (y [B, 1, Hv * Dv], state,
+    conv_state); a split step's scan output goes through `GATED_NORM`."""
+    out, state, conv_state = DECODE_STEP.run(inputs, launch)
+    if dict(launch.template)["SPLIT"] > 1:
+        named = dict(zip(DECODE_STEP.input_names, inputs))
+        B, _, Hv, Dv = named["z"].shape
+        norm_inputs = [out.reshape(B, Hv, Dv), *(named[k] for k in GATED_NORM.input_names[1:])]
+        (out,) = GATED_NORM.run(norm_inputs, gated_norm_launch(B, Hv, Dv, out.dtype))
+    return out, state, conv_state

@@ -6,9 +6,9 @@
 (autotune.py; before any self-test the chunked kernel, chunked_scan.metal); elsewhere the
 plain-MLX per-token recurrence for short inputs and the chunked form for prefill. On Metal a
 DeltaNet layer decodes one token with `gated_delta_decode` instead (decode_step.metal: conv to
-gated norm in one dispatch) unless the self-test disabled it or found the plain ops faster.
-Every path is tested against the float64 definition in tests/, the Metal kernels under the
-MSL-on-CPU emulator there.
+gated norm in one dispatch, two at small batches) unless the self-test disabled it or found the
+plain ops faster. Every path is tested against the float64 definition in tests/, the Metal
+kernels under the MSL-on-CPU emulator there.
 
 `SCAN_PATHS` holds the paths that run on this machine. Any path, Metal ones included, can be
 forced by name (`path=`, `decode_path=`): off Metal a forced kernel cannot run, but it traces
@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from . import chunked_kernel
 from .chunked import chunked_scan
-from .decode_step import DECODE_STEP, decode_step_call
+from .decode_step import decode_step, decode_step_call
 from .mlx_fast import mlx_fast_scan
 from .recurrent import recurrent_scan
 from .tuning import UNTUNED, Tuning, cache_file, machine, read_tuning
@@ -160,7 +160,8 @@ def gated_delta_decode(
     state: mx.array | None,  # [B, Hv, Dv, Dk] float32
     key_heads: int,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """One DeltaNet token from projections to gated norm in one Metal dispatch.
+    """One DeltaNet token from projections to gated norm in one Metal dispatch (two at small
+    batch x value heads, see decode_step.py).
 
     Returns (y [B, 1, Hv * Dv] in qkv's dtype, ready for out_proj; state; conv_state).
     """
@@ -185,5 +186,4 @@ def gated_delta_decode(
         state,
         key_heads,
     )
-    y, state, conv_state = DECODE_STEP.run(inputs, launch)
-    return y, state, conv_state
+    return decode_step(inputs, launch)

@@ -123,6 +123,8 @@ bool simd_any(bool value);
 template <typename T, int Rows, int Cols>
 struct simdgroup_matrix {
   T elements[Rows * Cols / 32 + 1];  // opaque: a share of the matrix per lane
+  typedef T lane_elements __attribute__((ext_vector_type(2)));
+  thread lane_elements& thread_elements();  // this lane's two elements (MSL: vec<T, 2>)
 };
 
 template <typename T, int Rows, int Cols>
