@@ -37,16 +37,18 @@ RECORD_CHAT_REQUESTS = """
 window.chatRequests = [];
 const originalFetch = window.fetch;
 window.fetch = async (url, init) => {
-  const response = await originalFetch(url, init);
-  if (String(url).endsWith("/v1/chat/completions")) {
-    const record = { body: JSON.parse(init.body), stream: null, aborted: false };
-    window.chatRequests.push(record);
-    response.clone().text().then(
-      (text) => { record.stream = text; },
-      (error) => { record.aborted = error.name === "AbortError"; },
-    );
+  if (!String(url).endsWith("/v1/chat/completions")) return originalFetch(url, init);
+  const record = { body: JSON.parse(init.body), stream: null, aborted: false };
+  window.chatRequests.push(record);
+  const noteAbort = (error) => { record.aborted = error.name === "AbortError"; };
+  try {
+    const response = await originalFetch(url, init);
+    response.clone().text().then((text) => { record.stream = text; }, noteAbort);
+    return response;
+  } catch (error) {
+    noteAbort(error);
+    throw error;
   }
-  return response;
 };
 """
 
@@ -122,10 +124,16 @@ def browser():
 
 @pytest.fixture
 def page(browser, server_url):
-    """The chat page freshly loaded, its chat requests recorded."""
+    """The chat page freshly loaded, its chat requests recorded. Its settings ask for greedy
+    decoding, in which the random model repeats itself rather than ending, and for 2000 tokens,
+    more than a test waits for: so a reply is still streaming when Stop is pressed."""
     browser.set_window_size(1000, 900)
     browser.get(server_url)
-    browser.execute_script("localStorage.clear(); sessionStorage.clear();")
+    browser.execute_script(
+        "localStorage.clear(); sessionStorage.clear();"
+        "localStorage.setItem('qwen35-mlx.temperature', '0');"
+        "localStorage.setItem('qwen35-mlx.max-tokens', '2000');"
+    )
     browser.get(server_url)
     browser.execute_script(RECORD_CHAT_REQUESTS + RECORD_ANSWER_LENGTHS)
     return browser
@@ -151,10 +159,11 @@ def is_ready(driver) -> bool:
 
 
 def last(driver, css: str) -> str:
-    """Text of the last element matching css ("" when there is none)."""
+    """The text of the last reply's elements matching css, folded ones too ("" for none)."""
     return driver.execute_script(
-        "const all = document.querySelectorAll(arguments[0]);"
-        "return all.length ? all[all.length - 1].textContent : '';",
+        "const reply = [...document.querySelectorAll('.message.assistant')].pop();"
+        "const parts = reply ? [...reply.querySelectorAll(arguments[0])] : [];"
+        "return parts.map((part) => part.textContent).join('');",
         css,
     )
 
@@ -205,17 +214,22 @@ def data_url(image: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(image).decode()
 
 
+def set_max_tokens(driver, count: int) -> None:
+    element(driver, "#settings summary").click()
+    element(driver, "#max-tokens").clear()
+    element(driver, "#max-tokens").send_keys(str(count))
+
+
 def stop_mid_stream(driver) -> None:
     """Presses Stop once the reply has started to show, while it still streams."""
-    wait_for(driver, lambda d: last(d, ".message.assistant").strip(), "no reply text appeared")
+    wait_for(driver, lambda d: last(d, ".thoughts, .answer").strip(), "no reply text appeared")
     assert element(driver, "#stop").is_displayed(), "the reply ended before Stop could be pressed"
     element(driver, "#stop").click()
     wait_for(driver, is_ready, "the page did not return to ready after Stop")
 
 
 def test_a_reply_streams_into_the_page(page):
-    element(page, "#settings summary").click()
-    element(page, "#max-tokens").send_keys("48")
+    set_max_tokens(page, 48)
     send(page, "Hello")
     wait_for(page, lambda d: chat_requests(d) and chat_requests(d)[0]["stream"], "no reply ended")
     wait_for(page, is_ready, "the page did not return to ready")
@@ -223,10 +237,11 @@ def test_a_reply_streams_into_the_page(page):
     assert request["body"]["messages"] == [{"role": "user", "content": "Hello"}]
     assert request["body"]["stream"] is True
     assert request["body"]["max_tokens"] == 48
+    assert request["body"]["temperature"] == 0
     assert request["body"]["chat_template_kwargs"] == {"enable_thinking": False}
 
     sent = streamed(request["stream"], "content")
-    shown = last(page, ".message.assistant .answer")
+    shown = last(page, ".answer")
     assert letters(sent), f"the reply had no letters to compare: {sent!r}"
     assert is_subsequence(letters(shown), letters(sent))
     if "```" not in sent and "](" not in sent:  # no fence info string or link target to drop
@@ -235,7 +250,7 @@ def test_a_reply_streams_into_the_page(page):
     assert len(set(lengths) - {0}) >= 2, f"the reply appeared at once, not streamed: {lengths}"
     assert element(page, "#status").text == "Ready"
     if finish_reason(request["stream"]) == "length":
-        assert last(page, ".message.assistant .note") == "Stopped at the token limit."
+        assert last(page, ".note") == "Stopped at the token limit."
 
 
 def test_images_by_file_picker_and_drop_are_sent_as_data_urls(page, tmp_path):
@@ -290,12 +305,12 @@ def test_stop_ends_the_stream_and_the_server_answers_the_next_message(page):
     assert thinking.get_attribute("open") is None  # folded
     stop_mid_stream(page)
     assert element(page, "#status").text == "Stopped"
-    assert last(page, ".message.assistant .note") == "Stopped."
+    assert last(page, ".note") == "Stopped."
     assert page.execute_script("return window.chatRequests[0].aborted;")  # the fetch was cut
-    shown = last(page, ".message.assistant")
-    shown_answer = last(page, ".message.assistant .answer")
+    shown = last(page, ".thoughts, .answer, .note")
+    shown_answer = last(page, ".answer")
     time.sleep(0.5)
-    assert last(page, ".message.assistant") == shown  # nothing arrives after Stop
+    assert last(page, ".thoughts, .answer, .note") == shown  # nothing arrives after Stop
 
     send(page, "Go on")  # one request runs at a time: this answers only if Stop freed the slot
     wait_for(page, lambda d: len(chat_requests(d)) == 2, "the second message was not sent")
@@ -320,6 +335,25 @@ def test_new_chat_clears_the_conversation(page):
     wait_for(page, lambda d: len(chat_requests(d)) == 2, "the new chat's message was not sent")
     assert chat_requests(page)[1]["body"]["messages"] == [{"role": "user", "content": "Hi again"}]
     stop_mid_stream(page)
+
+
+def test_a_refused_message_is_shown_and_given_back_for_editing(page, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    element(page, "#image-input").send_keys(str(tmp_path / "broken.png"))
+    send(page, "Look")
+    wait_for(page, is_ready, "the page did not return to ready")
+    error = element(page, ".message.assistant.error")
+    assert error.get_attribute("role") == "alert"
+    assert error.text.startswith("Error 400: the data: URL is not an image")  # the server's words
+    assert element(page, "#status").text == "Error"
+    assert "unsent" in element(page, ".message.user").get_attribute("class").split()
+    assert element(page, "#message").get_attribute("value") == "Look"  # given back
+    element(page, "#attachments button.remove").click()  # drop the broken image, send again
+    assert page.find_elements(By.CSS_SELECTOR, "#attachments li") == []
+    element(page, "#send").click()
+    stop_mid_stream(page)
+    # The refused message is no part of the conversation.
+    assert chat_requests(page)[1]["body"]["messages"] == [{"role": "user", "content": "Look"}]
 
 
 HOSTILE = (
@@ -390,8 +424,8 @@ def test_markdown_subset_renders_as_written(page):
 def test_page_fits_a_narrow_window_and_names_its_controls(page, tmp_path, capsys):
     (tmp_path / "picture.png").write_bytes(png((40, 160, 90)))
     element(page, "#image-input").send_keys(str(tmp_path / "picture.png"))
-    element(page, "#settings summary").click()
-    element(page, "#max-tokens").send_keys("32")
+    set_max_tokens(page, 64)
+    element(page, "#settings summary").click()  # folded again
     send(page, "What is in this picture? Answer in **one** line.")
     wait_for(page, is_ready, "the page did not return to ready")
     unnamed = page.execute_script(

@@ -260,11 +260,13 @@ function requestHeaders() {
 
 function requestBody(messages) {
   const maxTokens = byId("max-tokens").valueAsNumber;
+  const temperature = byId("temperature").valueAsNumber;
   return {
     ...(modelId ? { model: modelId } : {}),
     messages,
     stream: true,
     ...(maxTokens > 0 ? { max_tokens: maxTokens } : {}),
+    ...(Number.isFinite(temperature) ? { temperature } : {}),
     chat_template_kwargs: { enable_thinking: byId("thinking").checked },
   };
 }
@@ -302,6 +304,7 @@ function applyChunk(reply, chunk) {
 }
 
 async function streamReply(reply, messages, signal) {
+  if (!modelId) await loadModelName(); // the page may be used before its first look-up returned
   const response = await fetch(CHAT_URL, {
     method: "POST",
     headers: requestHeaders(),
@@ -329,7 +332,9 @@ async function loadModelName() {
     const response = await fetch(MODELS_URL, { headers: requestHeaders() });
     if (!response.ok) return;
     modelId = (await response.json()).data?.[0]?.id ?? null;
-    byId("model-name").textContent = modelId ?? "";
+    const name = byId("model-name");
+    name.textContent = modelId?.replace(/\/+$/, "").split("/").pop() ?? ""; // a path's last part
+    name.title = modelId ?? "";
   } catch {
     // the first reply will show what is wrong
   }
@@ -481,11 +486,11 @@ function wirePage() {
   thinking.addEventListener("change", () =>
     localStorage.setItem("qwen35-mlx.thinking", thinking.checked ? "on" : "off"),
   );
-  const maxTokens = byId("max-tokens");
-  maxTokens.value = localStorage.getItem("qwen35-mlx.max-tokens") ?? "";
-  maxTokens.addEventListener("change", () =>
-    localStorage.setItem("qwen35-mlx.max-tokens", maxTokens.value),
-  );
+  for (const id of ["max-tokens", "temperature"]) {
+    const setting = byId(id);
+    setting.value = localStorage.getItem(`qwen35-mlx.${id}`) ?? "";
+    setting.addEventListener("change", () => localStorage.setItem(`qwen35-mlx.${id}`, setting.value));
+  }
   const key = byId("api-key");
   key.value = sessionStorage.getItem("qwen35-mlx.api-key") ?? "";
   key.addEventListener("change", () => {
