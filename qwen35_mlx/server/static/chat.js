@@ -173,7 +173,8 @@ function appendUserMessage(text, images) {
     message.append(strip);
   }
   message.append(text);
-  scrollToEndIfFollowing(() => byId("transcript").append(message));
+  byId("transcript").append(message);
+  window.scrollTo(0, document.body.scrollHeight);
   return message;
 }
 
@@ -364,6 +365,7 @@ async function sendMessage(event) {
   conversation.push({ role: "user", content: userContent(text, images) });
   const sent = appendUserMessage(text, images);
   input.value = "";
+  input.focus(); // the next message can be written while this one is answered
   setAttachments([]);
   const reply = appendReply();
   running = new AbortController();
