@@ -140,9 +140,7 @@ def page(browser, server_url):
 
 
 def wait_for(driver, condition, message: str):
-    return WebDriverWait(driver, WAIT, poll_frequency=0.05).until(
-        lambda d: condition(d), message=message
-    )
+    return WebDriverWait(driver, WAIT, poll_frequency=0.05).until(condition, message=message)
 
 
 def element(driver, css: str):
@@ -172,24 +170,20 @@ def chat_requests(driver) -> list[dict]:
     return driver.execute_script("return window.chatRequests;")
 
 
+def stream_choices(stream: str):
+    """The `choices` entries of an OpenAI event stream's chunks, in order."""
+    for line in stream.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield from json.loads(line.removeprefix("data: ")).get("choices", [])
+
+
 def streamed(stream: str, field: str) -> str:
-    """The concatenated `choices[0].delta[field]` of an OpenAI event stream."""
-    text = ""
-    for event in stream.split("\n\n"):
-        for line in event.splitlines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                for choice in json.loads(line.removeprefix("data: ")).get("choices", []):
-                    text += choice["delta"].get(field) or ""
-    return text
+    """The concatenated `delta[field]` of an OpenAI event stream."""
+    return "".join(choice["delta"].get(field) or "" for choice in stream_choices(stream))
 
 
 def finish_reason(stream: str) -> str | None:
-    reasons = [
-        choice.get("finish_reason")
-        for line in stream.splitlines()
-        if line.startswith("data: ") and line != "data: [DONE]"
-        for choice in json.loads(line.removeprefix("data: ")).get("choices", [])
-    ]
+    reasons = [choice["finish_reason"] for choice in stream_choices(stream)]
     return next((reason for reason in reversed(reasons) if reason), None)
 
 
