@@ -8,7 +8,7 @@ import argparse
 import time
 
 from ..bench import generate as generate_bench
-from ..bench import prefill_memory
+from ..bench import kernel_counters, prefill_memory
 from ..bench import speculative as speculative_bench
 from ..bench.prompt_cache import bench_prompt_cache
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
@@ -58,6 +58,26 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "0.5-0.9 from them; then greedy decoding plain vs MTP speculation end to end.",
     )
     speculative_bench.add_args(speculative)
+    kernels = commands.add_parser(
+        "kernels",
+        help="per-launch counters of the Metal kernels, from the MSL emulator",
+        description="Runs the fused decode step and the chunked scan at each size's DeltaNet "
+        "heads in the MSL-on-CPU emulator and prints what each launch asks of the GPU: "
+        "device bytes read and written (against one read and write of the state), "
+        "threadgroup-memory bank conflicts per SIMD step and by kernel line, barriers "
+        "per threadgroup and per chunk, threadgroup memory, threads. Needs the "
+        "repository's tests/msl_emulator beside the package and g++; without the emulator "
+        "it says so and exits 0.",
+    )
+    kernels.add_argument(
+        "--heads",
+        nargs="+",
+        choices=("0.8B", "9B"),
+        default=["0.8B", "9B"],
+        help="whose DeltaNet heads: 0.8B (Hk = Hv = 16), 9B (Hk = 16, Hv = 32)",
+    )
+    kernels.add_argument("--tokens", type=int, default=64, help="T of the chunked scan")
+    kernels.add_argument("--batch", type=int, default=1, help="B of both kernels")
     startup = commands.add_parser(
         "startup",
         help="how much `import qwen35_mlx` adds to `import mlx.core`",
@@ -108,6 +128,8 @@ def main(args: argparse.Namespace) -> int:
         return prefill_memory.bench_prefill_memory(args)
     if args.bench_command == "speculative":
         return speculative_bench.bench_speculative(args)
+    if args.bench_command == "kernels":
+        return kernel_counters.bench_kernel_counters(args.heads, args.tokens, args.batch)
     if args.bench_command == "startup":
         return bench_startup(args.repeats)
     return generate_bench.bench_generate(args)
