@@ -251,6 +251,8 @@ def test_images_by_file_picker_and_drop_are_sent_as_data_urls(page, tmp_path):
     picked, dropped = png((200, 30, 30)), png((30, 30, 200), size=(24, 36))
     (tmp_path / "picked.png").write_bytes(picked)
     element(page, "#image-input").send_keys(str(tmp_path / "picked.png"))
+    thumbnails = "#attachments img.thumbnail"
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, thumbnails), "no thumbnail")
     page.execute_script(
         """
         const [image, name] = arguments;
@@ -266,8 +268,7 @@ def test_images_by_file_picker_and_drop_are_sent_as_data_urls(page, tmp_path):
         base64.b64encode(dropped).decode(),
         "dropped.png",
     )
-    thumbnails = "#attachments img.thumbnail"
-    wait_for(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, thumbnails)) == 2, "thumbnails")
+    wait_for(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, thumbnails)) == 2, "no drop")
     sources = [img.get_attribute("src") for img in page.find_elements(By.CSS_SELECTOR, thumbnails)]
     assert sources == [data_url(picked), data_url(dropped)]
     assert "notes.txt" in element(page, "#status").text  # refused, and said so
