@@ -25,6 +25,7 @@ from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from checkpoints import Spec
@@ -319,9 +320,12 @@ def test_stop_ends_the_stream_and_the_server_answers_the_next_message(page):
     stop_mid_stream(page)
 
 
-def test_new_chat_clears_the_conversation(page):
+def test_escape_stops_and_new_chat_clears_the_conversation(page):
     send(page, "Hello")
-    stop_mid_stream(page)
+    wait_for(page, lambda d: last(d, ".answer").strip(), "no reply text appeared")
+    element(page, "#message").send_keys(Keys.ESCAPE)
+    wait_for(page, is_ready, "Escape did not stop the reply")
+    assert last(page, ".note") == "Stopped."
     element(page, "#message").send_keys("a draft")
     element(page, "#new-chat").click()
     assert page.find_elements(By.CSS_SELECTOR, "#transcript > *") == []
