@@ -61,6 +61,20 @@ TINY_VISION = dict(
 VARIANTS = {"0.8B-tied": ("0.8B", 2), "9B-untied": ("9B", 4)}
 
 
+def write_text_only_checkpoint(directory):
+    """A 4-layer, 64-wide float32 text model with the released vocabulary and tokenizer files
+    (the grammar library needs the real vocabulary); no vision tower, no MTP head."""
+    return write_random_checkpoint(
+        directory,
+        "0.8B",
+        num_layers=4,
+        vision=False,
+        mtp=False,
+        dtype="float32",
+        overrides={"text_config": {**TINY_TEXT, "linear_num_value_heads": 2}},
+    )
+
+
 def tiny(variant: str) -> dict:
     size, value_heads = VARIANTS[variant]
     return dict(

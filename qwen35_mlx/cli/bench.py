@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..bench import constrained as constrained_bench
 from ..bench import generate as generate_bench
 from ..bench import kernel_counters, prefill_memory
 from ..bench import speculative as speculative_bench
@@ -41,6 +42,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="history lengths in tokens (the issue's set adds 32768)",
     )
     warm.add_argument("--plot", metavar="FILE", help="also draw the curves into this PNG")
+    serve = commands.add_parser(
+        "serve",
+        help="the server's warm-request time to first token, prefix cache vs none",
+        description="A real server on loopback; for each history length, the time to first "
+        "token of a request resending the history, with the engine's prefix cache and "
+        "without, in one run (needs the server extra).",
+    )
+    serve.add_argument("--model", required=True, help="checkpoint directory")
+    serve.add_argument(
+        "--history", type=int, nargs="+", default=[1024, 4096], help="history lengths in tokens"
+    )
     memory = commands.add_parser(
         "prefill-memory",
         help="peak memory of prefill by prompt length, per attention path",
@@ -58,6 +70,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "0.5-0.9 from them; then greedy decoding plain vs MTP speculation end to end.",
     )
     speculative_bench.add_args(speculative)
+    constrained = commands.add_parser(
+        "constrained",
+        help="constrained decoding's cost per token vs unconstrained decoding",
+        description="Decodes one JSON reply with the grammar's mask computed and applied at "
+        "each step and without it, in one run: ms per token and the ratio, with the "
+        "time to prepare the tokenizer and compile the schema.",
+    )
+    constrained_bench.add_args(constrained)
     kernels = commands.add_parser(
         "kernels",
         help="per-launch counters of the Metal kernels, from the MSL emulator",
@@ -124,10 +144,17 @@ def main(args: argparse.Namespace) -> int:
     if args.bench_command == "prompt-cache":
         bench_prompt_cache(args.model, args.history, args.plot)
         return 0
+    if args.bench_command == "serve":
+        from ..bench import serve as serve_bench  # needs the server extra
+
+        serve_bench.bench_serve(args.model, args.history)
+        return 0
     if args.bench_command == "prefill-memory":
         return prefill_memory.bench_prefill_memory(args)
     if args.bench_command == "speculative":
         return speculative_bench.bench_speculative(args)
+    if args.bench_command == "constrained":
+        return constrained_bench.bench_constrained(args)
     if args.bench_command == "kernels":
         return kernel_counters.bench_kernel_counters(args.heads, args.tokens, args.batch)
     if args.bench_command == "startup":
