@@ -1,6 +1,6 @@
 """The installed package is whole: a wheel built from the tree carries every module, the Metal
-kernel sources the specs read at run time and the chat templates random checkpoints are written
-with (an editable install would hide their absence)."""
+kernel sources the specs read at run time, the chat templates random checkpoints are written
+with and the server's chat page (an editable install would hide their absence)."""
 
 import shutil
 import subprocess
@@ -43,12 +43,14 @@ def test_wheel_carries_modules_kernel_sources_and_templates(tmp_path):
     expected = {
         f"qwen35_mlx/{f.relative_to(package)}"
         for f in package.rglob("*")
-        if f.suffix in (".py", ".metal", ".jinja") and "__pycache__" not in f.parts
+        if f.suffix in (".py", ".metal", ".jinja", ".html", ".css", ".js")
+        and "__pycache__" not in f.parts
     }
     expected |= {f"qwen35_mlx/convert/{f.name}" for f in (ROOT / "convert").glob("*.py")}
     assert any(name.endswith(".metal") for name in expected)
     assert {
         "qwen35_mlx/bench/templates/qwen3_5_chat_template_thinking.jinja",
         "qwen35_mlx/bench/templates/qwen3_5_chat_template_nonthinking.jinja",
+        "qwen35_mlx/server/static/index.html",  # the chat page
     } <= expected
     assert expected <= shipped, sorted(expected - shipped)
