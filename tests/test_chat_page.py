@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,8 +31,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from checkpoints import Spec
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# Debian's paths; elsewhere (Homebrew's chromium and chromedriver) the ones on PATH
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
 WAIT = 120  # seconds: the first reply also warms the model up on a shared CPU
 
 RECORD_CHAT_REQUESTS = """
@@ -111,7 +113,8 @@ def browser():
     if missing:
         pytest.fail(
             f"{' and '.join(missing)} not found: the chat page test needs Debian's Chromium and "
-            "its driver; run .ci/run, or as root: apt-get install -y chromium chromium-driver"
+            "its driver; run .ci/run, or as root: apt-get install -y chromium chromium-driver "
+            "(on a Mac: brew install --cask chromium chromedriver)"
         )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)

@@ -27,7 +27,13 @@ from qwen35_mlx.bench.random_checkpoint import write_random_checkpoint
 
 README = Path(__file__).parent.parent / "README.md"
 HUB_REPO = "Qwen/Qwen3.5-0.8B"
-SET_UP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
+SET_UP = (
+    "apt-get install",
+    "python3 -m venv",
+    ". .venv/bin/activate",
+    "pip install",
+    "python -m pytest",
+)
 MAX_TOKENS = "2"
 # As after `. .venv/bin/activate`: this interpreter's scripts (qwen35-mlx) come first on PATH.
 ACTIVATED = {
