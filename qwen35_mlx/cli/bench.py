@@ -1,12 +1,13 @@
-"""Time your setup: generation speed, start-up, warm turns, prefill memory and speculative
-decoding of a checkpoint, and random-weight checkpoints with the real shapes of each size to
-time it on."""
+"""Time your setup: generation speed, start-up, warm turns, prefill memory, speculative
+decoding and continuous batching of a checkpoint, and random-weight checkpoints with the real
+shapes of each size to time it on."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
+from ..bench import batch as batch_bench
 from ..bench import generate as generate_bench
 from ..bench import prefill_memory
 from ..bench import speculative as speculative_bench
@@ -58,6 +59,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "0.5-0.9 from them; then greedy decoding plain vs MTP speculation end to end.",
     )
     speculative_bench.add_args(speculative)
+    batch = commands.add_parser(
+        "batch",
+        help="aggregate tokens/s of concurrent requests, batched vs one at a time",
+        description="For each client count N: N greedy requests with prompts of different "
+        "lengths served one at a time (stream_generate) and batched (BatchGenerator) in one "
+        "run: aggregate tokens/s of each, their ratio, and whether the tokens agree.",
+    )
+    batch_bench.add_args(batch)
     startup = commands.add_parser(
         "startup",
         help="how much `import qwen35_mlx` adds to `import mlx.core`",
@@ -108,6 +117,8 @@ def main(args: argparse.Namespace) -> int:
         return prefill_memory.bench_prefill_memory(args)
     if args.bench_command == "speculative":
         return speculative_bench.bench_speculative(args)
+    if args.bench_command == "batch":
+        return batch_bench.bench_batch(args)
     if args.bench_command == "startup":
         return bench_startup(args.repeats)
     return generate_bench.bench_generate(args)
