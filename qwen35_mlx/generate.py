@@ -488,29 +488,19 @@ def prepare_request(
     tokenizer,
     prompt: Prompt,
     *,
-    images=None,
-    videos=None,
-    enable_thinking: bool | None = None,
-    vision_cache: VisionCache | None = None,
     max_tokens: int,
     stops: StopStrings,
     cache: PromptCache | None = None,
     prompt_cache: PrefixCache | None = None,
     cache_kwargs: dict | None = None,
     prefill_step_size: int = 2048,
+    **prompt_options,
 ) -> Request:
-    """The prompt through the processor and vision tower, the cache it continues (`cache`,
-    a new one, or the longest prefix `prompt_cache` holds), checked to fit in the context
-    window and in memory before any work (arguments as `stream_generate`'s)."""
-    inputs = prepare_prompt(
-        model,
-        tokenizer,
-        prompt,
-        images=images,
-        videos=videos,
-        enable_thinking=enable_thinking,
-        vision_cache=vision_cache,
-    )
+    """The prompt through the processor and vision tower (`prepare_prompt` with
+    `prompt_options`), the cache it continues (`cache`, a new one, or the longest prefix
+    `prompt_cache` holds), checked to fit in the context window and in memory before any work
+    (arguments as `stream_generate`'s)."""
+    inputs = prepare_prompt(model, tokenizer, prompt, **prompt_options)
     ids, keys = inputs.ids, inputs.keys or inputs.ids
     cache_kwargs = cache_kwargs or {}
     if prompt_cache is None:
