@@ -173,22 +173,23 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
 
         if isinstance(cache, RowKVCaches):  # rows at their own offsets: each attends alone
+            q, k = self.rope(q, k, cache.positions)
             out = mx.concatenate(
                 [
-                    self.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask, row, None, delta)
-                    for i, (row, delta) in enumerate(zip(cache.rows, cache.rope_deltas))
+                    self.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask, row)
+                    for i, row in enumerate(cache.rows)
                 ]
             )
         else:
-            out = self.attend(q, k, v, mask, cache, position_ids, rope_delta)
+            offset = (0 if cache is None else cache.offset) + rope_delta
+            q, k = self.rope(q, k, offset, position_ids)
+            out = self.attend(q, k, v, mask, cache)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, nh*hd]
         return self.o_proj(out * mx.sigmoid(gate.reshape(B, T, -1)))
 
-    def attend(self, q, k, v, mask, cache, position_ids, rope_delta) -> mx.array:
-        """q [B, nh, T, hd], k and v [B, nkv, T, hd] rotated, appended to `cache` and attended
+    def attend(self, q, k, v, mask, cache) -> mx.array:
+        """q [B, nh, T, hd], k and v [B, nkv, T, hd] (rotated) appended to `cache` and attended
         -> [B, nh, T, hd]."""
-        offset = (0 if cache is None else cache.offset) + rope_delta
-        q, k = self.rope(q, k, offset, position_ids)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         quantization = getattr(cache, "quantization", None)  # (group, bits): k, v quantized
