@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -119,6 +119,7 @@ class BatchGenerator:
         images=None,
         videos=None,
         enable_thinking: bool | None = None,
+        tools: Sequence[Mapping] | None = None,
         max_tokens: int = 256,
         temp: float = 0.0,
         top_p: float = 1.0,
@@ -146,6 +147,7 @@ class BatchGenerator:
             images=images,
             videos=videos,
             enable_thinking=enable_thinking,
+            tools=tools,
             vision_cache=self.vision_cache,
             max_tokens=max_tokens,
             stops=StopStrings(stop),

@@ -10,7 +10,7 @@ collects a whole completion.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -275,6 +275,7 @@ def stream_generate(
     images=None,
     videos=None,
     enable_thinking: bool | None = None,
+    tools: Sequence[Mapping] | None = None,
     max_tokens: int = 256,
     temp: float = 0.0,
     top_p: float = 1.0,
@@ -311,6 +312,10 @@ def stream_generate(
             text prompt then becomes a user message and goes through the chat template.
         enable_thinking: think before answering; None follows the chat template's default
             (off for 0.8B/2B, on for 4B/9B). Only used when `prompt` is messages.
+        tools: tool definitions (OpenAI form) the chat template shows the model; read its
+            calls from the answer with `qwen35_mlx.tool_calls` (`parse_tool_calls`,
+            `ToolCallStream`). Messages may carry earlier `tool_calls` and `role: "tool"`
+            results.
         max_tokens: most tokens to generate.
         temp, top_p, top_k, min_p: sampling (temp 0 is greedy).
         repetition_penalty, presence_penalty, frequency_penalty: penalties over all the
@@ -376,6 +381,7 @@ def stream_generate(
         images=images,
         videos=videos,
         enable_thinking=enable_thinking,
+        tools=tools,
         vision_cache=vision_cache,
         max_tokens=max_tokens,
         stops=stops,

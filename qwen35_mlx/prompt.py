@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from .tool_calls import template_messages, template_tools
+
 if TYPE_CHECKING:  # numpy is imported where it is used: it costs ~0.2 s at start-up
     import numpy as np
 
@@ -60,13 +62,20 @@ def place(inputs: PromptInputs, cached: int, rope_delta: int) -> tuple[mx.array 
     return positions, rope_delta + inputs.rope_delta
 
 
-def prompt_tokens(tokenizer, prompt, enable_thinking: bool | None = None) -> list[int]:
+def prompt_tokens(
+    tokenizer, prompt, enable_thinking: bool | None = None, tools: Sequence[Mapping] | None = None
+) -> list[int]:
     """A prompt as token ids: text is used as is, a list of messages goes through the chat
-    template (with a generation prompt), and ids pass through."""
+    template (with a generation prompt and `tools`), and ids pass through."""
+    if tools and not is_messages(prompt):
+        raise ValueError(
+            "tools are shown to the model by the chat template, which only chat messages go "
+            "through; give the prompt as [{'role': 'user', 'content': ...}]"
+        )
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
     if is_messages(prompt):
-        return tokenizer.encode(chat_text(tokenizer, prompt, enable_thinking))
+        return tokenizer.encode(chat_text(tokenizer, prompt, enable_thinking, tools))
     return token_ids(prompt)
 
 
@@ -101,6 +110,7 @@ def prepare_prompt(
     images=None,
     videos=None,
     enable_thinking: bool | None = None,
+    tools: Sequence[Mapping] | None = None,
     vision_cache: VisionCache | None = None,
 ) -> PromptInputs:
     """Any prompt as model inputs, its ids checked against the model's vocabulary; the images
@@ -116,12 +126,12 @@ def prepare_prompt(
         inputs = encode_prompt(
             model,
             tokenizer,
-            chat_text(tokenizer, messages, enable_thinking),
+            chat_text(tokenizer, messages, enable_thinking, tools),
             *media_sources(messages),
             vision_cache=vision_cache,
         )
     else:
-        inputs = PromptInputs(prompt_tokens(tokenizer, prompt))
+        inputs = PromptInputs(prompt_tokens(tokenizer, prompt, tools=tools))
     model.check_token_ids(inputs.ids)
     return inputs
 
@@ -130,9 +140,19 @@ def is_messages(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], Mapping)
 
 
-def chat_text(tokenizer, messages: Sequence[Mapping], enable_thinking: bool | None) -> str:
+def chat_text(
+    tokenizer,
+    messages: Sequence[Mapping],
+    enable_thinking: bool | None,
+    tools: Sequence[Mapping] | None = None,
+) -> str:
+    """Messages and tools through the chat template, tool calls' JSON-string arguments read
+    (docs/ARCHITECTURE.md §13)."""
     return tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=True, enable_thinking=enable_thinking
+        template_messages(messages),
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+        tools=template_tools(tools),
     )
 
 

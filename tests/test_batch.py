@@ -208,3 +208,28 @@ def test_bad_arguments_are_refused_at_insert(tiny):
     with pytest.raises(ValueError, match="max_batch"):
         BatchGenerator(*tiny, max_batch=0)
     assert len(generator) == 0
+
+
+def test_tools_reach_the_prompt(tiny):
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    prompt = [{"role": "user", "content": "Weather in Paris?"}]
+    alone = solo(tiny, prompt, tools=tools, max_tokens=6)
+    generator = BatchGenerator(*tiny)
+    with_tools = generator.insert(prompt, tools=tools, max_tokens=6)
+    without = generator.insert(prompt, max_tokens=6)
+    out = run(generator)
+    assert_same(out[with_tools], alone)
+    assert out[with_tools][0].prompt_tokens > out[without][0].prompt_tokens
