@@ -225,8 +225,13 @@ class BatchGenerator:
                 row.first_token = time.perf_counter()
                 row.prompt_tps = row.request.fed / (row.first_token - row.started)
         going_on = [row for row in rows if len(row.generated) < row.request.max_tokens]
-        if going_on:  # queued before the text work below, as generate_step does
-            self._step_batch(going_on)
+        try:
+            if going_on:  # queued before the text work below, as generate_step does
+                self._step_batch(going_on)
+        except BaseException:  # the step is undone: the next one reads the same tokens
+            for row in rows:
+                row.generated.pop()
+            raise
         events = []
         for row, logprobs in zip(rows, read):
             n = len(row.generated)

@@ -233,3 +233,31 @@ def test_tools_reach_the_prompt(tiny):
     out = run(generator)
     assert_same(out[with_tools], alone)
     assert out[with_tools][0].prompt_tokens > out[without][0].prompt_tokens
+
+
+def test_a_step_interrupted_inside_the_model_is_undone(tiny):
+    prompts = ["Hello there", user("Count to five.")]
+    alone = [solo(tiny, prompt, max_tokens=10) for prompt in prompts]
+    generator = BatchGenerator(*tiny)
+    uids = [generator.insert(prompt, max_tokens=10) for prompt in prompts]
+    out = {}
+    for _ in range(3):
+        for uid, response in generator.step():
+            out.setdefault(uid, []).append(response)
+    model, calls = generator.model, []
+
+    def interrupted(*args, **kwargs):  # the batched decode call, halfway through the layers
+        calls.append(1)
+        layers = kwargs["cache"]
+        model.language_model.model.layers[0](mx.zeros((2, 1, 64)), None, layers[0])
+        raise KeyboardInterrupt
+
+    generator.model = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        generator.step()
+    assert calls
+    generator.model = model
+    for uid, responses in run(generator).items():
+        out[uid] += responses
+    for uid, expected in zip(uids, alone, strict=True):
+        assert_same(out[uid], expected)
