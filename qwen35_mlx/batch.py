@@ -20,16 +20,19 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from .constrained import Grammar
 from .generate import (
     GenerationResponse,
     LogitsProcessor,
     Request,
     StopStrings,
+    answer_grammar,
     check_whole,
     feed_model,
     prefill_end,
     prepare_request,
     prompt_inputs,
+    reply_processors,
     sample_token,
 )
 from .models.cache import DeltaNetCache, RowKVCaches
@@ -130,6 +133,8 @@ class BatchGenerator:
         frequency_penalty: float = 0.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: Mapping | None = None,
+        constraint: Grammar | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
     ) -> int:
         """Queue a request; returns its uid. Arguments as `stream_generate`'s, plus
@@ -140,6 +145,7 @@ class BatchGenerator:
         keys = None if seed is None else KeySequence(seed)
         sampler = make_sampler(temp, top_p=top_p, top_k=top_k, min_p=min_p, keys=keys)
         penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty)
+        grammar = answer_grammar(response_format, constraint, speculative=False)
         request = prepare_request(
             self.model,
             self.tokenizer,
@@ -154,7 +160,7 @@ class BatchGenerator:
             prompt_cache=self.prompt_cache,
             prefill_step_size=self.prefill_step_size,
         )
-        processors = [penalties] if penalties.active else []
+        processors = reply_processors(self.model, self.tokenizer, penalties, grammar, request.reply)
         row = Row(self._next_uid, request, sampler, [*processors, *logits_processors])
         mx.eval(row.prompt, request.input_embeddings, request.position_ids, keys and keys.key)
         self._next_uid += 1

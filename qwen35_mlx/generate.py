@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .constrained import Grammar, response_format_grammar
 from .models.state import PromptCache, Snapshot
 from .prompt import Prompt, VisionCache, place, prepare_prompt
 from .prompt_cache import PrefixCache
@@ -298,6 +299,8 @@ def stream_generate(
     draft_model=None,
     num_draft_tokens: int = 3,
     adaptive_drafting: bool = True,
+    response_format: Mapping | None = None,
+    constraint: Grammar | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion.
 
@@ -347,6 +350,12 @@ def stream_generate(
         num_draft_tokens: the most tokens drafted per round (1 to 16).
         adaptive_drafting: draft fewer tokens, or none, when the measured acceptance and costs
             say more do not pay; False drafts num_draft_tokens every round.
+        response_format: OpenAI's: {"type": "json_object"} or {"type": "json_schema",
+            "json_schema": {"name": ..., "schema": {...}}} constrain the answer to JSON (of
+            that schema), ending when the value closes (docs/ARCHITECTURE.md §14; needs the
+            `server` extra).
+        constraint: a `constrained.Grammar` for the answer, e.g. `tool_call_grammar(tools,
+            "required")`; not with response_format. Reasoning before it is free.
 
     Yields:
         GenerationResponse per token; the last one has `finish_reason` "stop" or "length".
@@ -357,6 +366,7 @@ def stream_generate(
     check_seed(seed)
     check_whole("max_tokens", max_tokens, 0)
     stops = StopStrings(stop)
+    grammar = answer_grammar(response_format, constraint, mtp or draft_model is not None)
     speculation = make_speculation(
         model,
         tokenizer,
@@ -394,13 +404,14 @@ def stream_generate(
         },
         prefill_step_size=prefill_step_size,
     )
+    processors = reply_processors(model, tokenizer, penalties, grammar, request.reply)
     steps = generate_step(
         mx.array(request.ids[request.reused :]),
         model,
         cache=request.cache,
         max_tokens=request.max_tokens,
         sampler=sampler,
-        logits_processors=[penalties] if penalties.active else [],
+        logits_processors=processors,
         prefill_step_size=prefill_step_size,
         input_embeddings=request.input_embeddings,
         position_ids=request.position_ids,
@@ -582,6 +593,33 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         cached_tokens=last.cached_tokens,
         speculative=last.speculative,
     )
+
+
+def reply_processors(
+    model, tokenizer, penalties: Penalties, grammar: Grammar | None, reply: ReplyText
+) -> list[LogitsProcessor]:
+    """The logits processors of one reply: the penalties when on, the grammar's mask when
+    given (free while the reply reasons)."""
+    processors = [penalties] if penalties.active else []
+    if grammar is not None:
+        vocab = model.config.text.vocab_size
+        processors.append(grammar.processor(tokenizer, vocab, thinking=reply.reasoning))
+    return processors
+
+
+def answer_grammar(
+    response_format: Mapping | None, constraint: Grammar | None, speculative: bool
+) -> Grammar | None:
+    """The grammar the answer follows, from stream_generate's arguments (None: free text)."""
+    if response_format is not None and constraint is not None:
+        raise ValueError("give response_format or constraint, not both")
+    grammar = constraint or response_format_grammar(response_format)
+    if grammar is not None and speculative:
+        raise ValueError(
+            "constrained decoding (response_format, constraint) does not combine with "
+            "speculative decoding; leave out mtp and draft_model"
+        )
+    return grammar
 
 
 def check_owner(cache: PromptCache, model) -> None:

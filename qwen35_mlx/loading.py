@@ -384,6 +384,12 @@ def load_model(directory: str | Path, *, dtype: str | None = None, lazy: bool = 
     if model.mtp is not None:
         model.mtp.defer_weights(lambda: _part_weights(directory, config, target_dtype, MTP_PREFIX))
     mx.eval(model.language_model.parameters())
+    # the first model on a Mac self-tests the kernels (docs/ARCHITECTURE.md §8.1); imported
+    # here as autotune brings numpy and PIL, which `import qwen35_mlx` does without
+    if mx.metal.is_available():
+        from .gated_delta.autotune import ensure_tuned
+
+        ensure_tuned()
     return model
 
 

@@ -131,6 +131,10 @@ class Tokenizer:
         """Every token and its id, special tokens included."""
         return self._backend.get_vocab(with_added_tokens=True)
 
+    def backend_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what grammar libraries read)."""
+        return self._backend.to_str()
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. No BOS is added (Qwen has none); special tokens written in the
         text, such as `<|im_start|>`, become their ids."""

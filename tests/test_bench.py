@@ -21,7 +21,7 @@ from benchmarks import generate as generate_benchmark
 from benchmarks import kernels as kernels_benchmark
 from benchmarks import vision as vision_benchmark
 from qwen35_mlx import cli, generate, load
-from qwen35_mlx.bench import random_checkpoint, tokenizer_files
+from qwen35_mlx.bench import kernel_counters, random_checkpoint, tokenizer_files
 from qwen35_mlx.bench.random_checkpoint import (
     TEXT_COMMON,
     config_json,
@@ -59,6 +59,20 @@ TINY_VISION = dict(
 # (size whose other fields are kept, DeltaNet value heads): tied head with Hv = Hk like the
 # 0.8B, untied lm_head with Hv = 2 Hk like the 9B
 VARIANTS = {"0.8B-tied": ("0.8B", 2), "9B-untied": ("9B", 4)}
+
+
+def write_text_only_checkpoint(directory):
+    """A 4-layer, 64-wide float32 text model with the released vocabulary and tokenizer files
+    (the grammar library needs the real vocabulary); no vision tower, no MTP head."""
+    return write_random_checkpoint(
+        directory,
+        "0.8B",
+        num_layers=4,
+        vision=False,
+        mtp=False,
+        dtype="float32",
+        overrides={"text_config": {**TINY_TEXT, "linear_num_value_heads": 2}},
+    )
 
 
 def tiny(variant: str) -> dict:
@@ -312,6 +326,47 @@ def test_kernels_benchmark_table(capsys):
         assert vs_mlx_lm_metal == pytest.approx(count / counts["mlx-lm metal"][0], abs=6e-3)
     # the issue's target: fewer primitives than mlx-lm on the Metal path
     assert counts["ours fused"][0] < counts["mlx-lm metal"][0]
+
+
+# DeltaNet heads small enough to emulate in seconds: Hv = Hk and Hv = 2 Hk, as 0.8B and 9B
+TINY_HEADS = {
+    "0.8B": kernel_counters.Heads(1, 1, 16, 16, 4),
+    "9B": kernel_counters.Heads(1, 2, 16, 16, 4),
+}
+
+
+def test_bench_kernels_prints_counters(monkeypatch, capsys):
+    monkeypatch.setattr(kernel_counters, "heads_of", TINY_HEADS.__getitem__)
+    assert cli.main(["bench", "kernels", "--tokens", "40", "--batch", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
+    launches = {(c[0], c[1]): c[2:] for c in cells if len(c) == 13 and c[1] in TINY_HEADS}
+    buffers = {(c[0], c[1], c[2]): c[3:] for c in cells if len(c) == 5 and c[1] in TINY_HEADS}
+    assert set(launches) == {(k, s) for k in ("decode step", "chunked scan") for s in TINY_HEADS}
+    for (kernel, size), row in launches.items():
+        h = TINY_HEADS[size]
+        groups, threads, _, per_group, per_chunk, read, written, ratio = row[:8]
+        state = 2 * h.value_heads * h.value_dim * h.key_dim * 4  # B = 2, float32
+        # by hand: decode 16 simdgroups (Dv = 16) per (batch, head); chunked 2 simdgroups owning
+        # all 16 columns, chunks of 32 tokens (64 overflow 32 KiB): two at T = 40, five barriers
+        # each
+        assert int(groups) == 2 * h.value_heads
+        assert int(threads) == (512 if kernel == "decode step" else 64)
+        assert (per_group, per_chunk) == (("2", "-") if kernel == "decode step" else ("10", "5.00"))
+        assert buffers[kernel, size, "state_in"] == [str(state), "0"]
+        assert buffers[kernel, size, "state_out"] == ["0", str(state)]
+        moved = sum(
+            int(r) + int(w) for (k, s, _), (r, w) in buffers.items() if (k, s) == (kernel, size)
+        )
+        assert int(read) + int(written) == moved
+        assert float(ratio.rstrip("x")) == pytest.approx(moved / (2 * state), abs=5e-4)
+    assert "Threadgroup-memory bank conflicts by kernel line:" in lines
+
+
+def test_bench_kernels_without_emulator_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(kernel_counters, "load_emulator", lambda: None)
+    assert cli.main(["bench", "kernels"]) == 0
+    assert capsys.readouterr().out.strip() == kernel_counters.NO_EMULATOR
 
 
 def ratio_agrees(ratio, ratio_half_step, numerator, denominator, half_step):

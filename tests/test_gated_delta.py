@@ -143,3 +143,26 @@ def test_unit_lower_inverse_matches_numpy():
     x = np.tril(rng.normal(size=(3, 64, 64)), -1) * 0.3 + np.eye(64)
     ours = np.array(unit_lower_inverse(mx.array(x.astype(np.float32))))
     assert relative_error(ours, np.linalg.inv(x)) <= 1e-5
+
+
+# MLX's built-in at the real head layouts (where Metal runs MLX's own kernel: Dk = Dv = 128,
+# 16 key heads, 16 or 32 value heads): each T with two complementary (B, heads, dtype) triples,
+# so every pair of factor values meets.
+REAL_HEADS = {"0.8B": 16, "9B": 32}
+MX_FAST_CASES = [
+    (T, B, size, dtype)
+    for T, first in {1: (1, "0.8B"), 7: (3, "0.8B"), 64: (3, "9B"), 200: (1, "9B")}.items()
+    for B, size, dtype in (
+        (first[0], first[1], "float32"),
+        (4 - first[0], "9B" if first[1] == "0.8B" else "0.8B", "bfloat16"),
+    )
+]
+
+
+@pytest.mark.parametrize("T, B, size, dtype", MX_FAST_CASES, ids=lambda x: str(x))
+def test_mx_fast_at_the_real_head_layouts(T, B, size, dtype):
+    inputs, state = make_inputs(B, T, 16, REAL_HEADS[size], 128, 128, seed=T, with_state=B == 3)
+    out, final = run_path("mx_fast", inputs, state, getattr(mx, dtype))
+    ref_out, ref_state = gated_delta_reference(**rounded(inputs, getattr(mx, dtype)), state=state)
+    assert relative_error(out, ref_out) <= TOLERANCE[dtype]
+    assert relative_error(final, ref_state) <= TOLERANCE[dtype]

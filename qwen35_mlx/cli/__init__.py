@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, chat, convert, generate, perplexity, plan, upload
+from . import bench, chat, convert, doctor, generate, perplexity, plan, serve, upload
 
 COMMANDS = {
     "generate": generate,
@@ -16,6 +16,8 @@ COMMANDS = {
     "bench": bench,
     "perplexity": perplexity,
     "plan": plan,
+    "serve": serve,
+    "doctor": doctor,
 }
 
 

@@ -8,8 +8,9 @@ import argparse
 import time
 
 from ..bench import batch as batch_bench
+from ..bench import constrained as constrained_bench
 from ..bench import generate as generate_bench
-from ..bench import prefill_memory
+from ..bench import kernel_counters, prefill_memory
 from ..bench import speculative as speculative_bench
 from ..bench.prompt_cache import bench_prompt_cache
 from ..bench.random_checkpoint import DTYPES, SIZES, write_random_checkpoint
@@ -42,6 +43,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="history lengths in tokens (the issue's set adds 32768)",
     )
     warm.add_argument("--plot", metavar="FILE", help="also draw the curves into this PNG")
+    serve = commands.add_parser(
+        "serve",
+        help="the server's warm-request time to first token, prefix cache vs none",
+        description="A real server on loopback; for each history length, the time to first "
+        "token of a request resending the history, with the engine's prefix cache and "
+        "without, in one run (needs the server extra).",
+    )
+    serve.add_argument("--model", required=True, help="checkpoint directory")
+    serve.add_argument(
+        "--history", type=int, nargs="+", default=[1024, 4096], help="history lengths in tokens"
+    )
     memory = commands.add_parser(
         "prefill-memory",
         help="peak memory of prefill by prompt length, per attention path",
@@ -67,6 +79,34 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "run: aggregate tokens/s of each, their ratio, and whether the tokens agree.",
     )
     batch_bench.add_args(batch)
+    constrained = commands.add_parser(
+        "constrained",
+        help="constrained decoding's cost per token vs unconstrained decoding",
+        description="Decodes one JSON reply with the grammar's mask computed and applied at "
+        "each step and without it, in one run: ms per token and the ratio, with the "
+        "time to prepare the tokenizer and compile the schema.",
+    )
+    constrained_bench.add_args(constrained)
+    kernels = commands.add_parser(
+        "kernels",
+        help="per-launch counters of the Metal kernels, from the MSL emulator",
+        description="Runs the fused decode step and the chunked scan at each size's DeltaNet "
+        "heads in the MSL-on-CPU emulator and prints what each launch asks of the GPU: "
+        "device bytes read and written (against one read and write of the state), "
+        "threadgroup-memory bank conflicts per SIMD step and by kernel line, barriers "
+        "per threadgroup and per chunk, threadgroup memory, threads. Needs the "
+        "repository's tests/msl_emulator beside the package and g++; without the emulator "
+        "it says so and exits 0.",
+    )
+    kernels.add_argument(
+        "--heads",
+        nargs="+",
+        choices=("0.8B", "9B"),
+        default=["0.8B", "9B"],
+        help="whose DeltaNet heads: 0.8B (Hk = Hv = 16), 9B (Hk = 16, Hv = 32)",
+    )
+    kernels.add_argument("--tokens", type=int, default=64, help="T of the chunked scan")
+    kernels.add_argument("--batch", type=int, default=1, help="B of both kernels")
     startup = commands.add_parser(
         "startup",
         help="how much `import qwen35_mlx` adds to `import mlx.core`",
@@ -113,12 +153,21 @@ def main(args: argparse.Namespace) -> int:
     if args.bench_command == "prompt-cache":
         bench_prompt_cache(args.model, args.history, args.plot)
         return 0
+    if args.bench_command == "serve":
+        from ..bench import serve as serve_bench  # needs the server extra
+
+        serve_bench.bench_serve(args.model, args.history)
+        return 0
     if args.bench_command == "prefill-memory":
         return prefill_memory.bench_prefill_memory(args)
     if args.bench_command == "speculative":
         return speculative_bench.bench_speculative(args)
     if args.bench_command == "batch":
         return batch_bench.bench_batch(args)
+    if args.bench_command == "constrained":
+        return constrained_bench.bench_constrained(args)
+    if args.bench_command == "kernels":
+        return kernel_counters.bench_kernel_counters(args.heads, args.tokens, args.batch)
     if args.bench_command == "startup":
         return bench_startup(args.repeats)
     return generate_bench.bench_generate(args)

@@ -2,11 +2,13 @@
 
 `gated_delta_update` turns the layer's raw projections into the scan inputs (docs/ARCHITECTURE.md
 §2.4 steps 5-6, in float32 as transformers does) and hands them to a scan path chosen by
-`pick_path`: on Metal the chunked kernel (chunked_scan.metal); elsewhere the plain-MLX per-token
-recurrence for short inputs and the chunked form for prefill. On Metal a DeltaNet layer decodes
-one token with `gated_delta_decode` instead (decode_step.metal: conv to gated norm in one
-dispatch). Every path is tested against the float64 definition in tests/, the Metal kernels
-under the MSL-on-CPU emulator there.
+`pick_path`: on Metal the path this machine's self-test found fastest and correct for the length
+(autotune.py; before any self-test the chunked kernel, chunked_scan.metal); elsewhere the
+plain-MLX per-token recurrence for short inputs and the chunked form for prefill. On Metal a
+DeltaNet layer decodes one token with `gated_delta_decode` instead (decode_step.metal: conv to
+gated norm in one dispatch) unless the self-test disabled it or found the plain ops faster.
+Every path is tested against the float64 definition in tests/, the Metal kernels under the
+MSL-on-CPU emulator there.
 
 `SCAN_PATHS` holds the paths that run on this machine. Any path, Metal ones included, can be
 forced by name (`path=`, `decode_path=`): off Metal a forced kernel cannot run, but it traces
@@ -24,11 +26,18 @@ import mlx.nn as nn
 from . import chunked_kernel
 from .chunked import chunked_scan
 from .decode_step import DECODE_STEP, decode_step_call
+from .mlx_fast import mlx_fast_scan
 from .recurrent import recurrent_scan
+from .tuning import UNTUNED, Tuning, cache_file, machine, read_tuning
 
 ScanFn = Callable[..., tuple[mx.array, mx.array]]
 
-PLAIN_PATHS: dict[str, ScanFn] = {"recurrent": recurrent_scan, "chunked": chunked_scan}
+# the paths that run on every backend (MLX's built-in falls back to MLX ops off Metal)
+PLAIN_PATHS: dict[str, ScanFn] = {
+    "recurrent": recurrent_scan,
+    "chunked": chunked_scan,
+    "mx_fast": mlx_fast_scan,
+}
 METAL_PATHS: dict[str, ScanFn] = {"metal_chunked": chunked_kernel.metal_chunked_scan}
 SCAN_PATHS = {**PLAIN_PATHS, **(METAL_PATHS if mx.metal.is_available() else {})}
 DECODE_PATHS = ("fused", "plain")  # the fused Metal step, or the layer's own ops
@@ -49,17 +58,36 @@ def metal_ready() -> bool:
     return mx.default_device() == mx.gpu and mx.metal.is_available()
 
 
+_tuning: Tuning | None = None  # read once per process, then looked up
+
+
+def machine_tuning() -> Tuning:
+    """The Metal paths' choice recorded for this machine (docs/ARCHITECTURE.md §8.1), or the
+    kernels as designed where none is."""
+    global _tuning
+    if _tuning is None:
+        _tuning = read_tuning(cache_file(), machine()) or UNTUNED
+    return _tuning
+
+
+def use_tuning(tuning: Tuning | None) -> None:
+    """Makes the dispatcher follow `tuning` (None: the cached one, read again on next use)."""
+    global _tuning
+    _tuning = tuning
+
+
 def pick_path(num_tokens: int) -> str:
     """The scan path for this call on the default device."""
     if metal_ready():
-        return "metal_chunked"  # one dispatch for any T
+        return machine_tuning().scan_path(num_tokens)
     return "chunked" if num_tokens >= CHUNKED_MIN_TOKENS else "recurrent"
 
 
 def use_fused_decode(num_tokens: int, decode_path: str | None = None) -> bool:
-    """Whether a DeltaNet layer calls `gated_delta_decode`: as forced, else one token on Metal."""
+    """Whether a DeltaNet layer calls `gated_delta_decode`: as forced, else one token on Metal
+    where the self-test kept the fused step."""
     if decode_path is None:
-        return num_tokens == 1 and metal_ready()
+        return num_tokens == 1 and metal_ready() and machine_tuning().decode == "fused"
     if decode_path not in DECODE_PATHS:
         raise ValueError(f"unknown decode path {decode_path!r}; choose one of {DECODE_PATHS}")
     return decode_path == "fused"

@@ -14,6 +14,7 @@ import numpy as np
 
 from .arrays import STORAGE, KernelInput
 from .build import library
+from .counters import HEADER, SITE_FIELDS, LaunchCounters, launch_counters
 from .errors import EmulatorError
 from .source import generated_source, translate
 
@@ -27,6 +28,7 @@ _C_INTS = {
 }
 _ORDER_NAMES = ("forward", "reverse")
 ERROR_BYTES = 4096
+COUNTER_SITES = 1024  # threadgroup-memory access sites the counters hold (runtime.cpp Counters)
 
 
 class _Launch(ctypes.Structure):  # mirrors msl::Launch in runtime.cpp
@@ -44,6 +46,8 @@ class _Launch(ctypes.Structure):  # mirrors msl::Launch in runtime.cpp
         ("timeout_s", ctypes.c_int),
         ("error", ctypes.c_void_p),
         ("error_size", ctypes.c_int),
+        ("counters", ctypes.c_void_p),
+        ("counter_slots", ctypes.c_int),
     ]
 
 
@@ -66,6 +70,25 @@ def emulate(spec, inputs, launch, orders: int = 3) -> list[np.ndarray]:
             no barrier or SIMD-group sync ordering them; see runtime.cpp), outputs that depend on
             the thread order, crash, or a build failure.
     """
+    outputs, _ = _emulate(spec, inputs, launch, orders, counters=False)
+    return outputs
+
+
+def profile(spec, inputs, launch, orders: int = 1) -> LaunchCounters:
+    """Runs `spec` under `launch` as `emulate` does and counts what the launch asks of the
+    hardware (counters.LaunchCounters, with the outputs); the counters come from the first
+    thread order, which runs both race detectors (their hooks count the accesses)."""
+    outputs, (raw, lib, params) = _emulate(spec, inputs, launch, orders, counters=True)
+    names = [p.name for p in _buffers(params)]
+
+    def innermost_lines(offsets: list[int]) -> list[str | None]:
+        frames = _kernel_frames(spec, lib, [f"{o:x}" for o in offsets])
+        return [frame[0] if frame else None for frame in frames]
+
+    return launch_counters(spec, launch, outputs, raw, names, innermost_lines)
+
+
+def _emulate(spec, inputs, launch, orders, counters: bool):
     if len(inputs) != len(spec.input_names):
         raise EmulatorError(
             f"kernel '{spec.name}' takes {len(spec.input_names)} inputs "
@@ -78,7 +101,8 @@ def emulate(spec, inputs, launch, orders: int = 3) -> list[np.ndarray]:
     source = generated_source(spec, list(ins.values()), launch)
     translation = translate(spec, source)
     lib = library(translation.cpp, translation.kernel)
-    return _run(spec, lib, translation.params, ins, launch, orders)
+    outputs, raw = _run(spec, lib, translation.params, ins, launch, orders, counters)
+    return outputs, (raw, lib, translation.params)
 
 
 def run_on_emulator(spec, inputs, launch, verbose: bool = False) -> list[mx.array]:
@@ -120,17 +144,25 @@ def _buffer_bytes(param, ins: dict[str, KernelInput]) -> np.ndarray:
     raise EmulatorError(f"no data for kernel parameter '{param.name}'")
 
 
-def _run(spec, lib, params, ins, launch, orders) -> list[np.ndarray]:
-    buffers = sorted((p for p in params if p.attribute == "buffer"), key=lambda p: p.index)
+def _buffers(params) -> list:
+    return sorted((p for p in params if p.attribute == "buffer"), key=lambda p: p.index)
+
+
+def _run(spec, lib, params, ins, launch, orders, counters):
+    """The outputs of the first order, and its raw counters (np.int64) when `counters`."""
+    buffers = _buffers(params)
     outputs = dict(zip(spec.output_names, zip(launch.output_shapes, launch.output_dtypes)))
     sizes = {
         name: int(np.prod(shape, dtype=np.int64)) * np.dtype(STORAGE[dtype]).itemsize
         for name, (shape, dtype) in outputs.items()
     }
-    # Outputs and their write shadows live in memory shared with the forked child.
-    shared = mmap.mmap(-1, 2 * orders * sum(sizes.values()) + orders * ERROR_BYTES)
+    # Errors, counters, outputs and their write shadows live in memory shared with the forked
+    # children.
+    slots = HEADER + 2 * len(buffers) + SITE_FIELDS * COUNTER_SITES
+    counter_bytes = 8 * slots if counters else 0
+    shared = mmap.mmap(-1, orders * ERROR_BYTES + counter_bytes + 2 * orders * sum(sizes.values()))
     shared_address = ctypes.addressof(ctypes.c_char.from_buffer(shared))
-    offset = orders * ERROR_BYTES
+    offset = orders * ERROR_BYTES + counter_bytes
     data, shadow, views = [], [], {}
     for order in range(orders):
         for p in buffers:
@@ -166,6 +198,8 @@ def _run(spec, lib, params, ins, launch, orders) -> list[np.ndarray]:
         int(os.environ.get("QWEN35_MLX_EMULATOR_TIMEOUT", "600")),
         shared_address,
         ERROR_BYTES,
+        shared_address + orders * ERROR_BYTES if counters else None,
+        slots,
     )
     lib.msl_emulate.restype = ctypes.c_int
     status = lib.msl_emulate(ctypes.byref(call))
@@ -186,7 +220,8 @@ def _run(spec, lib, params, ins, launch, orders) -> list[np.ndarray]:
             _check_written(spec, name, per_order[0], views[0, name][1])
             _check_orders(spec, name, per_order, dtype)
         results.append(_returned(per_order[0], dtype))
-    return results
+    raw = np.frombuffer(shared, np.int64, slots, orders * ERROR_BYTES).copy() if counters else None
+    return results, raw
 
 
 def kernel_lines(spec, lib, frames: list[str]) -> str:
@@ -201,20 +236,36 @@ def _site_line(spec, lib, offset: str) -> str:
 
 
 def _source_lines(spec, lib, frames: list[str]) -> list[str]:
-    """The kernel's .metal / header lines of `frames` (offsets into `lib`), read with addr2line
-    through inlined calls, innermost first."""
-    if not frames or shutil.which("addr2line") is None:
-        return []
+    """The kernel's .metal / header lines of the call stack `frames`, innermost first."""
+    lines = []
+    for frame in _kernel_frames(spec, lib, frames):
+        for location in frame:
+            if location not in lines:
+                lines.append(location)
+    return lines
+
+
+def _kernel_frames(spec, lib, offsets: list[str]) -> list[list[str]]:
+    """Per offset into `lib` (hex), its .metal / header lines through inlined calls, innermost
+    first, read with one addr2line call."""
+    if not offsets or shutil.which("addr2line") is None:
+        return [[] for _ in offsets]
     files = {os.path.basename(str(f)) for f in (spec.source_file, spec.header_file) if f}
     found = subprocess.run(
-        ["addr2line", "-i", "-e", lib._name, *frames], capture_output=True, text=True, check=False
-    ).stdout.split("\n")
-    lines = []
-    for line in found:
+        ["addr2line", "-a", "-i", "-e", lib._name, *offsets],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    frames: list[list[str]] = []
+    for line in found.splitlines():
+        if line.startswith("0x"):  # -a: each offset opens its group of (inlined) frames
+            frames.append([])
+            continue
         location = os.path.basename(line.split(" ")[0])  # addr2line prefixes the build folder
-        if location.rsplit(":", 1)[0] in files and location not in lines:
-            lines.append(location)
-    return lines
+        if frames and location.rsplit(":", 1)[0] in files:
+            frames[-1].append(location)
+    return frames
 
 
 def _typed(raw: np.ndarray, dtype, shape) -> np.ndarray:

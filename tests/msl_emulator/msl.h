@@ -26,6 +26,9 @@ struct Region {
   const char* space;  // "device", "constant", "threadgroup"
   uint8_t* shadow;    // one byte per buffer byte, set on every mutable access (outputs only)
   bool output;        // a device buffer the kernel writes (accesses go to the race detector)
+  // Device bytes the kernel asked of this buffer (launch counters): every input access is a
+  // read; an output access is settled as a read or a write by the race detector.
+  mutable uint64_t read_bytes = 0, written_bytes = 0;
 };
 const Region* find_region(const void* address);  // nullptr for thread-local memory
 [[noreturn]] void out_of_bounds(const Region* region, const void* address, size_t element_size,
@@ -191,13 +194,14 @@ struct ptr {
         if (region->shadow)
           std::memset(region->shadow + (address - region->begin), 1, sizeof(T));
       }
-      if constexpr (sizeof(T) <= kTrackedBytes) {
-        if (region->output) {
+      if (region->output) {
+        if constexpr (sizeof(T) <= kTrackedBytes)
           if (detect_output_races) track_output(region, q, sizeof(T));
-        } else if (detect_threadgroup_races && region->begin >= arena_begin &&
-                   region->begin < arena_end) {
-          track_threadgroup(q, sizeof(T));
-        }
+      } else if (region->begin >= arena_begin && region->begin < arena_end) {
+        if constexpr (sizeof(T) <= kTrackedBytes)
+          if (detect_threadgroup_races) track_threadgroup(q, sizeof(T));
+      } else {
+        region->read_bytes += sizeof(T);  // an input
       }
     }
     return q;

@@ -13,6 +13,8 @@
 #include <cstdlib>
 #include <dlfcn.h>
 #include <execinfo.h>
+#include <map>
+#include <unordered_map>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -44,6 +46,34 @@ struct Launch {
   int timeout_s;
   char* error;  // [orders][error_size], shared with the parent
   int error_size;
+  int64_t* counters;  // nullptr, or the launch counters of the first order (layout: Counters)
+  int counter_slots;
+};
+
+// ---------------------------------------------------------------- launch counters
+// Written by the first thread order into Launch::counters, read by launch.py (`profile`):
+//   [kBarriers] barriers completed, summed over threadgroups; [kBarriersMax] the most in one
+//   threadgroup; [kThreadgroupBytes] the most threadgroup memory one threadgroup allocated;
+//   [kSites] threadgroup-memory access sites recorded, [kSitesDropped] sites past the table;
+//   then per buffer (read bytes, written bytes); then per site kSiteFields values: offset of the
+//   access in this library, lane accesses, SIMD steps, steps with a bank conflict, extra
+//   wavefronts (sum of degree - 1), worst degree.
+enum Counters { kBarriers, kBarriersMax, kThreadgroupBytes, kSites, kSitesDropped, kHeader = 8 };
+constexpr int kSiteFields = 6;
+constexpr int kBanks = 32;  // Apple GPUs' threadgroup memory: 32 banks of 4-byte words
+
+// One lane's access to threadgroup memory at a site (bytes from the arena's start).
+struct LaneAccess {
+  uint32_t byte;
+  uint32_t size;
+};
+// A site's accesses in one SIMD group, per lane in program order: the lanes' i-th accesses
+// form the i-th SIMD step (the lockstep model, docs/ARCHITECTURE.md §8).
+struct SiteLanes {
+  std::vector<LaneAccess> lanes[32];
+};
+struct SiteStats {
+  int64_t accesses = 0, steps = 0, conflicted = 0, extra = 0, worst = 0;
 };
 
 // ---------------------------------------------------------------- fibers
@@ -140,6 +170,11 @@ struct Run {
   uint32_t simd_epochs[32] = {};                      // per SIMD group, move at its syncs
   uint32_t group_index = 0;                           // linear index of the running threadgroup
   char* library_base = nullptr;
+  // launch counters (first order only)
+  bool counting = false;
+  int64_t barriers = 0, barriers_max = 0, group_barriers = 0, threadgroup_bytes = 0;
+  std::vector<std::unordered_map<uint32_t, SiteLanes>> bank_sites;  // per SIMD group
+  std::map<uint32_t, SiteStats> site_stats;                          // per site, whole launch
 #ifdef MSL_FAST_SWITCH
   void* scheduler_sp;
 #else
@@ -375,7 +410,14 @@ void track(const Region* output, const void* address, size_t size, uint32_t site
 }
 
 void track_threadgroup(const void* address, size_t size) {
-  track(nullptr, address, size, site_of(__builtin_return_address(0)));
+  uint32_t site = site_of(__builtin_return_address(0));
+  Run& r = *run_;
+  if (r.counting) {
+    const Attrs& a = r.current->attrs;
+    r.bank_sites[a.simdgroup_index_in_threadgroup][site].lanes[a.thread_index_in_simdgroup].push_back(
+        {uint32_t(static_cast<const char*>(address) - r.arena), uint32_t(size)});
+  }
+  track(nullptr, address, size, site);
 }
 
 void track_output(const Region* region, const void* address, size_t size) {
@@ -505,6 +547,7 @@ void settle_output(Fiber& f, const Access& a, bool wrote) {
     }
     if (wrote) c = {r.group_index + 1, me, a.site, r.device_epoch, simd_epoch};
   }
+  (wrote ? region->written_bytes : region->read_bytes) += a.size;
 }
 
 template <class U>
@@ -600,6 +643,7 @@ bool resolve_barrier() {
   }
   if (waiting->flags & unsigned(metal::mem_flags::mem_threadgroup)) r.shared_epoch++;
   if (waiting->flags & unsigned(metal::mem_flags::mem_device)) r.device_epoch++;
+  r.group_barriers++;
   for (Fiber& f : active(r)) f.state = State::runnable;
   return true;
 }
@@ -626,6 +670,71 @@ void arrange(std::vector<int>& order) {
 
 extern "C" void run_thread(void* const* buffers, const Region* regions, const Attrs& attrs);
 
+// Bank conflicts of one SIMD step: the most distinct 4-byte words the lanes' accesses put in one
+// bank (1: none; lanes reading the same word share it, a broadcast).
+int64_t conflict_degree(std::vector<uint32_t>& words) {
+  std::sort(words.begin(), words.end());
+  words.erase(std::unique(words.begin(), words.end()), words.end());
+  int per_bank[kBanks] = {};
+  int worst = 0;
+  for (uint32_t w : words) worst = std::max(worst, ++per_bank[w % kBanks]);
+  return worst;
+}
+
+// Folds this threadgroup's threadgroup-memory accesses and barriers into the launch counters.
+void count_threadgroup(Run& r) {
+  r.barriers += r.group_barriers;
+  r.barriers_max = std::max(r.barriers_max, r.group_barriers);
+  r.threadgroup_bytes = std::max(r.threadgroup_bytes, int64_t(r.arena_used));
+  std::vector<uint32_t> words;
+  for (auto& sites : r.bank_sites) {
+    for (auto& [site, lanes] : sites) {
+      SiteStats& stats = r.site_stats[site];
+      size_t steps = 0;
+      for (auto& lane : lanes.lanes) {
+        steps = std::max(steps, lane.size());
+        stats.accesses += lane.size();
+      }
+      for (size_t step = 0; step < steps; step++) {
+        words.clear();
+        for (auto& lane : lanes.lanes) {
+          if (step >= lane.size()) continue;
+          const LaneAccess& a = lane[step];
+          for (uint32_t w = a.byte / 4; w < (a.byte + a.size + 3) / 4; w++) words.push_back(w);
+        }
+        int64_t degree = conflict_degree(words);
+        stats.steps++;
+        stats.conflicted += degree > 1;
+        stats.extra += degree - 1;
+        stats.worst = std::max(stats.worst, degree);
+      }
+    }
+    sites.clear();
+  }
+}
+
+void write_counters(Run& r) {
+  const Launch& L = *r.launch;
+  int64_t* out = L.counters;
+  out[kBarriers] = r.barriers;
+  out[kBarriersMax] = r.barriers_max;
+  out[kThreadgroupBytes] = r.threadgroup_bytes;
+  for (int b = 0; b < L.buffers; b++) {
+    out[kHeader + 2 * b] = int64_t(r.regions[b].read_bytes);
+    out[kHeader + 2 * b + 1] = int64_t(r.regions[b].written_bytes);
+  }
+  int64_t* site = out + kHeader + 2 * L.buffers;
+  const int64_t capacity = (L.counter_slots - kHeader - 2 * L.buffers) / kSiteFields;
+  for (auto& [offset, s] : r.site_stats) {
+    if (out[kSites] == capacity) {
+      out[kSitesDropped]++;
+      continue;
+    }
+    int64_t fields[kSiteFields] = {offset, s.accesses, s.steps, s.conflicted, s.extra, s.worst};
+    std::memcpy(site + kSiteFields * out[kSites]++, fields, sizeof fields);
+  }
+}
+
 [[noreturn]] void fiber_main() {
   Fiber& f = *run_->current;
   run_thread(run_->launch->data + run_->order * run_->launch->buffers, run_->regions.data(), f.attrs);
@@ -647,6 +756,7 @@ void run_threadgroup(uint3 group_position) {
   r.arena_regions.clear();
   r.shared_epoch++;  // nothing orders two threadgroups: no access of an earlier one counts
   r.device_epoch++;
+  r.group_barriers = 0;
   std::vector<int> order(r.threads);
   for (int t = 0; t < r.threads; t++) {
     Fiber& f = r.fibers[t];
@@ -684,7 +794,10 @@ void run_threadgroup(uint3 group_position) {
     for (int g = 0; g < r.simdgroups; g++) progress |= resolve_simdgroup(g);
     progress |= resolve_barrier();
     for (Fiber& f : active(r)) all_done &= f.state == State::done;
-    if (all_done) return;
+    if (all_done) {
+      if (r.counting) count_threadgroup(r);
+      return;
+    }
     if (!progress) {  // some wait forever: name one waiting thread and one it waits for
       Fiber* waiting = nullptr;
       for (Fiber& f : active(r))
@@ -722,6 +835,7 @@ void run_order(Run& r) {
     r.group_index = i;
     run_threadgroup(uint3(i % counts[0], (i / counts[0]) % counts[1], i / (counts[0] * counts[1])));
   }
+  if (r.counting) write_counters(r);
 }
 
 }  // namespace msl
@@ -746,6 +860,8 @@ namespace msl {
   run.arena_regions.reserve(1024);  // never reallocated: ptr holds Region pointers
   detect_threadgroup_races = order == 0;
   detect_output_races = order < 2;
+  run.counting = order == 0 && launch->counters;  // needs both detectors: their hooks count
+  run.bank_sites.resize((run.fibers.size() + 31) / 32);
   if (detect_threadgroup_races) {
     run.word_cells.resize(kThreadgroupMemory / 4);
     run.byte_cells.resize(kThreadgroupMemory);

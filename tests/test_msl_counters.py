@@ -1,0 +1,178 @@
+"""The emulator's launch counters: planted kernels with hand-counted bytes, bank conflicts and
+barriers, and the real kernels' device bytes against a hand formula."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
+from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step_call
+from qwen35_mlx.gated_delta.kernel import KernelSpec, Launch
+
+from msl_emulator import emulate, profile
+
+PLANTED = Path(__file__).parent / "msl_kernels" / "counters"
+rng = np.random.default_rng(0)
+
+
+def line_of(file: Path, snippet: str) -> str:
+    """'name.metal:LINE' of the one line holding `snippet`."""
+    found = [i for i, line in enumerate(file.read_text().splitlines(), 1) if snippet in line]
+    assert len(found) == 1, f"{snippet!r} is on lines {found} of {file.name}"
+    return f"{file.name}:{found[0]}"
+
+
+def test_device_bytes_read_and_written():
+    # 100 threads in 4 threadgroups of 32 (the last partial) each read a float and a half; the
+    # first 40 write a float
+    spec = KernelSpec("read_write", str(PLANTED / "read_write.metal"), ("inp", "idx"), ("out",))
+    inp = rng.standard_normal(100).astype(np.float32)
+    idx = np.arange(100, dtype=np.float16)
+    launch = Launch((("M", 40),), (100, 1, 1), (32, 1, 1), ((40,),), (mx.float32,))
+    counters = profile(spec, [inp, idx], launch)
+    assert counters.bytes_read == {"inp": 100 * 4, "idx": 100 * 2, "out": 0}
+    assert counters.bytes_written == {"inp": 0, "idx": 0, "out": 40 * 4}
+    assert (counters.device_bytes_read, counters.device_bytes_written) == (600, 160)
+    assert (counters.threadgroups, counters.threads_per_threadgroup) == (4, 32)
+    assert (counters.barriers, counters.threadgroup_memory_bytes, counters.bank_sites) == (0, 0, ())
+    np.testing.assert_array_equal(counters.outputs[0], inp[:40] + idx[:40])
+
+
+BANK_STRIDE = KernelSpec(
+    "bank_stride", str(PLANTED / "bank_stride.metal"), ("inp", "stride", "barriers"), ("out",)
+)
+
+
+# lane l reads word l * stride: words per bank, by hand
+@pytest.mark.parametrize(
+    "stride, degree",
+    [(1, 1), (2, 2), (16, 16), (32, 32), (0, 1), (33, 1)],
+    ids=["stride1", "stride2", "stride16", "stride32", "broadcast", "padded33"],
+)
+def test_bank_conflict_degree(stride, degree):
+    groups, threads = 2, 64  # two threadgroups of two SIMD groups
+    inp = rng.standard_normal(groups * threads).astype(np.float32)
+    launch = Launch(
+        (), (groups * threads, 1, 1), (threads, 1, 1), ((groups * threads,),), (mx.float32,)
+    )
+    counters = profile(BANK_STRIDE, [inp, stride, 0], launch)
+    read = counters.site(line_of(PLANTED / "bank_stride.metal", "tile[lane * stride]"))
+    steps = groups * threads // 32  # one read per lane: one step per SIMD group
+    assert (read.accesses, read.steps) == (groups * threads, steps)
+    assert read.worst_degree == degree
+    assert read.conflicted_steps == (steps if degree > 1 else 0)
+    assert read.extra_wavefronts == steps * (degree - 1)
+    # the fill: 33 stride-1 store steps of SIMD group 0 per threadgroup, conflict-free
+    fill = counters.site(line_of(PLANTED / "bank_stride.metal", "tile[w] = float(w)"))
+    assert (fill.steps, fill.conflicted_steps, fill.worst_degree) == (groups * 33, 0, 1)
+    assert counters.conflicted_steps == read.conflicted_steps
+    assert counters.worst_degree == degree
+    assert counters.threadgroup_memory_bytes == 32 * 33 * 4
+    expected = np.arange(groups * threads) % 32 * stride + inp
+    np.testing.assert_array_equal(counters.outputs[0], expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("extra", [0, 3])
+def test_barriers_counted_per_threadgroup_and_launch(extra):
+    launch = Launch((), (96, 1, 1), (32, 1, 1), ((96,),), (mx.float32,))
+    counters = profile(BANK_STRIDE, [np.zeros(96, np.float32), 1, extra], launch)
+    assert counters.barriers_per_threadgroup == 1 + extra  # the fill's barrier, then `extra`
+    assert counters.barriers == 3 * (1 + extra)
+    assert counters.threadgroups == 3
+
+
+def test_profile_outputs_match_emulate():
+    launch = Launch((), (64, 1, 1), (64, 1, 1), ((64,),), (mx.float32,))
+    inputs = [rng.standard_normal(64).astype(np.float32), 3, 1]
+    (plain,) = emulate(BANK_STRIDE, inputs, launch)
+    np.testing.assert_array_equal(profile(BANK_STRIDE, inputs, launch).outputs[0], plain)
+
+
+def normal(*shape):
+    return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+
+def test_decode_step_device_bytes_by_hand():
+    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 32, 8, 4
+    C = 2 * Hk * Dk + Hv * Dv
+    bf16 = mx.bfloat16
+    inputs, launch = decode_step_call(
+        qkv=normal(B, 1, C).astype(bf16),
+        z=normal(B, 1, Hv, Dv).astype(bf16),
+        a=normal(B, 1, Hv).astype(bf16),
+        b=normal(B, 1, Hv).astype(bf16),
+        conv_weight=normal(C, K, 1).astype(bf16),
+        A_log=normal(Hv),
+        dt_bias=normal(Hv),
+        norm_weight=normal(Dv).astype(bf16),
+        norm_eps=1e-6,
+        conv_state=normal(B, K - 1, C).astype(bf16),
+        state=normal(B, Hv, Dv, Dk),
+        key_heads=Hk,
+    )
+    counters = profile(DECODE_STEP, inputs, launch)
+    heads, threads, e = B * Hv, 32 * min(16, Dv), 2  # threadgroups, threads each, bf16 bytes
+    state = heads * Dv * Dk * 4
+    head_channels = 2 * Dk + Dv  # each value head convolves its key head's q, k and its v
+    shifted = B * (
+        Hv * Dv + Hk * 2 * Dk
+    )  # channels whose conv state moves (q, k once per key head)
+    assert counters.bytes_read == {
+        "qkv": heads * head_channels * e,
+        "z": heads * Dv * e,
+        "a": heads * threads * e,  # every thread computes the decay and beta
+        "b": heads * threads * e,
+        "conv_state": (heads * head_channels * (K - 1) + shifted * (K - 2)) * e,
+        "conv_weight": heads * head_channels * K * e,
+        "A_log": heads * threads * 4,
+        "dt_bias": heads * threads * 4,
+        "norm_weight": heads * Dv * e,
+        "state_in": state,  # one read of the state
+        "norm_eps": 0,  # a constant reference: not counted
+        "y": 0,
+        "state_out": 0,
+        "conv_state_out": 0,
+    }
+    written = {"y": heads * Dv * e, "state_out": state, "conv_state_out": shifted * (K - 1) * e}
+    assert counters.bytes_written == {name: written.get(name, 0) for name in counters.bytes_read}
+    assert (counters.threadgroups, counters.threads_per_threadgroup) == (heads, threads)
+    assert counters.barriers_per_threadgroup == 2
+    assert counters.threadgroup_memory_bytes == (2 * Dk + Dv) * 4 + Dv * 4  # mixed, scan_out
+
+
+def test_chunked_scan_device_bytes_by_hand():
+    # two column blocks of 32 value columns, two chunks of 32 tokens (the second holds 8)
+    B, T, Hv, Dk, Dv = 1, 40, 1, 16, 64
+    shape = (B, T, Hv)
+    inputs, launch = chunked_scan_call(
+        normal(*shape, Dk),
+        normal(*shape, Dk),
+        normal(*shape, Dv),
+        -mx.abs(normal(*shape)),
+        mx.sigmoid(normal(*shape)),
+        normal(B, Hv, Dv, Dk),
+    )
+    C, blocks, columns = 32, 2, 32
+    assert dict(launch.template)["C"] == C and launch.grid[1] // launch.threadgroup[1] == blocks
+    counters = profile(CHUNKED_SCAN, inputs, launch)
+    state = B * Hv * Dv * Dk * 4
+    # each thread i < C sums g over the chunk's tokens j <= i that are real: 32 and 8 of them
+    g_sums = sum(min(i + 1, live) for live in (32, 8) for i in range(C))
+    assert counters.bytes_read == {
+        "q": blocks * B * T * Hv * Dk * 4,  # every column block stages q and k
+        "k": blocks * B * T * Hv * Dk * 4,
+        "v": B * T * Hv * Dv * 4,
+        "g": blocks * B * Hv * g_sums * 4,
+        "beta": blocks * B * T * Hv * 4,
+        "state_in": state,
+        "T": 0,
+        "out": 0,
+        "state_out": 0,
+    }
+    written = {"out": B * T * Hv * Dv * 4, "state_out": state}
+    assert counters.bytes_written == {name: written.get(name, 0) for name in counters.bytes_read}
+    assert counters.barriers_per_threadgroup == 5 * 2  # five per chunk
+    floats = 2 * Dk * C + 2 * C * C + 2 * columns * C + 2 * C + 64  # qT kT A PT XT OT gc beta decay
+    assert counters.threadgroup_memory_bytes == floats * 4
