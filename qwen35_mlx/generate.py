@@ -108,26 +108,12 @@ def generate_step(
         decode["return_hidden"] = True
         drafter.start(cache.offset, rope_delta)
 
-    def prompt_slice(start: int, end: int) -> dict:
-        inputs = dict(decode)
-        if input_embeddings is not None:
-            inputs["input_embeddings"] = input_embeddings[:, start:end]
-        if position_ids is not None:
-            inputs["position_ids"] = position_ids[..., start:end]
-        return inputs
-
     def feed(tokens: mx.array, fed_ids: list[int], fed_keys: list[int], inputs: dict):
-        before = cache.snapshot()
-        try:
-            logits = model(tokens[None], cache=cache, **inputs)
-        except BaseException:
-            cache.restore(before, owned=True)
-            raise
-        cache.append(fed_ids, fed_keys)
-        return logits
+        return feed_model(model, cache, tokens, fed_ids, fed_keys, inputs)
 
     def feed_prompt(start: int, end: int):
-        out = feed(prompt[start:end], ids[start:end], keys[start:end], prompt_slice(start, end))
+        inputs = prompt_inputs(decode, input_embeddings, position_ids, start, end)
+        out = feed(prompt[start:end], ids[start:end], keys[start:end], inputs)
         if drafter is None:
             return out
         positions = None if position_ids is None else position_ids[..., start:end]
@@ -135,11 +121,7 @@ def generate_step(
         return out[0]
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
-        """Logits [1, vocab] -> (token [1], log-probabilities [vocab])."""
-        for process in logits_processors:
-            logits = process(generated, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        return sample_token(logits, generated, logits_processors, sampler)
 
     def step(
         tokens: mx.array, fed_ids: list[int], fed_keys: list[int], inputs: dict
@@ -157,7 +139,7 @@ def generate_step(
     start = 0
     report(0, len(ids))
     while len(ids) - start > 1:
-        end = min([start + prefill_step_size, len(ids) - 1, *(n for n in stops if n > start)])
+        end = prefill_end(start, len(ids), prefill_step_size, stops)
         feed_prompt(start, end)
         mx.eval(cache.state, [] if drafter is None else drafter.state)
         snapshot_if_asked(end)
@@ -199,6 +181,57 @@ def generate_step(
         yield generated[-1], logprobs
         if n + 1 < max_tokens:
             token, logprobs = next_token, next_logprobs
+
+
+def feed_model(
+    model, cache: PromptCache, tokens: mx.array, ids: list[int], keys: list[int], inputs: dict
+):
+    """The model's output for `tokens` [T] after what `cache` holds; the cache is rolled back
+    if the call raises, else it records `ids` and their prefix-cache `keys`."""
+    before = cache.snapshot()
+    try:
+        out = model(tokens[None], cache=cache, **inputs)
+    except BaseException:
+        cache.restore(before, owned=True)
+        raise
+    cache.append(ids, keys)
+    return out
+
+
+def prompt_inputs(
+    decode: dict,
+    input_embeddings: mx.array | None,
+    position_ids: mx.array | None,
+    start: int,
+    end: int,
+) -> dict:
+    """The model's keyword arguments for prompt tokens start..end-1: `decode`'s, plus their
+    embeddings and M-RoPE positions where the prompt has them."""
+    inputs = dict(decode)
+    if input_embeddings is not None:
+        inputs["input_embeddings"] = input_embeddings[:, start:end]
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids[..., start:end]
+    return inputs
+
+
+def prefill_end(start: int, total: int, step: int, stops: Sequence[int]) -> int:
+    """Where the prefill chunk from `start` ends: `step` tokens on, at the next of `stops`
+    (snapshot points), or one before the prompt's last token (which goes through alone)."""
+    return min([start + step, total - 1, *(n for n in stops if n > start)])
+
+
+def sample_token(
+    logits: mx.array,
+    generated: list[int],
+    logits_processors: Sequence[LogitsProcessor],
+    sampler: Callable[[mx.array], mx.array],
+) -> tuple[mx.array, mx.array]:
+    """Logits [1, vocab] -> (token [1], log-probabilities [vocab])."""
+    for process in logits_processors:
+        logits = process(generated, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs), logprobs.squeeze(0)
 
 
 @dataclass
@@ -351,7 +384,7 @@ def stream_generate(
         mx.random.seed(seed)
     mx.reset_peak_memory()
     start = time.perf_counter()  # prompt time includes the vision tower
-    inputs = prepare_prompt(
+    request = prepare_request(
         model,
         tokenizer,
         prompt,
@@ -360,92 +393,166 @@ def stream_generate(
         enable_thinking=enable_thinking,
         tools=tools,
         vision_cache=vision_cache,
+        max_tokens=max_tokens,
+        stops=stops,
+        cache=cache,
+        prompt_cache=prompt_cache,
+        cache_kwargs={
+            "kv_bits": kv_bits,
+            "kv_group_size": kv_group_size,
+            "quantized_kv_start": quantized_kv_start,
+        },
+        prefill_step_size=prefill_step_size,
     )
+    processors = reply_processors(model, tokenizer, penalties, grammar, request.reply)
+    steps = generate_step(
+        mx.array(request.ids[request.reused :]),
+        model,
+        cache=request.cache,
+        max_tokens=request.max_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+        prefill_step_size=prefill_step_size,
+        input_embeddings=request.input_embeddings,
+        position_ids=request.position_ids,
+        rope_delta=request.rope_delta,
+        prompt_keys=request.keys[request.reused :],
+        snapshot_at=request.snapshot_at,
+        on_snapshot=None if prompt_cache is None else prompt_cache.insert,
+        progress=progress,
+        speculation=speculation,
+        distribution=distribution,
+    )
+    try:
+        prompt_tps = 0.0
+        for n, (token, logprobs) in enumerate(steps, start=1):
+            if n == 1:
+                prompt_tps = request.fed / (time.perf_counter() - start)
+                start = time.perf_counter()
+            response = request.respond(
+                token,
+                logprobs,
+                n,
+                prompt_tps,
+                time.perf_counter() - start,
+                speculative=None if speculation is None else speculation.stats,
+            )
+            yield response
+            if response.finish_reason:
+                return
+    finally:
+        request.keep_reply()
+
+
+@dataclass
+class Request:
+    """A prompt made ready to generate from (`prepare_request`): its ids, the cache it
+    continues, the part of it still to feed and how, and the reply's text so far. Shared by
+    `stream_generate` and `batch.BatchGenerator`."""
+
+    ids: list[int]
+    keys: list[int]  # the ids as prefix-cache keys
+    cache: PromptCache
+    reused: int  # prompt tokens restored from the prefix cache
+    input_embeddings: mx.array | None  # [1, T - reused, H] of the tokens to feed
+    position_ids: mx.array | None  # [3, 1, T - reused] M-RoPE positions of those
+    rope_delta: int  # the M-RoPE shift decoding continues with
+    max_tokens: int  # as asked, or what fits in the context window
+    reply: ReplyText
+    snapshot_at: list[int]  # prompt lengths after `reused` to snapshot at
+    prompt_cache: PrefixCache | None
+
+    @property
+    def fed(self) -> int:
+        """Prompt tokens that go through the model."""
+        return len(self.ids) - self.reused
+
+    def respond(
+        self,
+        token: int,
+        logprobs: mx.array,
+        n: int,
+        prompt_tps: float,
+        elapsed: float,
+        speculative: SpeculativeStats | None = None,
+    ) -> GenerationResponse:
+        """The response for the n-th generated token, `elapsed` seconds after the first."""
+        text, finish = self.reply.add(token, last=n == self.max_tokens)
+        return GenerationResponse(
+            text=text,
+            token=token,
+            logprobs=logprobs,
+            reasoning=self.reply.reasoning,
+            prompt_tokens=len(self.ids),
+            cached_tokens=self.reused,
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            speculative=speculative,
+        )
+
+    def keep_reply(self) -> None:
+        """Into the prefix cache: the cache after the prompt and the reply so far, where the
+        next turn of the conversation starts."""
+        if self.prompt_cache is not None and self.cache.offset >= len(self.ids):
+            self.prompt_cache.insert(self.cache.snapshot())
+
+
+def prepare_request(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    *,
+    max_tokens: int,
+    stops: StopStrings,
+    cache: PromptCache | None = None,
+    prompt_cache: PrefixCache | None = None,
+    cache_kwargs: dict | None = None,
+    prefill_step_size: int = 2048,
+    **prompt_options,
+) -> Request:
+    """The prompt through the processor and vision tower (`prepare_prompt` with
+    `prompt_options`), the cache it continues (`cache`, a new one, or the longest prefix
+    `prompt_cache` holds), checked to fit in the context window and in memory before any work
+    (arguments as `stream_generate`'s)."""
+    inputs = prepare_prompt(model, tokenizer, prompt, **prompt_options)
     ids, keys = inputs.ids, inputs.keys or inputs.ids
-    cache_kwargs = {
-        "kv_bits": kv_bits,
-        "kv_group_size": kv_group_size,
-        "quantized_kv_start": quantized_kv_start,
-    }
+    cache_kwargs = cache_kwargs or {}
     if prompt_cache is None:
         cache = model.make_cache(**cache_kwargs) if cache is None else cache
         check_owner(cache, model)
         held, reused = cache.offset, 0  # the prompt follows what the cache holds
         positions, decode_rope_delta = place(inputs, cache.offset, cache.rope_delta)
+        snapshot_at = []
     else:
         cache = prompt_cache.restore(model, keys, **cache_kwargs)  # the prompt starts there
         held, reused = 0, cache.offset
         positions, decode_rope_delta = place(inputs, 0, 0)
+        snapshot_at = [n - reused for n in prompt_cache.snapshot_points(tokenizer, ids, reused)]
     max_tokens = min(max_tokens, room_left(model, held, len(ids), max_tokens))
     from .plan import check_fits  # here: the planner's tables cost start-up time
 
     check_fits(
         model,
         held + len(ids) + max_tokens,
-        kv_bits=kv_bits or 16,
+        kv_bits=cache_kwargs.get("kv_bits") or 16,
         prefill_step_size=prefill_step_size,
     )  # refuse before any work, saying what fits
-
-    reply = ReplyText(tokenizer, model.config.eos_token_ids, ids, stops)
-    snapshots = (
-        {}
-        if prompt_cache is None
-        else {
-            "snapshot_at": [
-                n - reused for n in prompt_cache.snapshot_points(tokenizer, ids, reused)
-            ],
-            "on_snapshot": prompt_cache.insert,
-        }
-    )
-    processors = [penalties] if penalties.active else []
-    if grammar is not None:
-        vocab = model.config.text.vocab_size
-        processors.append(grammar.processor(tokenizer, vocab, thinking=reply.reasoning))
-    steps = generate_step(
-        mx.array(ids[reused:]),
-        model,
+    return Request(
+        ids=ids,
+        keys=keys,
         cache=cache,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=processors,
-        prefill_step_size=prefill_step_size,
+        reused=reused,
         input_embeddings=_tail(inputs.input_embeddings, reused),
         position_ids=None if positions is None else positions[..., reused:],
         rope_delta=decode_rope_delta,
-        prompt_keys=keys[reused:],
-        progress=progress,
-        speculation=speculation,
-        distribution=distribution,
-        **snapshots,
+        max_tokens=max_tokens,
+        reply=ReplyText(tokenizer, model.config.eos_token_ids, ids, stops),
+        snapshot_at=snapshot_at,
+        prompt_cache=prompt_cache,
     )
-    try:
-        prompt_tps, n = 0.0, 0
-        for n, (token, logprobs) in enumerate(steps, start=1):
-            if n == 1:
-                prompt_time = time.perf_counter() - start
-                prompt_tps = (len(ids) - reused) / prompt_time
-                start = time.perf_counter()
-            text, finish = reply.add(token, last=n == max_tokens)
-            elapsed = time.perf_counter() - start
-            yield GenerationResponse(
-                text=text,
-                token=token,
-                logprobs=logprobs,
-                reasoning=reply.reasoning,
-                prompt_tokens=len(ids),
-                cached_tokens=reused,
-                prompt_tps=prompt_tps,
-                generation_tokens=n,
-                generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-                peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=finish,
-                speculative=None if speculation is None else speculation.stats,
-            )
-            if finish:
-                return
-    finally:
-        if prompt_cache is not None and cache.offset >= len(ids):
-            prompt_cache.insert(cache.snapshot())  # the reply too, for the next turn
 
 
 def _tail(embeddings: mx.array | None, start: int) -> mx.array | None:
@@ -486,6 +593,18 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         cached_tokens=last.cached_tokens,
         speculative=last.speculative,
     )
+
+
+def reply_processors(
+    model, tokenizer, penalties: Penalties, grammar: Grammar | None, reply: ReplyText
+) -> list[LogitsProcessor]:
+    """The logits processors of one reply: the penalties when on, the grammar's mask when
+    given (free while the reply reasons)."""
+    processors = [penalties] if penalties.active else []
+    if grammar is not None:
+        vocab = model.config.text.vocab_size
+        processors.append(grammar.processor(tokenizer, vocab, thinking=reply.reasoning))
+    return processors
 
 
 def answer_grammar(

@@ -29,17 +29,38 @@ def greedy(logprobs: mx.array) -> mx.array:
 
 
 def make_sampler(
-    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    keys: KeySequence | None = None,
 ) -> Sampler:
-    """A sampler of log-probabilities [1, vocab]; greedy when `temp` is 0."""
+    """A sampler of log-probabilities [1, vocab]; greedy when `temp` is 0. Draws with MLX's
+    global generator, or with `keys` (one request's own)."""
     distribution = make_distribution(temp, top_p, top_k, min_p)
     if distribution is None:
         return greedy
 
     def sample(logprobs: mx.array) -> mx.array:
-        return mx.random.categorical(distribution(logprobs))
+        key = None if keys is None else keys.next()
+        return mx.random.categorical(distribution(logprobs), key=key)
 
     return sample
+
+
+class KeySequence:
+    """A random generator of one's own that draws as MLX's global one does: seeded as
+    `mx.random.seed(seed)` seeds it, split once per draw (mlx/random.cpp `KeySequence`). A
+    request sampled with it gets the tokens it gets alone after `mx.random.seed(seed)`, whatever
+    other requests draw meanwhile."""
+
+    def __init__(self, seed: int):
+        check_seed(seed)
+        self.key = mx.random.key(seed)
+
+    def next(self) -> mx.array:
+        self.key, drawn = mx.random.split(self.key)
+        return drawn
 
 
 def make_distribution(

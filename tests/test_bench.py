@@ -477,3 +477,22 @@ def test_bench_speculative_refuses_careless_flags_before_loading(flags, message,
     args = ["bench", "speculative", "--model", "/nonexistent/checkpoint", *flags]
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_batch_ratios_and_same_tokens(bf16_checkpoint, capsys):
+    argv = ["bench", "batch", "--model", str(bf16_checkpoint), "--clients", "1", "3"]
+    assert cli.main([*argv, "--tokens", "3", "--prompt-tokens", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["1", "3"]
+    for _, alone, together, ratio, same in rows:
+        assert same == "yes"
+        assert abs(float(ratio.rstrip("x")) - float(together) / float(alone)) < 0.02 + 0.01 * float(
+            ratio.rstrip("x")
+        )
+
+
+def test_bench_batch_refuses_bad_client_counts(bf16_checkpoint, capsys):
+    argv = ["bench", "batch", "--model", str(bf16_checkpoint), "--clients", "2", "0"]
+    assert cli.main(argv) == 2
+    assert "--clients must be a whole number >= 1, got 0" in capsys.readouterr().err

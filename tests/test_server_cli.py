@@ -21,7 +21,7 @@ def test_every_serve_flag_maps_to_a_keyword(monkeypatch):
     monkeypatch.setattr(run, "serve", fake)
     flags = [
         "--model", "m", "--host", "0.0.0.0", "--port", "9000", "--api-key", "k",
-        "--allow-local-files", "--allow-remote-media", "--max-queue", "3",
+        "--allow-local-files", "--allow-remote-media", "--max-queue", "3", "--max-batch", "2",
         "--max-body-bytes", "1000", "--max-images", "2", "--max-media-bytes", "500",
         "--fetch-timeout", "2.5", "--max-tokens-limit", "64", "--dtype", "float32",
     ]  # fmt: skip
@@ -34,6 +34,7 @@ def test_every_serve_flag_maps_to_a_keyword(monkeypatch):
         "allow_local_files": True,
         "allow_remote_media": True,
         "max_queue": 3,
+        "max_batch": 2,
         "max_body_bytes": 1000,
         "max_images": 2,
         "max_media_bytes": 500,

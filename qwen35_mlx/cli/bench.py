@@ -1,12 +1,13 @@
-"""Time your setup: generation speed, start-up, warm turns, prefill memory and speculative
-decoding of a checkpoint, and random-weight checkpoints with the real shapes of each size to
-time it on."""
+"""Time your setup: generation speed, start-up, warm turns, prefill memory, speculative
+decoding and continuous batching of a checkpoint, and random-weight checkpoints with the real
+shapes of each size to time it on."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
+from ..bench import batch as batch_bench
 from ..bench import constrained as constrained_bench
 from ..bench import generate as generate_bench
 from ..bench import kernel_counters, model_primitives, prefill_memory
@@ -70,6 +71,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "0.5-0.9 from them; then greedy decoding plain vs MTP speculation end to end.",
     )
     speculative_bench.add_args(speculative)
+    batch = commands.add_parser(
+        "batch",
+        help="aggregate tokens/s of concurrent requests, batched vs one at a time",
+        description="For each client count N: N greedy requests with prompts of different "
+        "lengths served one at a time (stream_generate) and batched (BatchGenerator) in one "
+        "run: aggregate tokens/s of each, their ratio, and whether the tokens agree.",
+    )
+    batch_bench.add_args(batch)
     constrained = commands.add_parser(
         "constrained",
         help="constrained decoding's cost per token vs unconstrained decoding",
@@ -159,6 +168,8 @@ def main(args: argparse.Namespace) -> int:
         return prefill_memory.bench_prefill_memory(args)
     if args.bench_command == "speculative":
         return speculative_bench.bench_speculative(args)
+    if args.bench_command == "batch":
+        return batch_bench.bench_batch(args)
     if args.bench_command == "constrained":
         return constrained_bench.bench_constrained(args)
     if args.bench_command == "kernels":

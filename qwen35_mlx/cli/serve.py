@@ -30,6 +30,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--max-queue", type=int, default=16, help="most requests at once, running or waiting (429)"
     )
     parser.add_argument(
+        "--max-batch", type=int, default=8, help="most requests generating at once (batched)"
+    )
+    parser.add_argument(
         "--max-body-bytes", type=int, default=32 << 20, help="largest request body (413)"
     )
     parser.add_argument("--max-images", type=int, default=8, help="most images per request")

@@ -200,6 +200,32 @@ class DeltaNetCache:
         return sum(array.nbytes for array in self.state)
 
 
+class RowKVCaches:
+    """One attention layer's caches for a batch of conversations decoded together
+    (`batch.BatchGenerator`, docs/ARCHITECTURE.md §10.1): row i's own cache at its own offset,
+    its M-RoPE shift `rope_deltas[i]`. The layer runs its projections and rotary over the
+    whole batch, the cache update and attention per row."""
+
+    def __init__(self, rows: list, rope_deltas: list[int]):
+        self.rows, self.rope_deltas = rows, rope_deltas
+
+    @property
+    def positions(self) -> mx.array:
+        """[B] int32: each row's position for its next token."""
+        return mx.array([row.offset + delta for row, delta in zip(self.rows, self.rope_deltas)])
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [array for row in self.rows for array in row.state]
+
+    def snapshot(self) -> list:
+        return [row.snapshot() for row in self.rows]
+
+    def restore(self, snapshots: list, owned: bool = False) -> None:
+        for row, snapshot in zip(self.rows, snapshots, strict=True):
+            row.restore(snapshot, owned)
+
+
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 

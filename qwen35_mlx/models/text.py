@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..gated_delta import gated_delta_decode, gated_delta_update, use_fused_decode
 from . import attention
-from .cache import make_layer_caches
+from .cache import RowKVCaches, make_layer_caches
 from .config import LINEAR, TextConfig
 from .rope import Rotary
 
@@ -172,16 +172,30 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
 
-        offset = (0 if cache is None else cache.offset) + rope_delta
-        q, k = self.rope(q, k, offset, position_ids)
+        if isinstance(cache, RowKVCaches):  # rows at their own offsets: each attends alone
+            q, k = self.rope(q, k, cache.positions)
+            out = mx.concatenate(
+                [
+                    self.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask, row)
+                    for i, row in enumerate(cache.rows)
+                ]
+            )
+        else:
+            offset = (0 if cache is None else cache.offset) + rope_delta
+            q, k = self.rope(q, k, offset, position_ids)
+            out = self.attend(q, k, v, mask, cache)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, nh*hd]
+        return self.o_proj(out * mx.sigmoid(gate.reshape(B, T, -1)))
+
+    def attend(self, q, k, v, mask, cache) -> mx.array:
+        """q [B, nh, T, hd], k and v [B, nkv, T, hd] (rotated) appended to `cache` and attended
+        -> [B, nh, T, hd]."""
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         quantization = getattr(cache, "quantization", None)  # (group, bits): k, v quantized
-        out = attention.scaled_dot_product_attention(
+        return attention.scaled_dot_product_attention(
             q, k, v, self.head_dim**-0.5, mask, quantization
-        )  # [B, nh, T, hd]
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, nh*hd]
-        return self.o_proj(out * mx.sigmoid(gate.reshape(B, T, -1)))
+        )
 
 
 class DecoderLayer(nn.Module):

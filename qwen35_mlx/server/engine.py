@@ -2,8 +2,10 @@
 
 HTTP handlers never touch MLX: they submit a `GenerationRequest` (plain data) and read `Event`s
 (plain data) from the returned `Handle`, an async iterator fed from the engine thread. The worker
-runs one request at a time over `stream_generate`; `Engine._run` is the one place that decides
-how requests are scheduled (docs/ARCHITECTURE.md §15).
+serves every running request at once with a `BatchGenerator` (continuous batching,
+docs/ARCHITECTURE.md §10.1): new requests join between decode steps, finished and cancelled
+ones leave; `Engine._work` is the one place that decides how requests are scheduled
+(docs/ARCHITECTURE.md §15).
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import logging
 import queue
 import threading
 from collections.abc import Mapping, Sequence
-from contextlib import closing
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 import mlx.core as mx
 
+from ..batch import BatchGenerator
 from ..constrained import tool_call_grammar
-from ..generate import GenerationResponse, stream_generate
+from ..generate import GenerationResponse
 from ..prompt import VisionCache
 from ..prompt_cache import PrefixCache
 from ..tokenizer import THINK_CLOSE
@@ -155,6 +157,8 @@ class Engine:
         model, tokenizer: from `qwen35_mlx.load`.
         max_queue: most requests accepted at once (running or waiting); `submit` raises
             QueueFullError beyond it.
+        max_batch: most requests generating at once (one decode step for all); the rest of
+            the accepted ones wait their turn.
         prefix_cache: kept across requests, so a resent history costs only its new tokens.
         vision_cache: encoded images kept across requests.
     """
@@ -165,6 +169,7 @@ class Engine:
         tokenizer,
         *,
         max_queue: int = 16,
+        max_batch: int = 8,
         prefix_cache: PrefixCache | None = None,
         vision_cache: VisionCache | None = None,
     ):
@@ -174,6 +179,15 @@ class Engine:
         self.max_queue = max_queue
         self.prefix_cache = PrefixCache() if prefix_cache is None else prefix_cache
         self.vision_cache = VisionCache() if vision_cache is None else vision_cache
+        self._batch = BatchGenerator(
+            model,
+            tokenizer,
+            prompt_cache=self.prefix_cache,
+            max_batch=max_batch,
+            vision_cache=self.vision_cache,
+        )
+        # uid -> (the request, its handle, its answer text so far by token)
+        self._running: dict[int, tuple[GenerationRequest, Handle, list[str]]] = {}
         self._requests: queue.Queue = queue.Queue()
         self._accepted = 0
         self.tokens_generated = 0  # by all requests, cancelled ones included
@@ -207,38 +221,62 @@ class Engine:
         return handle
 
     def _work(self) -> None:
-        while (item := self._requests.get()) is not None:
-            request, handle = item
+        """Between decode steps: admit what was submitted, drop what was cancelled; then one
+        step for every running request. Waits for submissions when nothing runs."""
+        while True:
             try:
-                self._run(request, handle)
-            except Exception as error:  # reported to the request's reader, never lost
-                if not isinstance(error, ValueError):
-                    log.exception("request failed")
-                handle.put(error)
-            finally:
-                with self._lock:
-                    self._accepted -= 1
-                handle.close()
-
-    def _run(self, request: GenerationRequest, handle: Handle) -> None:
-        """Generate for one request, stopping at the next token once it is cancelled."""
-        if handle.cancelled.is_set():
-            return
-        responses = stream_generate(
-            self.model,
-            self.tokenizer,
-            request.prompt,
-            prompt_cache=self.prefix_cache,
-            vision_cache=self.vision_cache,
-            **request.generation_kwargs(),
-        )
-        answer: list[str] = []
-        with closing(responses):  # its `finally` runs here, keeping the prefix cache whole
-            for response in responses:
-                self.tokens_generated += 1
-                handle.put(self._event(request, response, answer))
+                while (item := self._requests.get(block=not self._running)) is not None:
+                    self._admit(*item)
+            except queue.Empty:  # nothing more submitted: generate
+                pass
+            else:  # stop(): end what still runs
+                for uid in list(self._running):
+                    self._end(uid)
+                return
+            for uid, (_, handle, _) in list(self._running.items()):
                 if handle.cancelled.is_set():
-                    return
+                    self._end(uid)
+            if self._running:
+                self._step()
+
+    def _admit(self, request: GenerationRequest, handle: Handle) -> None:
+        if handle.cancelled.is_set():
+            return self._close(handle)
+        try:
+            uid = self._batch.insert(request.prompt, **request.generation_kwargs())
+        except Exception as error:  # bad input (ValueError) is the client's to hear
+            return self._close(handle, error)
+        self._running[uid] = (request, handle, [])
+
+    def _step(self) -> None:
+        try:
+            events = self._batch.step()
+        except Exception as error:  # inside the model: every running request hears it
+            for uid in list(self._running):
+                self._end(uid, error)
+            return
+        for uid, response in events:
+            request, handle, answer = self._running[uid]
+            self.tokens_generated += 1
+            handle.put(self._event(request, response, answer))
+            if response.finish_reason:
+                del self._running[uid]
+                self._close(handle)
+
+    def _end(self, uid: int, error: Exception | None = None) -> None:
+        """Take a running request out of the batch (its slot free at once) and close it."""
+        self._batch.cancel(uid)
+        _, handle, _ = self._running.pop(uid)
+        self._close(handle, error)
+
+    def _close(self, handle: Handle, error: Exception | None = None) -> None:
+        if error is not None:
+            if not isinstance(error, ValueError):
+                log.exception("request failed", exc_info=error)
+            handle.put(error)
+        with self._lock:
+            self._accepted -= 1
+        handle.close()
 
     def _event(
         self, request: GenerationRequest, response: GenerationResponse, answer: list[str]

@@ -28,6 +28,7 @@ def serve(
     allow_local_files: bool = False,
     allow_remote_media: bool = False,
     max_queue: int = 16,
+    max_batch: int = 8,
     max_body_bytes: int = 32 << 20,
     max_images: int = 8,
     max_media_bytes: int = 20 << 20,
@@ -44,6 +45,7 @@ def serve(
         allow_remote_media: fetch http(s) image URLs, each within max_media_bytes and
             fetch_timeout seconds.
         max_queue: most requests accepted at once (running or waiting); more get 429.
+        max_batch: most requests generating at once, batched in one decode step.
         max_body_bytes: largest request body (413 beyond).
         max_images: most images and videos per request.
         max_tokens_limit: most tokens a request may ask for (and what it gets by default).
@@ -55,7 +57,7 @@ def serve(
             + ("" if api_key else "; set --api-key to keep them out"),
             stacklevel=2,
         )
-    engine = Engine(*load(model, dtype=dtype), max_queue=max_queue).start()
+    engine = Engine(*load(model, dtype=dtype), max_queue=max_queue, max_batch=max_batch).start()
     media = MediaPolicy(
         allow_local_files=allow_local_files,
         allow_remote_media=allow_remote_media,
