@@ -152,6 +152,21 @@ def test_a_full_queue_is_a_429_and_a_disconnect_frees_the_engine(client, served)
     assert client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=2).choices
 
 
+def test_a_disconnect_frees_the_engine_from_a_whole_reply_too(client, served):
+    long = {"model": MODEL_ID, "messages": USER, "max_tokens": 400, "temperature": 0}
+    before = served.engine.tokens_generated
+    waiting = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    waiting.request("POST", "/v1/chat/completions", json.dumps(long).encode(), headers)
+    while served.engine.tokens_generated - before < 2:  # generating, the answer not yet sent
+        time.sleep(0.01)
+    waiting.close()
+    while served.engine.accepted:  # cancelled at the next step
+        time.sleep(0.05)
+    assert served.engine.tokens_generated - before < 400
+    assert client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=2).choices
+
+
 class _Image(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = base64.b64decode(png_data_url().split(",")[1])

@@ -7,6 +7,7 @@ own), and nothing else of FastAPI is used (docs/ARCHITECTURE.md §15).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -66,11 +67,33 @@ def endpoint(handler: Handler, shape: ErrorShape, key_headers=("authorization",)
             body = (
                 {} if request.method == "GET" else await read_json(request, server.max_body_bytes)
             )
-            return await handler(server, body)
+            return await unless_disconnected(request, handler(server, body))
         except Exception as error:
             return error_response(as_api_error(error), shape)
 
     return route
+
+
+async def unless_disconnected(request: Request, answer: Awaitable[Response]) -> Response:
+    """`answer`, abandoned if the client goes away first: a whole (non-streamed) reply is
+    cancelled, and `events` cancels its request, so the engine frees the slot at the next step.
+    A stream is answered at its first event and watches for the disconnect itself."""
+    answering = asyncio.ensure_future(answer)
+    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait((answering, disconnected), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+    if not answering.done():
+        answering.cancel()
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+    return answering.result()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body is already read: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def as_api_error(error: Exception) -> APIError:
@@ -188,10 +211,13 @@ async def first_event(handle: Handle) -> Event | None:
 
 
 async def events(first: Event | None, handle: Handle) -> AsyncIterator[Event]:
-    if first is not None:
-        yield first
-    async for event in handle:
-        yield event
+    try:
+        if first is not None:
+            yield first
+        async for event in handle:
+            yield event
+    finally:  # abandoned by its reader (a disconnect): stop generating; no-op once finished
+        handle.cancel()
 
 
 class EventStream(StreamingResponse):
