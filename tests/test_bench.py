@@ -479,8 +479,9 @@ def test_bench_speculative_refuses_careless_flags_before_loading(flags, message,
     assert message in capsys.readouterr().err
 
 
-def test_bench_batch_ratios_and_same_tokens(bf16_checkpoint, capsys):
-    argv = ["bench", "batch", "--model", str(bf16_checkpoint), "--clients", "1", "3"]
+@pytest.mark.parametrize("through", [[], ["--http"]], ids=["library", "http"])
+def test_bench_batch_ratios_and_same_tokens(bf16_checkpoint, capsys, through):
+    argv = ["bench", "batch", "--model", str(bf16_checkpoint), "--clients", "1", "3", *through]
     assert cli.main([*argv, "--tokens", "3", "--prompt-tokens", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]

@@ -83,3 +83,20 @@ def test_bench_serve_reports_reuse_against_none(make_checkpoint, capsys):
     row = next(line for line in out.splitlines() if line.strip()[:1].isdigit()).split()
     history, cached = int(row[0]), int(row[1])
     assert 64 < cached < history  # the document's snapshot reused, the new question not
+
+
+def test_a_process_that_served_requests_exits_cleanly(make_checkpoint):
+    """The engine thread frees its MLX streams when it ends: without that MLX aborted the
+    process at exit (exit code 134, "terminate called without an active exception")."""
+    directory, _ = make_checkpoint(Spec())
+    cli = "import sys; from qwen35_mlx.cli import main; sys.exit(main())"
+    command = [sys.executable, "-c", cli, "bench", "batch", "--model"]
+    for _ in range(4):  # the abort came at most exits, not all
+        done = subprocess.run(
+            [*command, str(directory), "--clients", "1", "2", "4", "--tokens", "16", "--http"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate" not in done.stderr

@@ -76,7 +76,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="aggregate tokens/s of concurrent requests, batched vs one at a time",
         description="For each client count N: N greedy requests with prompts of different "
         "lengths served one at a time (stream_generate) and batched (BatchGenerator) in one "
-        "run: aggregate tokens/s of each, their ratio, and whether the tokens agree.",
+        "run: aggregate tokens/s of each, their ratio, and whether the tokens agree; with "
+        "--http, as concurrent clients of a real server on loopback.",
     )
     batch_bench.add_args(batch)
     constrained = commands.add_parser(

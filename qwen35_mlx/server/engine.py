@@ -192,7 +192,7 @@ class Engine:
         self._accepted = 0
         self.tokens_generated = 0  # by all requests, cancelled ones included
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="qwen35-mlx-engine", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="qwen35-mlx-engine", daemon=True)
 
     def start(self) -> Engine:
         self._thread.start()
@@ -219,6 +219,12 @@ class Engine:
             self._accepted += 1
         self._requests.put((request, handle))
         return handle
+
+    def _serve(self) -> None:
+        try:
+            self._work()
+        finally:  # MLX asks threads to free their streams: else the process may abort at exit
+            mx.clear_streams()
 
     def _work(self) -> None:
         """Between decode steps: admit what was submitted, drop what was cancelled; then one
