@@ -67,7 +67,7 @@ def rounded(inputs, dtype):
 
 
 # every case in float32; bfloat16 inputs at T = 1 and 65; then the real head counts, a covering
-# set of size x dtype x B in {1, 3} x T in {1, 7, 64} (all of them: test_msl_strict.py)
+# set of size x dtype x B in {1, 3} x T in {1, 7, 64, 200} (all of them: test_msl_strict.py)
 CHUNKED_CASES = (
     [(case, mx.float32) for case in CASES]
     + [(case, mx.bfloat16) for case in CASES if case["T"] in (1, 65)]
@@ -81,6 +81,8 @@ CHUNKED_CASES = (
             ("0.8B", 3, 1, mx.bfloat16),
             ("9B", 3, 7, mx.bfloat16),
             ("9B", 1, 64, mx.float32),
+            ("0.8B", 3, 200, mx.float32),
+            ("9B", 1, 200, mx.bfloat16),
         )
     ]
 )
