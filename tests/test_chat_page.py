@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+
+from qwen35_mlx.server.run import free_port
 
 from checkpoints import Spec
 
@@ -64,12 +65,6 @@ new MutationObserver(() => {
   if (last) window.answerLengths.push(last.textContent.length);
 }).observe(document.getElementById("transcript"), { subtree: true, childList: true });
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_serving(url: str, server: subprocess.Popen, log: Path) -> None:

@@ -80,13 +80,17 @@ def serve(
         engine.stop()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now (the OS's pick)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> tuple[int, Callable[[], None]]:
     """Serve `app` on a daemon thread (for tests and benchmarks): (the port, a function that
     stops it). Port 0 picks a free one."""
-    if port == 0:
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
+    port = port or free_port(host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
