@@ -344,7 +344,7 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
     cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
     launches = {(c[0], c[1]): c[2:] for c in cells if len(c) == 13 and c[1] in TINY_HEADS}
     buffers = {(c[0], c[1], c[2]): c[3:] for c in cells if len(c) == 5 and c[1] in TINY_HEADS}
-    kernels = ("decode step", "gated norm", "chunked scan")
+    kernels = ("decode step", "gated norm", "chunk prepare", "chunked scan")
     assert set(launches) == {(k, s) for k in kernels for s in TINY_HEADS}
     for (kernel, size), row in launches.items():
         h = TINY_HEADS[size]
@@ -352,16 +352,18 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
         state = 2 * h.value_heads * h.value_dim * h.key_dim * 4  # B = 2, float32
         # by hand: 2 or 4 heads are fewer than 64, so the decode step splits each over 4
         # threadgroups of 4 rows (Dv = 16), a simdgroup per row, one barrier; the gated norm
-        # follows, a simdgroup per head. Chunked: 2 simdgroups owning all 16 columns, chunks of
-        # 32 tokens (64 overflow 32 KiB): two at T = 40, three barriers each
+        # follows, a simdgroup per head. Chunked: chunks of 32 tokens (64 overflow 32 KiB), two
+        # at T = 40; the prepare kernel a threadgroup of 4 simdgroups per head and chunk, two
+        # barriers; the scan 2 simdgroups owning all 16 columns, two barriers per chunk
         heads = 2 * h.value_heads
         expected = {
             "decode step": (4 * heads, 128, "1", "-"),
             "gated norm": (heads, 32, "0", "-"),
-            "chunked scan": (heads, 64, "6", "3.00"),
+            "chunk prepare": (2 * heads, 128, "2", "-"),
+            "chunked scan": (heads, 64, "4", "2.00"),
         }[kernel]
         assert (int(groups), int(threads), per_group, per_chunk) == expected
-        if kernel != "gated norm":
+        if kernel in ("decode step", "chunked scan"):
             assert buffers[kernel, size, "state_in"] == [str(state), "0"]
             assert buffers[kernel, size, "state_out"] == ["0", str(state)]
         moved = sum(

@@ -9,9 +9,16 @@ import pytest
 from mlx.utils import tree_map
 
 from qwen35_mlx.bench.count import decode_primitive_counts, primitive_counts
+from qwen35_mlx.gated_delta import chunked_kernel
 from qwen35_mlx.gated_delta import dispatch as gated_delta
 from qwen35_mlx.gated_delta.chunked import chunked_scan
-from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
+from qwen35_mlx.gated_delta.chunked_kernel import (
+    CHUNK_PREPARE,
+    CHUNKED_SCAN,
+    chunk_length,
+    chunk_prepare_call,
+    metal_chunked_scan,
+)
 from qwen35_mlx.gated_delta.decode_step import DECODE_STEP, decode_step, decode_step_call
 from qwen35_mlx.gated_delta.dispatch import scan_inputs
 from qwen35_mlx.gated_delta.kernel import KernelSpec
@@ -53,9 +60,37 @@ def scan_case(inputs, state, dtype):
     return (q, k, args["v"].astype(mx.float32), g, beta, start)
 
 
-def emulate_chunked(spec, scan_args):
-    kernel_inputs, launch = chunked_scan_call(*scan_args)
-    return emulate(spec, kernel_inputs, launch)  # out, state
+def emulate_chunked(monkeypatch, scan_args, prepare=CHUNK_PREPARE, scan=CHUNKED_SCAN):
+    """`metal_chunked_scan`, both dispatches run by the emulator, with `prepare` and `scan` in
+    place of its kernels (planted bugs): (out, state)."""
+    monkeypatch.setattr(KernelSpec, "run", run_on_emulator)
+    monkeypatch.setattr(chunked_kernel, "CHUNK_PREPARE", prepare)
+    monkeypatch.setattr(chunked_kernel, "CHUNKED_SCAN", scan)
+    return metal_chunked_scan(*scan_args)
+
+
+def prepare_reference(q, k, g, beta, chunk):
+    """chunk_prepare.metal's outputs in float64 from their definitions: per chunk of the padded
+    sequence (zeros past T), gc = cumsum(g), A_ij = beta_i exp(gc_i - gc_j) k_i.k_j (j < i),
+    W = inv(I + A) diag(beta), P_ij = exp(gc_i - gc_j) q_i.k_j (j <= i); [B, Hv, NC, C, ...]."""
+    B, T, Hv, _ = k.shape
+    chunks = -(-T // chunk)
+
+    def by_chunk(x):  # [B, T, Hv, ...] -> [B, Hv, NC, C, ...] in float64, zeros past T
+        x = np.array(x, dtype=np.float64)
+        x = np.pad(x, [(0, 0), (0, chunks * chunk - T)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(B, chunks, chunk, Hv, *x.shape[3:])
+        return np.moveaxis(x, 3, 1)
+
+    q, k, g, beta = (by_chunk(x) for x in (q, k, g, beta))
+    gc = np.cumsum(g, axis=-1)  # [B, Hv, NC, C]
+    lower = np.tril(np.ones((chunk, chunk), dtype=bool))
+    decay = np.exp(np.where(lower, gc[..., :, None] - gc[..., None, :], -np.inf))
+    strict = decay * ~np.eye(chunk, dtype=bool)
+    A = beta[..., :, None] * strict * (k @ k.swapaxes(-1, -2))
+    W = np.linalg.inv(np.eye(chunk) + A) * beta[..., None, :]
+    P = decay * (q @ k.swapaxes(-1, -2))
+    return W, P, gc
 
 
 def rounded(inputs, dtype):
@@ -88,15 +123,16 @@ CHUNKED_CASES = (
 )
 
 
-@pytest.mark.parametrize(
-    "case, dtype",
-    CHUNKED_CASES,
-    ids=[f"{case_id(c)}-{'float32' if d == mx.float32 else 'bfloat16'}" for c, d in CHUNKED_CASES],
-)
-def test_chunked_kernel_matches_definition_and_plain_path(case, dtype):
+CHUNKED_IDS = [
+    f"{case_id(c)}-{'float32' if d == mx.float32 else 'bfloat16'}" for c, d in CHUNKED_CASES
+]
+
+
+@pytest.mark.parametrize("case, dtype", CHUNKED_CASES, ids=CHUNKED_IDS)
+def test_chunked_kernel_matches_definition_and_plain_path(case, dtype, monkeypatch):
     inputs, state = make_inputs(**case)
     scan_args = scan_case(inputs, state, dtype)
-    out, final = emulate_chunked(CHUNKED_SCAN, scan_args)
+    out, final = emulate_chunked(monkeypatch, scan_args)
     ref_out, ref_state = gated_delta_reference(**rounded(inputs, dtype), state=state)
     assert relative_error(out, ref_out) <= TOLERANCE[dtype]
     assert relative_error(final.swapaxes(-1, -2), ref_state) <= TOLERANCE[dtype]
@@ -105,56 +141,82 @@ def test_chunked_kernel_matches_definition_and_plain_path(case, dtype):
     assert relative_error(final, plain_state) <= 1e-5
 
 
-def test_chunked_kernel_repeated_keys_stay_stable():
+# the real head counts of CHUNKED_CASES, and small heads over several chunks with a short last one
+PREPARE_CASES = [(c, d) for c, d in CHUNKED_CASES if c["Dk"] == 128 and c["Hk"] == 16] + [
+    (dict(B=2, T=37, Hk=1, Hv=2, Dk=16, Dv=24, with_state=False), mx.float32)
+]
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    PREPARE_CASES,
+    ids=[f"{case_id(c)}-{'float32' if d == mx.float32 else 'bfloat16'}" for c, d in PREPARE_CASES],
+)
+def test_chunk_prepare_matches_float64(case, dtype):
+    inputs, state = make_inputs(**case)
+    q, k, v, g, beta, _ = scan_case(inputs, state, dtype)
+    chunk = chunk_length(q.shape[-1], v.shape[-1])
+    W, P, gc = emulate(CHUNK_PREPARE, *chunk_prepare_call(q, k, g, beta, chunk))
+    ref_W, ref_P, ref_gc = prepare_reference(q, k, g, beta, chunk)
+    assert relative_error(gc, ref_gc) <= 1e-6
+    assert relative_error(W, ref_W) <= 1e-5
+    assert relative_error(P, ref_P) <= 1e-5
+
+
+def test_chunked_kernel_repeated_keys_stay_stable(monkeypatch):
     # identical keys with beta near 1 and no decay: the worst case for the chunk solve
     inputs, _ = make_inputs(B=1, T=130, Hk=1, Hv=1, Dk=16, Dv=16)
     inputs["k"][:] = inputs["k"][:, :1]
     inputs["b"][:] = 8.0
     inputs["A_log"][:] = -30.0
-    out, final = emulate_chunked(CHUNKED_SCAN, scan_case(inputs, None, mx.float32))
+    out, final = emulate_chunked(monkeypatch, scan_case(inputs, None, mx.float32))
     ref_out, ref_state = gated_delta_reference(**inputs)
     assert relative_error(out, ref_out) <= 1e-5
     assert relative_error(final.swapaxes(-1, -2), ref_state) <= 1e-5
 
 
-def test_chunked_kernel_missing_barrier_is_caught(tmp_path):
+def test_chunk_prepare_missing_barrier_is_caught(tmp_path, monkeypatch):
     # drop the barrier after A and P are built: simdgroups then read tiles of A that others are
     # still writing
-    built = "    store_tile(qk, P + 8 * ib * LC + 8 * jb, LC, false, lane);\n  }\n"
+    built = "  simdgroup_store(qk, p_chunk + 8 * ib * C + 8 * jb, C);\n}\n"
     spec = broken_copy(
-        CHUNKED_SCAN,
-        tmp_path,
-        built + "  threadgroup_barrier(mem_flags::mem_threadgroup);\n",
-        built,
+        CHUNK_PREPARE, tmp_path, built + "threadgroup_barrier(mem_flags::mem_threadgroup);\n", built
     )
     inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
     with pytest.raises(EmulatorError, match="data race on threadgroup array 'A'"):
-        emulate_chunked(spec, scan_case(inputs, state, mx.float32))
+        emulate_chunked(monkeypatch, scan_case(inputs, state, mx.float32), prepare=spec)
 
 
-def test_chunked_kernel_missing_barrier_at_chunk_end_is_caught(tmp_path):
-    # drop the barrier that closes a chunk: the next chunk's staging overwrites k while another
-    # simdgroup still reads it for its state update. The race detector names both lines: the
-    # read is load_tile's first load in chunked_scan.h (lane 0 moves element 0 first)
+def test_chunked_kernel_missing_barrier_at_chunk_end_is_caught(tmp_path, monkeypatch):
+    # drop the barrier that closes a chunk: the next chunk's staging overwrites q while another
+    # simdgroup may still read it. The race detector names both lines: the staging write in
+    # stage_rows (and its call) and load_tile's first load (lane 0 moves element 0 first)
     closing = (
         "  threadgroup_barrier(mem_flags::mem_threadgroup);\n\n  for (int e = tid; e < live * BV;"
     )
     spec = broken_copy(CHUNKED_SCAN, tmp_path, closing, closing.split("\n")[-1])
-    lines = spec.source.splitlines()
-    staged = lines.index("    ks[i * LK + d] = i < live ? static_cast<float>(k[src]) : 0.0f;") + 1
     header = spec.header.splitlines()
+    write = "    dst[i * ld + c] = i < live ? static_cast<float>(src[i * stride + c]) : 0.0f;"
+    staged = header.index(write) + 1
+    called = (
+        spec.source.splitlines().index(
+            "  stage_rows<C, Dk>(qs, LK, q + first * Dk, Hv * Dk, live, tid, NT);"
+        )
+        + 1
+    )
     read = header.index("  const float first = src[at.first];") + 1
     inputs, state = make_inputs(B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16, with_state=True)
     with pytest.raises(
         EmulatorError,
         match=(
-            rf"simdgroup 0, lane 0\).*data race on threadgroup array 'ks' element 0 .*"
-            rf"this thread writes it at broken_chunked_scan.metal:{staged} and "
+            rf"simdgroup 0, lane 0\).*data race on threadgroup array 'qs' element 0 .*"
+            rf"this thread writes it at chunked_scan.h:{staged} <- broken_chunked_scan.metal:"
+            rf"{called} and "
             rf"thread_index_in_threadgroup 32 \(simdgroup 1, lane 0\) read it at "
             rf"chunked_scan.h:{read}, in another SIMD group"
         ),
     ):
-        emulate_chunked(spec, scan_case(inputs, state, mx.float32))
+        emulate_chunked(monkeypatch, scan_case(inputs, state, mx.float32), scan=spec)
 
 
 # ---- fused decode step ----
@@ -349,5 +411,5 @@ def test_dispatcher_picks_the_kernels_on_metal(monkeypatch):
         args = [mx.array(inputs[n]) for n in ("q", "k", "v", "a", "b", "A_log", "dt_bias")]
         return primitive_counts(gated_delta.gated_delta_update, *args)["CustomKernel"]
 
-    assert kernels(16) == 1  # the whole scan in one dispatch
+    assert kernels(16) == 2  # the whole scan in two dispatches: prepare, then scan
     assert kernels(12) == 0  # Dk not a multiple of 8: the plain chunked form

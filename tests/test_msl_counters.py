@@ -7,7 +7,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
+from qwen35_mlx.gated_delta.chunked_kernel import (
+    CHUNK_PREPARE,
+    CHUNKED_SCAN,
+    chunk_length,
+    chunk_prepare_call,
+    chunked_scan_call,
+)
 from qwen35_mlx.gated_delta.decode_step import (
     DECODE_STEP,
     GATED_NORM,
@@ -172,38 +178,59 @@ def test_decode_step_device_bytes_by_hand(B):
 
 
 def test_chunked_scan_device_bytes_by_hand():
-    # two column blocks of 32 value columns, two chunks of 32 tokens (the second holds 8)
+    # two chunks of 32 tokens (the second holds 8); the scan in two column blocks of 32 value
+    # columns, the prepare kernel once per chunk
     B, T, Hv, Dk, Dv = 1, 40, 1, 16, 64
     shape = (B, T, Hv)
-    inputs, launch = chunked_scan_call(
-        normal(*shape, Dk),
-        normal(*shape, Dk),
-        normal(*shape, Dv),
-        -mx.abs(normal(*shape)),
-        mx.sigmoid(normal(*shape)),
-        normal(B, Hv, Dv, Dk),
-    )
-    C, blocks = 32, 2
-    assert dict(launch.template)["C"] == C and launch.grid[1] // launch.threadgroup[1] == blocks
-    counters = profile(CHUNKED_SCAN, inputs, launch)
+    q, k, v = normal(*shape, Dk), normal(*shape, Dk), normal(*shape, Dv)
+    g, beta = -mx.abs(normal(*shape)), mx.sigmoid(normal(*shape))
+    C, chunks, blocks, simdgroups = 32, 2, 2, 4
+    assert chunk_length(Dk, Dv) == C
+    prepare = profile(CHUNK_PREPARE, *chunk_prepare_call(q, k, g, beta, C))
+    W, P, gc = (mx.array(x) for x in prepare.outputs)
+    inputs, launch = chunked_scan_call(q, k, v, W, P, gc, normal(B, Hv, Dv, Dk))
+    assert launch.grid[1] // launch.threadgroup[1] == blocks
+    assert launch.threadgroup[1] == simdgroups
+    scan = profile(CHUNKED_SCAN, inputs, launch)
     state = B * Hv * Dv * Dk * 4
-    # each thread i < C sums g over the chunk's tokens j <= i that are real: 32 and 8 of them
+
+    # prepare: q, k, beta of the real tokens once; each thread i < C sums g over the chunk's
+    # tokens j <= i that are real: 32 and 8 of them; W, P [C, C] and gc [C] per chunk
     g_sums = sum(min(i + 1, live) for live in (32, 8) for i in range(C))
-    assert counters.bytes_read == {
-        "q": blocks * B * T * Hv * Dk * 4,  # every column block stages q and k
+    assert prepare.bytes_read == {
+        "q": B * T * Hv * Dk * 4,
+        "k": B * T * Hv * Dk * 4,
+        "g": B * Hv * g_sums * 4,
+        "beta": B * T * Hv * 4,
+        "T": 0,
+        "W": 0,
+        "P": 0,
+        "gc": 0,
+    }
+    written = {"W": chunks * C * C * 4, "P": chunks * C * C * 4, "gc": chunks * C * 4}
+    assert prepare.bytes_written == {name: written.get(name, 0) for name in prepare.bytes_read}
+    assert (prepare.threadgroups, prepare.barriers_per_threadgroup) == (chunks, 2)
+    # q, k and A, rows padded to 8 (mod 32) words (Dk = 16 and C = 32 both become 40); gc, beta
+    assert prepare.threadgroup_memory_bytes == (3 * C * 40 + 2 * C) * 4
+
+    # scan: every column block stages q and k, its own columns of v, and gc; each simdgroup
+    # loads the 10 lower 8 x 8 tiles of W and of P per chunk
+    lower_tiles = (C // 8) * (C // 8 + 1) // 2
+    tiles = blocks * chunks * simdgroups * lower_tiles * 64 * 4
+    assert scan.bytes_read == {
+        "q": blocks * B * T * Hv * Dk * 4,
         "k": blocks * B * T * Hv * Dk * 4,
         "v": B * T * Hv * Dv * 4,
-        "g": blocks * B * Hv * g_sums * 4,
-        "beta": blocks * B * T * Hv * 4,
+        "W": tiles,
+        "P": tiles,
+        "gc": blocks * chunks * C * 4,
         "state_in": state,
         "T": 0,
         "out": 0,
         "state_out": 0,
     }
     written = {"out": B * T * Hv * Dv * 4, "state_out": state}
-    assert counters.bytes_written == {name: written.get(name, 0) for name in counters.bytes_read}
-    assert counters.barriers_per_threadgroup == 3 * 2  # three per chunk
-    # q, k, A, P and two halves of v / out; gc, beta. Rows padded to 8 (mod 32) words: Dk = 16,
-    # C = 32 and 32 columns all become 40
-    floats = 2 * C * 40 + 2 * C * 40 + 2 * C * 40 + 2 * C
-    assert counters.threadgroup_memory_bytes == floats * 4
+    assert scan.bytes_written == {name: written.get(name, 0) for name in scan.bytes_read}
+    assert scan.barriers_per_threadgroup == 2 * chunks  # two per chunk
+    # q, k and two halves of v / out (Dk = 16 and 32 columns both padded to 40); gc
+    assert scan.threadgroup_memory_bytes == (2 * C * 40 + 2 * C * 40 + C) * 4

@@ -6,7 +6,13 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from qwen35_mlx.gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
+from qwen35_mlx.gated_delta.chunked_kernel import (
+    CHUNK_PREPARE,
+    CHUNKED_SCAN,
+    chunk_length,
+    chunk_prepare_call,
+    chunked_scan_call,
+)
 from qwen35_mlx.gated_delta.decode_step import (
     DECODE_STEP,
     GATED_NORM,
@@ -63,12 +69,18 @@ def test_decode_step_compiles_strictly(model, dtype, B):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("model", HEADS, ids=str)
 def test_chunked_scan_compiles_strictly(model, dtype, B, T):
-    # the dispatcher passes v in float32; the kernel reads any dtype, so both are checked
+    # both launches of metal_chunked_scan. The dispatcher passes v in float32; the scan reads
+    # any dtype, so both are checked
     _, Hv = HEADS[model]
     scan = lambda D, dtype=mx.float32: mx.zeros((B, T, Hv, D), dtype)
     gate = mx.zeros((B, T, Hv))
+    prepare_inputs, prepare = chunk_prepare_call(
+        scan(Dk), scan(Dk), gate, gate, chunk_length(Dk, Dv)
+    )
+    strict_check(CHUNK_PREPARE, prepare_inputs, prepare)
+    W, P, gc = (mx.zeros(shape) for shape in prepare.output_shapes)
     inputs, launch = chunked_scan_call(
-        scan(Dk), scan(Dk), scan(Dv, DTYPES[dtype]), gate, gate, mx.zeros((B, Hv, Dv, Dk))
+        scan(Dk), scan(Dk), scan(Dv, DTYPES[dtype]), W, P, gc, mx.zeros((B, Hv, Dv, Dk))
     )
     strict_check(CHUNKED_SCAN, inputs, launch)
 

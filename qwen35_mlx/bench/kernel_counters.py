@@ -19,7 +19,13 @@ from types import ModuleType
 import mlx.core as mx
 import numpy as np
 
-from ..gated_delta.chunked_kernel import CHUNKED_SCAN, chunked_scan_call
+from ..gated_delta.chunked_kernel import (
+    CHUNK_PREPARE,
+    CHUNKED_SCAN,
+    chunk_length,
+    chunk_prepare_call,
+    chunked_scan_call,
+)
 from ..gated_delta.decode_step import (
     DECODE_STEP,
     GATED_NORM,
@@ -52,11 +58,11 @@ class Heads:
 
 @dataclass(frozen=True)
 class KernelRow:
-    kernel: str  # "decode step" or "chunked scan"
+    kernel: str  # "decode step", "gated norm", "chunk prepare" or "chunked scan"
     size: str
     counters: object  # msl_emulator.LaunchCounters
     state_bytes: int  # one read of the float32 state [B, Hv, Dv, Dk]
-    chunks: int | None  # chunks the chunked scan walks; None for the decode step
+    chunks: int | None  # chunks the chunked scan walks; None for the others
 
 
 def heads_of(size: str) -> Heads:
@@ -121,23 +127,23 @@ def decode_rows(emulator, size: str, heads: Heads, batch: int) -> list[KernelRow
     return rows
 
 
-def chunked_row(emulator, size: str, heads: Heads, batch: int, tokens: int) -> KernelRow:
-    """The chunked scan of `tokens` tokens, float32 scan inputs as `scan_inputs` makes them."""
+def chunked_rows(emulator, size: str, heads: Heads, batch: int, tokens: int) -> list[KernelRow]:
+    """The chunked prefill of `tokens` tokens, float32 scan inputs as `scan_inputs` makes them:
+    the prepare launch, then the scan on its outputs."""
     h, rng = heads, np.random.default_rng(0)
     shape = (batch, tokens, h.value_heads)
-    inputs, launch = chunked_scan_call(
-        q=_normal(rng, *shape, h.key_dim),
-        k=_normal(rng, *shape, h.key_dim),
-        v=_normal(rng, *shape, h.value_dim),
-        g=-mx.abs(_normal(rng, *shape)),
-        beta=mx.sigmoid(_normal(rng, *shape)),
-        state=_normal(rng, batch, h.value_heads, h.value_dim, h.key_dim),
-    )
-    counters = emulator.profile(CHUNKED_SCAN, inputs, launch)
-    chunk = dict(launch.template)["C"]
-    return KernelRow(
-        "chunked scan", size, counters, _state_bytes(heads, batch), math.ceil(tokens / chunk)
-    )
+    q, k, v = (_normal(rng, *shape, d) for d in (h.key_dim, h.key_dim, h.value_dim))
+    g, beta = -mx.abs(_normal(rng, *shape)), mx.sigmoid(_normal(rng, *shape))
+    state = _normal(rng, batch, h.value_heads, h.value_dim, h.key_dim)
+    chunk = chunk_length(h.key_dim, h.value_dim)
+    prepare = emulator.profile(CHUNK_PREPARE, *chunk_prepare_call(q, k, g, beta, chunk))
+    W, P, gc = (mx.array(x) for x in prepare.outputs)
+    scan = emulator.profile(CHUNKED_SCAN, *chunked_scan_call(q, k, v, W, P, gc, state))
+    state_bytes, chunks = _state_bytes(heads, batch), math.ceil(tokens / chunk)
+    return [
+        KernelRow("chunk prepare", size, prepare, state_bytes, None),
+        KernelRow("chunked scan", size, scan, state_bytes, chunks),
+    ]
 
 
 def _state_bytes(heads: Heads, batch: int) -> int:
@@ -150,8 +156,8 @@ def measure(emulator, sizes, tokens: int, batch: int) -> list[KernelRow]:
         heads = heads_of(size)
         progress(f"emulating the decode step, {size} heads")
         rows.extend(decode_rows(emulator, size, heads, batch))
-        progress(f"emulating the chunked scan, {size} heads, T = {tokens}")
-        rows.append(chunked_row(emulator, size, heads, batch, tokens))
+        progress(f"emulating the chunked prefill, {size} heads, T = {tokens}")
+        rows.extend(chunked_rows(emulator, size, heads, batch, tokens))
     return rows
 
 
@@ -272,8 +278,8 @@ def bench_kernel_counters(heads, tokens: int, batch: int) -> int:
         return 1
     print(
         f"Metal kernel launches counted by the MSL emulator: decode step (one token, "
-        f"bfloat16 activations) and chunked scan (T = {tokens}, float32 scan inputs), "
-        f"B = {batch}"
+        f"bfloat16 activations) and chunked prefill, prepare and scan (T = {tokens}, float32 "
+        f"scan inputs), B = {batch}"
     )
     print_launches(rows)
     print_buffers(rows)

@@ -1,4 +1,4 @@
-// 8 x 8 simdgroup matrix helpers for chunked_scan.metal.
+// 8 x 8 simdgroup matrix helpers and chunk staging for chunk_prepare.metal and chunked_scan.metal.
 typedef simdgroup_matrix<float, 8, 8> tile8;
 
 // The row and first column of the two elements (row, col) and (row, col + 1) that a lane holds
@@ -82,4 +82,24 @@ inline tile8 unit_lower_inverse8(tile8 m, uint lane) {
   simdgroup_multiply_accumulate(factor, m4, eye, eye);  // I + M^4
   simdgroup_multiply(inverse, product, factor);
   return inverse;
+}
+
+// Rows x Width floats of a chunk of a token-major device array (row stride `stride`) into a
+// threadgroup array at `ld` floats per row, by the threadgroup's `threads` threads; rows from
+// `live` on (tokens past T) as zeros. Lanes run along a row: no bank conflict at any `ld` when
+// Width is a multiple of 32 (Dk = 128, 8 * SG = 32).
+template <int Rows, int Width, typename T>
+inline void stage_rows(
+    threadgroup float* dst,
+    int ld,
+    const device T* src,
+    size_t stride,
+    int live,
+    int tid,
+    int threads) {
+  for (int e = tid; e < Rows * Width; e += threads) {
+    const int i = e / Width;
+    const int c = e % Width;
+    dst[i * ld + c] = i < live ? static_cast<float>(src[i * stride + c]) : 0.0f;
+  }
 }
