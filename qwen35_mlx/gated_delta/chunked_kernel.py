@@ -22,10 +22,17 @@ CHUNKED_SCAN = KernelSpec(
 THREADGROUP_FLOATS = 32768 // 4  # Apple GPUs' threadgroup memory
 
 
+def tile_stride(width: int) -> int:
+    """The padded row stride of a threadgroup array (chunked_scan.h `tile_stride`): the smallest
+    >= width that is 8 (mod 32) words."""
+    return width + (8 - width) % 32
+
+
 def threadgroup_floats(Dk: int, chunk: int, columns: int) -> int:
     """Floats of threadgroup memory the kernel declares (see chunked_scan.metal): q, k, A, P
-    and two halves of v / out, rows padded by 4 words; decay and beta."""
-    return 2 * chunk * (Dk + 4) + 2 * chunk * (chunk + 4) + 2 * chunk * (columns + 4) + 2 * chunk
+    and two halves of v / out, rows padded by `tile_stride`; decay and beta."""
+    rows = tile_stride(Dk) + tile_stride(chunk) + tile_stride(columns)
+    return 2 * chunk * rows + 2 * chunk
 
 
 def chunked_scan_launch(B: int, T: int, Hv: int, Dk: int, Dv: int) -> Launch:

@@ -12,9 +12,10 @@
 // All products are 8 x 8 simdgroup matrix products (docs/ARCHITECTURE.md §8): A and P tile by
 // tile over the simdgroups, (I + A) X = R block by block, each simdgroup for its own columns,
 // with the diagonal blocks inverted as power series (chunked_scan.h). X^T and out^T stay in
-// registers. Threadgroup arrays are token-major with rows padded by 4 words, so that the
-// staging writes (lanes along a row) and the transposed tile loads (lanes down a column) fall
-// in distinct banks.
+// registers. Threadgroup arrays are token-major with rows padded to 8 (mod 32) words, and their
+// tiles move through load_tile / store_tile, whose lane-dependent order puts each step's 32
+// lanes in distinct banks (chunked_scan.h); the staging writes (lanes along a row) are
+// conflict-free at any stride.
 // Tokens past T (the last chunk's padding) read as zeros with beta = 0 and g = 0: no effect.
 //
 // Template: Dk, Dv head dims; Hv value heads; C chunk (multiple of 8); SG simdgroups.
@@ -31,9 +32,9 @@
 constexpr int BV = 8 * SG;  // value columns of this threadgroup
 constexpr int NT = 32 * SG;  // threads per threadgroup
 constexpr int NB = C / 8;  // 8-token blocks per chunk
-constexpr int LK = Dk + 4;  // padded row strides
-constexpr int LC = C + 4;
-constexpr int LX = BV + 4;
+constexpr int LK = tile_stride(Dk);  // padded row strides
+constexpr int LC = tile_stride(C);
+constexpr int LX = tile_stride(BV);
 const int n = threadgroup_position_in_grid.z;  // batch * Hv + value head
 const int batch = n / Hv;
 const int hv = n % Hv;
@@ -101,13 +102,12 @@ for (int chunk = 0; chunk < num_chunks; ++chunk) {
     tile8 sq = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     MLX_MTL_PRAGMA_UNROLL
     for (int d = 0; d < Dk / 8; ++d) {
-      tile8 kt, qt;
-      simdgroup_load(kt, ks + 8 * ib * LK + 8 * d, LK, ulong2(0), true);
-      simdgroup_load(qt, qs + 8 * ib * LK + 8 * d, LK, ulong2(0), true);
+      const tile8 kt = load_tile(ks + 8 * ib * LK + 8 * d, LK, true, lane);
+      const tile8 qt = load_tile(qs + 8 * ib * LK + 8 * d, LK, true, lane);
       simdgroup_multiply_accumulate(sk, S[d], kt, sk);
       simdgroup_multiply_accumulate(sq, S[d], qt, sq);
     }
-    simdgroup_load(xt[ib], xo + 8 * ib * LX + row0, LX, ulong2(0), true);  // v^T
+    xt[ib] = load_tile(xo + 8 * ib * LX + row0, LX, true, lane);  // v^T
     for (int j = 0; j < 2; ++j) {
       const int i = 8 * ib + ec + j;  // the element's token
       const float to_i = metal::exp(gc[i]);
@@ -129,10 +129,9 @@ for (int chunk = 0; chunk < num_chunks; ++chunk) {
     tile8 qk = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     MLX_MTL_PRAGMA_UNROLL
     for (int d = 0; d < Dk / 8; ++d) {
-      tile8 ki, qi, kj;
-      simdgroup_load(ki, ks + 8 * ib * LK + 8 * d, LK);
-      simdgroup_load(qi, qs + 8 * ib * LK + 8 * d, LK);
-      simdgroup_load(kj, ks + 8 * jb * LK + 8 * d, LK, ulong2(0), true);
+      const tile8 ki = load_tile(ks + 8 * ib * LK + 8 * d, LK, false, lane);
+      const tile8 qi = load_tile(qs + 8 * ib * LK + 8 * d, LK, false, lane);
+      const tile8 kj = load_tile(ks + 8 * jb * LK + 8 * d, LK, true, lane);
       simdgroup_multiply_accumulate(kk, ki, kj, kk);
       simdgroup_multiply_accumulate(qk, qi, kj, qk);
     }
@@ -146,8 +145,8 @@ for (int chunk = 0; chunk < num_chunks; ++chunk) {
     if (ib == jb) {
       kk = unit_lower_inverse8(kk, lane);
     }
-    simdgroup_store(kk, A + 8 * ib * LC + 8 * jb, LC);
-    simdgroup_store(qk, P + 8 * ib * LC + 8 * jb, LC);
+    store_tile(kk, A + 8 * ib * LC + 8 * jb, LC, false, lane);
+    store_tile(qk, P + 8 * ib * LC + 8 * jb, LC, false, lane);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -155,12 +154,11 @@ for (int chunk = 0; chunk < num_chunks; ++chunk) {
   MLX_MTL_PRAGMA_UNROLL
   for (int ib = 0; ib < NB; ++ib) {
     for (int jb = 0; jb < ib; ++jb) {
-      tile8 at;
-      simdgroup_load(at, A + 8 * ib * LC + 8 * jb, LC, ulong2(0), true);
+      const tile8 at = load_tile(A + 8 * ib * LC + 8 * jb, LC, true, lane);
       simdgroup_multiply_accumulate(xt[ib], xt[jb], at, xt[ib]);
     }
-    tile8 inverse_t, solved;
-    simdgroup_load(inverse_t, A + 8 * ib * LC + 8 * ib, LC, ulong2(0), true);
+    const tile8 inverse_t = load_tile(A + 8 * ib * LC + 8 * ib, LC, true, lane);
+    tile8 solved;
     simdgroup_multiply(solved, xt[ib], inverse_t);
     xt[ib] = solved;
   }
@@ -169,11 +167,10 @@ for (int chunk = 0; chunk < num_chunks; ++chunk) {
   MLX_MTL_PRAGMA_UNROLL
   for (int ib = 0; ib < NB; ++ib) {
     for (int jb = 0; jb <= ib; ++jb) {
-      tile8 pt;
-      simdgroup_load(pt, P + 8 * ib * LC + 8 * jb, LC, ulong2(0), true);
+      const tile8 pt = load_tile(P + 8 * ib * LC + 8 * jb, LC, true, lane);
       simdgroup_multiply_accumulate(ot[ib], xt[jb], pt, ot[ib]);
     }
-    simdgroup_store(ot[ib], xo + 8 * ib * LX + row0, LX, ulong2(0), true);
+    store_tile(ot[ib], xo + 8 * ib * LX + row0, LX, true, lane);
   }
 
   // S = exp(gc_last) S + (X^T exp(gc_last - gc)) k
@@ -189,8 +186,7 @@ for (int chunk = 0; chunk < num_chunks; ++chunk) {
     S[d].thread_elements() *= chunk_decay;
     MLX_MTL_PRAGMA_UNROLL
     for (int ib = 0; ib < NB; ++ib) {
-      tile8 kt;
-      simdgroup_load(kt, ks + 8 * ib * LK + 8 * d, LK);
+      const tile8 kt = load_tile(ks + 8 * ib * LK + 8 * d, LK, false, lane);
       simdgroup_multiply_accumulate(S[d], xt[ib], kt, S[d]);
     }
   }
