@@ -342,14 +342,21 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
     assert cli.main(["bench", "kernels", "--tokens", "40", "--batch", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
-    launches = {(c[0], c[1]): c[2:] for c in cells if len(c) == 13 and c[1] in TINY_HEADS}
+    launches = {(c[0], c[1]): c[2:] for c in cells if len(c) == 15 and c[1] in TINY_HEADS}
     buffers = {(c[0], c[1], c[2]): c[3:] for c in cells if len(c) == 5 and c[1] in TINY_HEADS}
     kernels = ("decode step", "gated norm", "chunk prepare", "chunked scan")
+    decode = ("decode step", "gated norm")
+    token = {}  # per size: one decoded token's bytes requested, distinct; the state's r + w
     assert set(launches) == {(k, s) for k in kernels for s in TINY_HEADS}
     for (kernel, size), row in launches.items():
         h = TINY_HEADS[size]
-        groups, threads, _, per_group, per_chunk, read, written, ratio = row[:8]
+        groups, threads, _, per_group, per_chunk, read, written, ratio, distinct = row[:9]
+        distinct_ratio = row[9]
         state = 2 * h.value_heads * h.value_dim * h.key_dim * 4  # B = 2, float32
+        channels = 2 * h.key_heads * h.key_dim + h.value_heads * h.value_dim
+        conv_state = 2 * (h.conv_taps - 1) * channels * 2  # B = 2, bfloat16
+        # the decode launches carry the layer's whole state, the chunked prefill the recurrent one
+        carried = state + conv_state if kernel in decode else state
         # by hand: 2 or 4 heads are fewer than 64, so the decode step splits each over 4
         # threadgroups of 4 rows (Dv = 16), a simdgroup per row, one barrier; the gated norm
         # follows, a simdgroup per head. Chunked: chunks of 32 tokens (64 overflow 32 KiB), two
@@ -370,7 +377,22 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
             int(r) + int(w) for (k, s, _), (r, w) in buffers.items() if (k, s) == (kernel, size)
         )
         assert int(read) + int(written) == moved
-        assert float(ratio.rstrip("x")) == pytest.approx(moved / (2 * state), abs=6e-4)  # 3 places
+        assert float(ratio.rstrip("x")) == pytest.approx(moved / (2 * carried), abs=6e-4)
+        # each byte once: no more than requested; the state read and written once among them
+        assert int(distinct) <= moved
+        assert kernel in ("gated norm", "chunk prepare") or int(distinct) >= 2 * state
+        ratio = float(distinct_ratio.rstrip("x"))
+        assert ratio == pytest.approx(int(distinct) / (2 * carried), abs=6e-4)
+        if kernel == "decode step":  # the split's threadgroups re-read their head's q and k
+            assert int(distinct) < moved
+        if kernel in decode:
+            token[size] = token.get(size, np.zeros(3)) + (moved, int(distinct), 0)
+            token[size][2] = 2 * carried
+    for size, (moved, distinct, layer_state) in token.items():
+        line = next(x for x in lines if x.startswith(f"One decoded token, {size} heads"))
+        found = re.search(r"requested ([\d.]+)x, distinct ([\d.]+)x", line)
+        assert float(found[1]) == pytest.approx(moved / layer_state, abs=6e-4)
+        assert float(found[2]) == pytest.approx(distinct / layer_state, abs=6e-4)
     assert "Threadgroup-memory bank conflicts by kernel line:" in lines
 
 

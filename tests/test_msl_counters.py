@@ -49,6 +49,24 @@ def test_device_bytes_read_and_written():
     assert (counters.threadgroups, counters.threads_per_threadgroup) == (4, 32)
     assert (counters.barriers, counters.threadgroup_memory_bytes, counters.bank_sites) == (0, 0, ())
     np.testing.assert_array_equal(counters.outputs[0], inp[:40] + idx[:40])
+    # each byte accessed once: distinct bytes equal the requested ones
+    assert counters.distinct_bytes_read == counters.bytes_read
+    assert counters.distinct_bytes_written == counters.bytes_written
+    assert counters.distinct_device_bytes == 760
+
+
+def test_distinct_bytes_count_each_byte_once():
+    # 96 threads each read table[i % 8] 5 times and write out[i] 5 times (values that change)
+    spec = KernelSpec("repeated", str(PLANTED / "repeated.metal"), ("table",), ("out",))
+    table = rng.uniform(1.0, 2.0, 8).astype(np.float32)  # > 0: every running sum changes
+    launch = Launch((("W", 8), ("R", 5)), (96, 1, 1), (32, 1, 1), ((96,),), (mx.float32,))
+    counters = profile(spec, [table], launch)
+    assert counters.bytes_read == {"table": 96 * 5 * 4, "out": 0}
+    assert counters.bytes_written == {"table": 0, "out": 96 * 5 * 4}
+    assert counters.distinct_bytes_read == {"table": 8 * 4, "out": 0}
+    assert counters.distinct_bytes_written == {"table": 0, "out": 96 * 4}
+    assert counters.distinct_device_bytes == 8 * 4 + 96 * 4
+    np.testing.assert_allclose(counters.outputs[0], 5 * table[np.arange(96) % 8], rtol=1e-6)
 
 
 BANK_STRIDE = KernelSpec(
@@ -153,6 +171,26 @@ def test_decode_step_device_bytes_by_hand(B):
     }
     written = {"out": heads * Dv * e, "state_out": state, "conv_state_out": shifted * (K - 1) * e}
     assert counters.bytes_written == {name: written.get(name, 0) for name in counters.bytes_read}
+    # each byte once: the split's threadgroups re-read their head's q / k conv inputs and gates,
+    # and every byte of the conv state is read (and written) once in all
+    conv_state = B * (K - 1) * C * e
+    assert counters.distinct_bytes_read == {
+        **{name: 0 for name in counters.bytes_read},
+        "qkv": B * C * e,
+        "z": norm,
+        "a": heads * e,
+        "b": heads * e,
+        "conv_state": conv_state,
+        "conv_weight": C * K * e,
+        "A_log": Hv * 4,
+        "dt_bias": Hv * 4,
+        "norm_weight": Dv * e if split == 1 else 0,
+        "state_in": state,
+    }
+    distinct_written = {"out": heads * Dv * e, "state_out": state, "conv_state_out": conv_state}
+    assert counters.distinct_bytes_written == {
+        name: distinct_written.get(name, 0) for name in counters.bytes_read
+    }
     assert (counters.threadgroups, counters.threads_per_threadgroup) == (groups, threads)
     assert counters.barriers_per_threadgroup == (2 if split == 1 else 1)
     # mixed, gates and the head's outputs for the norm at the end, each array 16-byte aligned

@@ -43,6 +43,7 @@ NO_EMULATOR = (
     "(pip install -e .)"
 )
 DECODE_DTYPE = mx.bfloat16  # the activations the model feeds the decode step
+DECODE_KERNELS = ("decode step", "gated norm")  # the launches of one decoded token
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class KernelRow:
     kernel: str  # "decode step", "gated norm", "chunk prepare" or "chunked scan"
     size: str
     counters: object  # msl_emulator.LaunchCounters
-    state_bytes: int  # one read of the float32 state [B, Hv, Dv, Dk]
+    state_bytes: int  # one read of the state the kernel carries (see `_state_bytes`)
     chunks: int | None  # chunks the chunked scan walks; None for the others
 
 
@@ -115,7 +116,8 @@ def decode_rows(emulator, size: str, heads: Heads, batch: int) -> list[KernelRow
         key_heads=h.key_heads,
     )
     counters = emulator.profile(DECODE_STEP, inputs, launch)
-    rows = [KernelRow("decode step", size, counters, _state_bytes(heads, batch), None)]
+    state = _state_bytes(heads, batch, conv_state=True)
+    rows = [KernelRow("decode step", size, counters, state, None)]
     if dict(launch.template)["SPLIT"] > 1:
         named = dict(zip(DECODE_STEP.input_names, inputs))
         shape = (batch, h.value_heads, h.value_dim)
@@ -123,7 +125,7 @@ def decode_rows(emulator, size: str, heads: Heads, batch: int) -> list[KernelRow
         norm_inputs = [scan_out, *(named[k] for k in GATED_NORM.input_names[1:])]
         norm_launch = gated_norm_launch(*shape, DECODE_DTYPE)
         norm = emulator.profile(GATED_NORM, norm_inputs, norm_launch)
-        rows.append(KernelRow("gated norm", size, norm, _state_bytes(heads, batch), None))
+        rows.append(KernelRow("gated norm", size, norm, state, None))
     return rows
 
 
@@ -146,8 +148,14 @@ def chunked_rows(emulator, size: str, heads: Heads, batch: int, tokens: int) -> 
     ]
 
 
-def _state_bytes(heads: Heads, batch: int) -> int:
-    return batch * heads.value_heads * heads.value_dim * heads.key_dim * 4
+def _state_bytes(heads: Heads, batch: int, conv_state: bool = False) -> int:
+    """Bytes of the float32 recurrent state [B, Hv, Dv, Dk], plus with `conv_state` the conv
+    state [B, K - 1, C] in DECODE_DTYPE: what a DeltaNet layer carries from token to token."""
+    h = heads
+    state = batch * h.value_heads * h.value_dim * h.key_dim * 4
+    channels = 2 * h.key_heads * h.key_dim + h.value_heads * h.value_dim
+    conv = batch * (h.conv_taps - 1) * channels * DECODE_DTYPE.size
+    return state + conv if conv_state else state
 
 
 def measure(emulator, sizes, tokens: int, batch: int) -> list[KernelRow]:
@@ -173,6 +181,8 @@ def print_launches(rows: list[KernelRow]) -> None:
         "device read B",
         "device written B",
         "vs state r+w",
+        "distinct B",
+        "distinct vs state",
         "SIMD steps",
         "conflicted",
         "worst degree",
@@ -194,6 +204,8 @@ def print_launches(rows: list[KernelRow]) -> None:
                 c.device_bytes_read,
                 c.device_bytes_written,
                 f"{moved / (2 * row.state_bytes):.3f}x",
+                c.distinct_device_bytes,
+                f"{c.distinct_device_bytes / (2 * row.state_bytes):.3f}x",
                 c.simd_steps,
                 c.conflicted_steps,
                 c.worst_degree,
@@ -201,12 +213,35 @@ def print_launches(rows: list[KernelRow]) -> None:
         )
     print_rows(columns, table, text_columns=2)
     print(
-        "(vs state r+w: device bytes read + written over one read and one write of the float32 "
-        "state; for the decode step at B = 1 that is per decoded token, with the gated norm's "
-        "where the step is split over more threadgroups than heads. Bytes are what the "
-        "threads ask of memory, uncached. conflicted: SIMD steps of threadgroup-memory accesses "
-        "with a bank conflict; worst degree: most distinct words in one of 32 banks in a step)"
+        "(vs state r+w: device bytes read + written over one read and one write of the state "
+        "the kernel carries: for the decode step and the gated norm the DeltaNet layer's float32 "
+        "recurrent state and its conv state, for the chunked prefill the recurrent state. Device "
+        "read / written B: what the threads ask of memory, uncached, a byte read by several "
+        "threads counted each time; distinct B: each byte a launch reads or writes counted once, "
+        "what memory must move when caches serve the re-reads. conflicted: SIMD steps of "
+        "threadgroup-memory accesses with a bank conflict; worst degree: most distinct words in "
+        "one of 32 banks in a step)"
     )
+
+
+def print_decode_token(rows: list[KernelRow], batch: int) -> None:
+    """Device bytes of one decoded token's launches (the step and its gated norm), per size."""
+    print()
+    for size in dict.fromkeys(row.size for row in rows):
+        launches = [row for row in rows if row.size == size and row.kernel in DECODE_KERNELS]
+        requested = sum(
+            r.counters.device_bytes_read + r.counters.device_bytes_written for r in launches
+        )
+        distinct = sum(r.counters.distinct_device_bytes for r in launches)
+        state = 2 * launches[0].state_bytes
+        recurrent = 2 * _state_bytes(heads_of(size), batch)
+        kernels = " + ".join(r.kernel for r in launches)
+        print(
+            f"One decoded token, {size} heads, B = {batch} ({kernels}): "
+            f"requested {requested / state:.3f}x, distinct {distinct / state:.3f}x of the layer's "
+            f"recurrent and conv state read and written once "
+            f"({requested / recurrent:.3f}x, {distinct / recurrent:.3f}x of the recurrent state's)"
+        )
 
 
 def print_conflicts(rows: list[KernelRow]) -> None:
@@ -282,6 +317,7 @@ def bench_kernel_counters(heads, tokens: int, batch: int) -> int:
         f"scan inputs), B = {batch}"
     )
     print_launches(rows)
+    print_decode_token(rows, batch)
     print_buffers(rows)
     print_conflicts(rows)
     return 0

@@ -46,7 +46,8 @@ MAX_SIMDGROUPS = 16  # 512 threads: 8 state rows per simdgroup at Dv = 128
 MIN_THREADGROUPS = 64
 # At most this many threadgroups per head: each one convolves and normalises the whole q and k
 # (2 Dk channels), re-reading their conv weights and state (docs/ARCHITECTURE.md §8: at 0.8B,
-# B = 1, 1.17x the state's read + write in device bytes with 4, 1.07x with 1).
+# B = 1, split 4, 1.13x the layer state's read + write in bytes requested, 1.04x in distinct
+# bytes, the repeats being the same 4.6 KB for a head's threadgroups).
 MAX_SPLIT = 4
 
 

@@ -14,6 +14,9 @@ What is counted (the first thread order, runtime.cpp `Counters`):
   value already there counts as a read; a read-modify-write `out[i] += x` as one write).
   Scalars passed by reference (`constant T&`, e.g. `T`, `norm_eps`) and output elements larger
   than 32 bytes are not counted.
+- distinct device bytes: per buffer, each byte that some access read (wrote) counted once: the
+  least the launch moves to or from memory (caches serving every re-read), where the bytes
+  above are the most.
 - bank conflicts: threadgroup memory as 32 banks of 4-byte words. The lanes of a SIMD group run
   one after another here, so the i-th access of each lane at one access site (one load or store
   instruction in the compiled emulator, mapped to its .metal line) makes the i-th SIMD step of
@@ -33,6 +36,7 @@ import numpy as np
 # Layout of the raw counters (runtime.cpp `Counters`).
 HEADER = 8
 BARRIERS, BARRIERS_MAX, THREADGROUP_BYTES, SITES, SITES_DROPPED = range(5)
+BUFFER_FIELDS = 4
 SITE_FIELDS = 6
 
 
@@ -59,6 +63,8 @@ class LaunchCounters:
     barriers_per_threadgroup: int  # the most one threadgroup completed
     bytes_read: dict[str, int]  # per buffer
     bytes_written: dict[str, int]  # per buffer
+    distinct_bytes_read: dict[str, int]  # per buffer, each byte once
+    distinct_bytes_written: dict[str, int]  # per buffer, each byte once
     bank_sites: tuple[BankSite, ...]  # per kernel line, in line order
 
     @property
@@ -68,6 +74,11 @@ class LaunchCounters:
     @property
     def device_bytes_written(self) -> int:
         return sum(self.bytes_written.values())
+
+    @property
+    def distinct_device_bytes(self) -> int:
+        """Distinct bytes read plus distinct bytes written: what memory must move at least."""
+        return sum(self.distinct_bytes_read.values()) + sum(self.distinct_bytes_written.values())
 
     @property
     def simd_steps(self) -> int:
@@ -94,7 +105,7 @@ class LaunchCounters:
 
 def site_rows(raw: np.ndarray, buffers: int) -> np.ndarray:
     """The raw per-site rows [sites, SITE_FIELDS]."""
-    start = HEADER + 2 * buffers
+    start = HEADER + BUFFER_FIELDS * buffers
     return raw[start : start + SITE_FIELDS * int(raw[SITES])].reshape(-1, SITE_FIELDS)
 
 
@@ -111,7 +122,8 @@ def launch_counters(spec, launch, outputs, raw, buffer_names, line_of) -> Launch
         for i, value in enumerate((accesses, steps, conflicted, extra)):
             total[i] += value
         total[4] = max(total[4], worst)
-    per_buffer = raw[HEADER : HEADER + 2 * len(buffer_names)].reshape(-1, 2)
+    per_buffer = raw[HEADER : HEADER + BUFFER_FIELDS * len(buffer_names)]
+    read, written, distinct_read, distinct_written = per_buffer.reshape(-1, BUFFER_FIELDS).T
     groups = [-(-g // t) for g, t in zip(launch.grid, launch.threadgroup)]
     return LaunchCounters(
         kernel=spec.name,
@@ -121,8 +133,10 @@ def launch_counters(spec, launch, outputs, raw, buffer_names, line_of) -> Launch
         threadgroup_memory_bytes=int(raw[THREADGROUP_BYTES]),
         barriers=int(raw[BARRIERS]),
         barriers_per_threadgroup=int(raw[BARRIERS_MAX]),
-        bytes_read={n: int(r) for n, (r, _) in zip(buffer_names, per_buffer)},
-        bytes_written={n: int(w) for n, (_, w) in zip(buffer_names, per_buffer)},
+        bytes_read=dict(zip(buffer_names, read.tolist())),
+        bytes_written=dict(zip(buffer_names, written.tolist())),
+        distinct_bytes_read=dict(zip(buffer_names, distinct_read.tolist())),
+        distinct_bytes_written=dict(zip(buffer_names, distinct_written.tolist())),
         bank_sites=tuple(
             BankSite(line, *values) for line, values in sorted(merged.items(), key=_line_order)
         ),

@@ -14,7 +14,7 @@ import numpy as np
 
 from .arrays import STORAGE, KernelInput
 from .build import library
-from .counters import HEADER, SITE_FIELDS, LaunchCounters, launch_counters
+from .counters import BUFFER_FIELDS, HEADER, SITE_FIELDS, LaunchCounters, launch_counters
 from .errors import EmulatorError
 from .source import generated_source, translate
 
@@ -158,7 +158,7 @@ def _run(spec, lib, params, ins, launch, orders, counters):
     }
     # Errors, counters, outputs and their write shadows live in memory shared with the forked
     # children.
-    slots = HEADER + 2 * len(buffers) + SITE_FIELDS * COUNTER_SITES
+    slots = HEADER + BUFFER_FIELDS * len(buffers) + SITE_FIELDS * COUNTER_SITES
     counter_bytes = 8 * slots if counters else 0
     shared = mmap.mmap(-1, orders * ERROR_BYTES + counter_bytes + 2 * orders * sum(sizes.values()))
     shared_address = ctypes.addressof(ctypes.c_char.from_buffer(shared))

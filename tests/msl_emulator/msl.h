@@ -29,7 +29,14 @@ struct Region {
   // Device bytes the kernel asked of this buffer (launch counters): every input access is a
   // read; an output access is settled as a read or a write by the race detector.
   mutable uint64_t read_bytes = 0, written_bytes = 0;
+  // When counting: per buffer byte, kTouchedRead | kTouchedWritten once any access read / wrote it.
+  uint8_t* touched = nullptr;
 };
+constexpr uint8_t kTouchedRead = 1, kTouchedWritten = 2;
+inline void mark_touched(const Region* region, const char* address, size_t size, uint8_t how) {
+  for (uint8_t *t = region->touched + (address - region->begin), *end = t + size; t < end; t++)
+    *t |= how;
+}
 const Region* find_region(const void* address);  // nullptr for thread-local memory
 [[noreturn]] void out_of_bounds(const Region* region, const void* address, size_t element_size,
                                 const char* kind);
@@ -202,6 +209,7 @@ struct ptr {
           if (detect_threadgroup_races) track_threadgroup(q, sizeof(T));
       } else {
         region->read_bytes += sizeof(T);  // an input
+        if (region->touched) mark_touched(region, address, sizeof(T), kTouchedRead);
       }
     }
     return q;

@@ -55,10 +55,12 @@ struct Launch {
 //   [kBarriers] barriers completed, summed over threadgroups; [kBarriersMax] the most in one
 //   threadgroup; [kThreadgroupBytes] the most threadgroup memory one threadgroup allocated;
 //   [kSites] threadgroup-memory access sites recorded, [kSitesDropped] sites past the table;
-//   then per buffer (read bytes, written bytes); then per site kSiteFields values: offset of the
+//   then per buffer kBufferFields values (bytes read, bytes written, distinct bytes read, distinct
+//   bytes written: each byte once however often it is accessed); then per site kSiteFields values: offset of the
 //   access in this library, lane accesses, SIMD steps, steps with a bank conflict, extra
 //   wavefronts (sum of degree - 1), worst degree.
 enum Counters { kBarriers, kBarriersMax, kThreadgroupBytes, kSites, kSitesDropped, kHeader = 8 };
+constexpr int kBufferFields = 4;
 constexpr int kSiteFields = 6;
 constexpr int kBanks = 32;  // Apple GPUs' threadgroup memory: 32 banks of 4-byte words
 
@@ -173,6 +175,7 @@ struct Run {
   // launch counters (first order only)
   bool counting = false;
   int64_t barriers = 0, barriers_max = 0, group_barriers = 0, threadgroup_bytes = 0;
+  std::vector<std::vector<uint8_t>> touched;  // per buffer, per byte: Region::touched
   std::vector<std::unordered_map<uint32_t, SiteLanes>> bank_sites;  // per SIMD group
   std::map<uint32_t, SiteStats> site_stats;                          // per site, whole launch
 #ifdef MSL_FAST_SWITCH
@@ -548,6 +551,7 @@ void settle_output(Fiber& f, const Access& a, bool wrote) {
     if (wrote) c = {r.group_index + 1, me, a.site, r.device_epoch, simd_epoch};
   }
   (wrote ? region->written_bytes : region->read_bytes) += a.size;
+  if (region->touched) mark_touched(region, a.address, a.size, wrote ? kTouchedWritten : kTouchedRead);
 }
 
 template <class U>
@@ -720,11 +724,17 @@ void write_counters(Run& r) {
   out[kBarriersMax] = r.barriers_max;
   out[kThreadgroupBytes] = r.threadgroup_bytes;
   for (int b = 0; b < L.buffers; b++) {
-    out[kHeader + 2 * b] = int64_t(r.regions[b].read_bytes);
-    out[kHeader + 2 * b + 1] = int64_t(r.regions[b].written_bytes);
+    int64_t* fields = out + kHeader + kBufferFields * b;
+    fields[0] = int64_t(r.regions[b].read_bytes);
+    fields[1] = int64_t(r.regions[b].written_bytes);
+    fields[2] = fields[3] = 0;
+    for (uint8_t how : r.touched[b]) {
+      fields[2] += (how & kTouchedRead) != 0;
+      fields[3] += (how & kTouchedWritten) != 0;
+    }
   }
-  int64_t* site = out + kHeader + 2 * L.buffers;
-  const int64_t capacity = (L.counter_slots - kHeader - 2 * L.buffers) / kSiteFields;
+  int64_t* site = out + kHeader + kBufferFields * L.buffers;
+  const int64_t capacity = (L.counter_slots - kHeader - kBufferFields * L.buffers) / kSiteFields;
   for (auto& [offset, s] : r.site_stats) {
     if (out[kSites] == capacity) {
       out[kSitesDropped]++;
@@ -818,10 +828,15 @@ void run_order(Run& r) {
   r.rng = 0x9e3779b97f4a7c15ull * (r.order + 1);
   r.poison = uint8_t(0xff - r.order);  // NaN for floats in order 0, other garbage afterwards
   r.regions.resize(L.buffers);
+  r.touched.resize(L.buffers);
   for (int b = 0; b < L.buffers; b++) {
     char* data = static_cast<char*>(L.data[r.order * L.buffers + b]);
     uint8_t* shadow = L.shadow[r.order * L.buffers + b];
     r.regions[b] = {data, data + L.bytes[b], L.names[b], L.spaces[b], shadow, shadow != nullptr};
+    if (r.counting) {
+      r.touched[b].assign(L.bytes[b], 0);
+      r.regions[b].touched = r.touched[b].data();
+    }
   }
   r.output_cells.resize(L.buffers);
   for (int b = 0; b < L.buffers; b++)
