@@ -342,7 +342,7 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
     assert cli.main(["bench", "kernels", "--tokens", "40", "--batch", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
-    launches = {(c[0], c[1]): c[2:] for c in cells if len(c) == 15 and c[1] in TINY_HEADS}
+    launches = {(c[0], c[1]): c[2:] for c in cells if len(c) == 16 and c[1] in TINY_HEADS}
     buffers = {(c[0], c[1], c[2]): c[3:] for c in cells if len(c) == 5 and c[1] in TINY_HEADS}
     kernels = ("decode step", "gated norm", "chunk prepare", "chunked scan")
     decode = ("decode step", "gated norm")

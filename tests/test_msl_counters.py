@@ -48,6 +48,7 @@ def test_device_bytes_read_and_written():
     assert (counters.device_bytes_read, counters.device_bytes_written) == (600, 160)
     assert (counters.threadgroups, counters.threads_per_threadgroup) == (4, 32)
     assert (counters.barriers, counters.threadgroup_memory_bytes, counters.bank_sites) == (0, 0, ())
+    assert (counters.matrix_products, counters.matrix_products_per_threadgroup) == (0, 0)
     np.testing.assert_array_equal(counters.outputs[0], inp[:40] + idx[:40])
     # each byte accessed once: distinct bytes equal the requested ones
     assert counters.distinct_bytes_read == counters.bytes_read
@@ -110,6 +111,22 @@ def test_barriers_counted_per_threadgroup_and_launch(extra):
     assert counters.barriers_per_threadgroup == 1 + extra  # the fill's barrier, then `extra`
     assert counters.barriers == 3 * (1 + extra)
     assert counters.threadgroups == 3
+
+
+def test_matrix_products_counted_per_threadgroup_and_launch():
+    # C = A @ B by 8 x 8 tiles, one SIMD group per tile of C: K / 8 products each
+    m, k, n = 16, 24, 32
+    spec = KernelSpec("matmul8", str(PLANTED.parent / "matmul8.metal"), ("A", "B"), ("C",))
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    template = (("M", m), ("N", n), ("K", k))
+    launch = Launch(template, (32 * n // 8, m // 8, 1), (32, 1, 1), ((m, n),), (mx.float32,))
+    counters = profile(spec, [a, b], launch)
+    tiles = (m // 8) * (n // 8)
+    assert counters.threadgroups == tiles
+    assert counters.matrix_products_per_threadgroup == k // 8
+    assert counters.matrix_products == tiles * k // 8
+    np.testing.assert_allclose(counters.outputs[0], a @ b, rtol=1e-5, atol=1e-5)
 
 
 def test_profile_outputs_match_emulate():
@@ -272,3 +289,16 @@ def test_chunked_scan_device_bytes_by_hand():
     assert scan.barriers_per_threadgroup == 2 * chunks  # two per chunk
     # q, k and two halves of v / out (Dk = 16 and 32 columns both padded to 40); gc
     assert scan.threadgroup_memory_bytes == (2 * C * 40 + 2 * C * 40 + C) * 4
+
+    # 8 x 8 simdgroup products, NB = 4 token blocks, Dk / 8 = 2 key tiles. Prepare, per chunk:
+    # K K^T and Q K^T on the 10 lower tiles, seven per diagonal inverse, and W's block (i, j)
+    # below the diagonal i - j products plus one by the inverse. Scan, per simdgroup and chunk:
+    # S k^T and S q^T (2 NB Dk / 8), R W^T and X P^T on the lower tiles, the state update
+    nb, key_tiles = C // 8, Dk // 8
+    below = sum(i - j + 1 for i in range(nb) for j in range(i))
+    per_chunk = 2 * lower_tiles * key_tiles + 7 * nb + below
+    assert prepare.matrix_products_per_threadgroup == per_chunk
+    assert prepare.matrix_products == chunks * per_chunk
+    per_simdgroup = 2 * nb * key_tiles + 2 * lower_tiles + nb * key_tiles
+    assert scan.matrix_products_per_threadgroup == chunks * simdgroups * per_simdgroup
+    assert scan.matrix_products == blocks * chunks * simdgroups * per_simdgroup

@@ -186,6 +186,7 @@ def print_launches(rows: list[KernelRow]) -> None:
         "SIMD steps",
         "conflicted",
         "worst degree",
+        "8x8 products",
     )
     table = []
     for row in rows:
@@ -209,6 +210,7 @@ def print_launches(rows: list[KernelRow]) -> None:
                 c.simd_steps,
                 c.conflicted_steps,
                 c.worst_degree,
+                c.matrix_products,
             )
         )
     print_rows(columns, table, text_columns=2)
@@ -220,7 +222,7 @@ def print_launches(rows: list[KernelRow]) -> None:
         "threads counted each time; distinct B: each byte a launch reads or writes counted once, "
         "what memory must move when caches serve the re-reads. conflicted: SIMD steps of "
         "threadgroup-memory accesses with a bank conflict; worst degree: most distinct words in "
-        "one of 32 banks in a step)"
+        "one of 32 banks in a step; 8x8 products: simdgroup matrix products, all threadgroups)"
     )
 
 

@@ -24,6 +24,8 @@ What is counted (the first thread order, runtime.cpp `Counters`):
   broadcasts). A step with degree > 1 conflicts and costs degree - 1 extra wavefronts. Sites on
   one line are summed. The model's limits: docs/ARCHITECTURE.md §8.
 - barriers: threadgroup_barrier calls completed, per threadgroup and summed.
+- matrix products: simdgroup_multiply / simdgroup_multiply_accumulate calls of a SIMD group
+  (one 8 x 8 x 8 product, 512 multiply-adds, each), per threadgroup and summed.
 - threadgroup memory: the bytes the threadgroup's variables take (16-byte aligned each).
 """
 
@@ -35,7 +37,7 @@ import numpy as np
 
 # Layout of the raw counters (runtime.cpp `Counters`).
 HEADER = 8
-BARRIERS, BARRIERS_MAX, THREADGROUP_BYTES, SITES, SITES_DROPPED = range(5)
+BARRIERS, BARRIERS_MAX, THREADGROUP_BYTES, SITES, SITES_DROPPED, PRODUCTS, PRODUCTS_MAX = range(7)
 BUFFER_FIELDS = 4
 SITE_FIELDS = 6
 
@@ -61,6 +63,8 @@ class LaunchCounters:
     threadgroup_memory_bytes: int  # the most one threadgroup allocated
     barriers: int  # summed over threadgroups
     barriers_per_threadgroup: int  # the most one threadgroup completed
+    matrix_products: int  # 8 x 8 simdgroup matrix products, summed over threadgroups
+    matrix_products_per_threadgroup: int  # the most one threadgroup made
     bytes_read: dict[str, int]  # per buffer
     bytes_written: dict[str, int]  # per buffer
     distinct_bytes_read: dict[str, int]  # per buffer, each byte once
@@ -133,6 +137,8 @@ def launch_counters(spec, launch, outputs, raw, buffer_names, line_of) -> Launch
         threadgroup_memory_bytes=int(raw[THREADGROUP_BYTES]),
         barriers=int(raw[BARRIERS]),
         barriers_per_threadgroup=int(raw[BARRIERS_MAX]),
+        matrix_products=int(raw[PRODUCTS]),
+        matrix_products_per_threadgroup=int(raw[PRODUCTS_MAX]),
         bytes_read=dict(zip(buffer_names, read.tolist())),
         bytes_written=dict(zip(buffer_names, written.tolist())),
         distinct_bytes_read=dict(zip(buffer_names, distinct_read.tolist())),

@@ -285,6 +285,7 @@ using Site = std::source_location;
 // `combine(args_of_each_lane, lanes)` runs once for the group.
 using Combine = void (*)(void** lane_args, int lanes);
 void simd_collective(const Site& site, const char* op, void* args, Combine combine);
+void count_matrix_product();  // the launch counters' 8 x 8 simdgroup matrix products
 void threadgroup_sync(const Site& site, unsigned flags);
 int lane_id();
 int simd_width();  // lanes in this SIMD group (32 unless the threadgroup is smaller)
@@ -690,6 +691,7 @@ void multiply_accumulate(const msl::Site& site, const char* op, simdgroup_matrix
   if (msl::simd_width() != 32) msl::fail("%s needs a full SIMD group of 32 lanes", op);
   Args args{&d, &a, &b, c};
   msl::simd_collective(site, op, &args, [](void** lanes, int) {
+    msl::count_matrix_product();
     float A[8][8], B[8][8], C[8][8];
     for (int l = 0; l < 32; l++) {
       auto* x = static_cast<Args*>(lanes[l]);

@@ -55,11 +55,15 @@ struct Launch {
 //   [kBarriers] barriers completed, summed over threadgroups; [kBarriersMax] the most in one
 //   threadgroup; [kThreadgroupBytes] the most threadgroup memory one threadgroup allocated;
 //   [kSites] threadgroup-memory access sites recorded, [kSitesDropped] sites past the table;
+//   [kProducts] 8 x 8 simdgroup matrix products, summed; [kProductsMax] the most in one threadgroup;
 //   then per buffer kBufferFields values (bytes read, bytes written, distinct bytes read, distinct
 //   bytes written: each byte once however often it is accessed); then per site kSiteFields values: offset of the
 //   access in this library, lane accesses, SIMD steps, steps with a bank conflict, extra
 //   wavefronts (sum of degree - 1), worst degree.
-enum Counters { kBarriers, kBarriersMax, kThreadgroupBytes, kSites, kSitesDropped, kHeader = 8 };
+enum Counters {
+  kBarriers, kBarriersMax, kThreadgroupBytes, kSites, kSitesDropped, kProducts, kProductsMax,
+  kHeader = 8
+};
 constexpr int kBufferFields = 4;
 constexpr int kSiteFields = 6;
 constexpr int kBanks = 32;  // Apple GPUs' threadgroup memory: 32 banks of 4-byte words
@@ -175,6 +179,7 @@ struct Run {
   // launch counters (first order only)
   bool counting = false;
   int64_t barriers = 0, barriers_max = 0, group_barriers = 0, threadgroup_bytes = 0;
+  int64_t products = 0, products_max = 0, group_products = 0;
   std::vector<std::vector<uint8_t>> touched;  // per buffer, per byte: Region::touched
   std::vector<std::unordered_map<uint32_t, SiteLanes>> bank_sites;  // per SIMD group
   std::map<uint32_t, SiteStats> site_stats;                          // per site, whole launch
@@ -376,6 +381,10 @@ int width_of(int simdgroup) {
 int simd_width() { return width_of(run_->current->attrs.simdgroup_index_in_threadgroup); }
 
 // ---------------------------------------------------------------- collectives
+void count_matrix_product() {
+  if (run_->counting) run_->group_products++;
+}
+
 void simd_collective(const Site& site, const char* op, void* args, Combine combine) {
   Fiber& f = *run_->current;
   f.state = State::at_simd;
@@ -689,6 +698,8 @@ int64_t conflict_degree(std::vector<uint32_t>& words) {
 void count_threadgroup(Run& r) {
   r.barriers += r.group_barriers;
   r.barriers_max = std::max(r.barriers_max, r.group_barriers);
+  r.products += r.group_products;
+  r.products_max = std::max(r.products_max, r.group_products);
   r.threadgroup_bytes = std::max(r.threadgroup_bytes, int64_t(r.arena_used));
   std::vector<uint32_t> words;
   for (auto& sites : r.bank_sites) {
@@ -722,6 +733,8 @@ void write_counters(Run& r) {
   int64_t* out = L.counters;
   out[kBarriers] = r.barriers;
   out[kBarriersMax] = r.barriers_max;
+  out[kProducts] = r.products;
+  out[kProductsMax] = r.products_max;
   out[kThreadgroupBytes] = r.threadgroup_bytes;
   for (int b = 0; b < L.buffers; b++) {
     int64_t* fields = out + kHeader + kBufferFields * b;
@@ -767,6 +780,7 @@ void run_threadgroup(uint3 group_position) {
   r.shared_epoch++;  // nothing orders two threadgroups: no access of an earlier one counts
   r.device_epoch++;
   r.group_barriers = 0;
+  r.group_products = 0;
   std::vector<int> order(r.threads);
   for (int t = 0; t < r.threads; t++) {
     Fiber& f = r.fibers[t];
