@@ -312,6 +312,7 @@ def test_compile_cache_is_hit(tmp_path, monkeypatch):
     x = rng.standard_normal(64).astype(np.float32)
     run = launch((64, 1, 1), (32, 1, 1), [(64,)], template=[("T", mx.float32)])
     before = msl_emulator.build.compiler_runs
+    runtimes = msl_emulator.build.runtime_builds
     first = emulate(EXP_SCALE, [x, np.array(2.0, np.float32)], run)
     assert msl_emulator.build.compiler_runs == before + 1
     assert len(list(tmp_path.glob("*.so"))) == 1
@@ -319,6 +320,12 @@ def test_compile_cache_is_hit(tmp_path, monkeypatch):
     second = emulate(EXP_SCALE, [x, np.array(2.0, np.float32)], run)
     assert msl_emulator.build.compiler_runs == before + 1
     assert np.array_equal(first[0], second[0])
+    # another kernel compiles on its own and links the runtime compiled for the first
+    run_half = launch((64, 1, 1), (32, 1, 1), [(64,)], template=[("T", mx.float16)])
+    emulate(EXP_SCALE, [x.astype(np.float16), np.array(2.0, np.float32)], run_half)
+    assert msl_emulator.build.compiler_runs == before + 2
+    assert msl_emulator.build.runtime_builds == runtimes + 1
+    assert len(list(tmp_path.glob("*.so"))) == 2 and len(list(tmp_path.glob("*.o"))) == 1
 
 
 # What Apple's Metal compiler refuses, the emulator refuses at compile time too: the kernel's line
