@@ -346,15 +346,18 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
     buffers = {(c[0], c[1], c[2]): c[3:] for c in cells if len(c) == 5 and c[1] in TINY_HEADS}
     kernels = ("decode step", "gated norm", "chunk prepare", "chunked scan")
     decode = ("decode step", "gated norm")
-    token = {}  # per size: one decoded token's bytes requested, distinct; the state's r + w
+    token = {size: np.zeros(2) for size in TINY_HEADS}  # one decoded token: requested, distinct
+
+    def state_bytes(h):  # B = 2: the float32 recurrent state, the bfloat16 conv state
+        channels = 2 * h.key_heads * h.key_dim + h.value_heads * h.value_dim
+        return 2 * h.value_heads * h.value_dim * h.key_dim * 4, 2 * (h.conv_taps - 1) * channels * 2
+
     assert set(launches) == {(k, s) for k in kernels for s in TINY_HEADS}
     for (kernel, size), row in launches.items():
         h = TINY_HEADS[size]
         groups, threads, _, per_group, per_chunk, read, written, ratio, distinct = row[:9]
         distinct_ratio = row[9]
-        state = 2 * h.value_heads * h.value_dim * h.key_dim * 4  # B = 2, float32
-        channels = 2 * h.key_heads * h.key_dim + h.value_heads * h.value_dim
-        conv_state = 2 * (h.conv_taps - 1) * channels * 2  # B = 2, bfloat16
+        state, conv_state = state_bytes(h)
         # the decode launches carry the layer's whole state, the chunked prefill the recurrent one
         carried = state + conv_state if kernel in decode else state
         # by hand: 2 or 4 heads are fewer than 64, so the decode step splits each over 4
@@ -381,14 +384,14 @@ def test_bench_kernels_prints_counters(monkeypatch, capsys):
         # each byte once: no more than requested; the state read and written once among them
         assert int(distinct) <= moved
         assert kernel in ("gated norm", "chunk prepare") or int(distinct) >= 2 * state
-        ratio = float(distinct_ratio.rstrip("x"))
-        assert ratio == pytest.approx(int(distinct) / (2 * carried), abs=6e-4)
+        distinct_ratio = float(distinct_ratio.rstrip("x"))
+        assert distinct_ratio == pytest.approx(int(distinct) / (2 * carried), abs=6e-4)
         if kernel == "decode step":  # the split's threadgroups re-read their head's q and k
             assert int(distinct) < moved
         if kernel in decode:
-            token[size] = token.get(size, np.zeros(3)) + (moved, int(distinct), 0)
-            token[size][2] = 2 * carried
-    for size, (moved, distinct, layer_state) in token.items():
+            token[size] += (moved, int(distinct))
+    for size, (moved, distinct) in token.items():
+        layer_state = 2 * sum(state_bytes(TINY_HEADS[size]))
         line = next(x for x in lines if x.startswith(f"One decoded token, {size} heads"))
         found = re.search(r"requested ([\d.]+)x, distinct ([\d.]+)x", line)
         assert float(found[1]) == pytest.approx(moved / layer_state, abs=6e-4)

@@ -191,7 +191,7 @@ def print_launches(rows: list[KernelRow]) -> None:
     table = []
     for row in rows:
         c = row.counters
-        moved = c.device_bytes_read + c.device_bytes_written
+        moved = c.device_bytes
         per_chunk = c.barriers_per_threadgroup / row.chunks if row.chunks else None
         table.append(
             (
@@ -231,9 +231,7 @@ def print_decode_token(rows: list[KernelRow], batch: int) -> None:
     print()
     for size in dict.fromkeys(row.size for row in rows):
         launches = [row for row in rows if row.size == size and row.kernel in DECODE_KERNELS]
-        requested = sum(
-            r.counters.device_bytes_read + r.counters.device_bytes_written for r in launches
-        )
+        requested = sum(r.counters.device_bytes for r in launches)
         distinct = sum(r.counters.distinct_device_bytes for r in launches)
         state = 2 * launches[0].state_bytes
         recurrent = 2 * _state_bytes(heads_of(size), batch)

@@ -45,12 +45,12 @@ def _key(*parts: str) -> str:
 
 def library(cpp: str, kernel: str) -> ctypes.CDLL:
     """The loaded library for `cpp`, compiling it unless the cache holds it."""
+    global compiler_runs
     compiler = os.environ.get("CXX", "g++")
     runtime = _runtime_object(compiler)
     path = cache_dir() / f"{kernel[:60]}-{_key(cpp, runtime.name)}.so"
     if path not in _loaded:
         if not path.exists():
-            global compiler_runs
             compiler_runs += 1
             source = path.with_suffix(".cpp")
             _build(compiler, cpp, source, path, ["-shared", str(runtime)])
@@ -61,11 +61,11 @@ def library(cpp: str, kernel: str) -> ctypes.CDLL:
 def _runtime_object(compiler: str) -> Path:
     """runtime.cpp compiled once for every kernel to link (it takes as long as a kernel), cached
     by msl.h, runtime.cpp, the compiler and its flags."""
+    global runtime_builds
     runtime = (HERE / "runtime.cpp").read_text()
     key = _key(runtime, (HERE / "msl.h").read_text(), compiler, *FLAGS)
     path = cache_dir() / f"runtime-{key}.o"
     if not path.exists():
-        global runtime_builds
         runtime_builds += 1
         _build(compiler, runtime, None, path, ["-c"])
     return path

@@ -80,6 +80,11 @@ class LaunchCounters:
         return sum(self.bytes_written.values())
 
     @property
+    def device_bytes(self) -> int:
+        """Bytes read plus bytes written, as the threads request them."""
+        return self.device_bytes_read + self.device_bytes_written
+
+    @property
     def distinct_device_bytes(self) -> int:
         """Distinct bytes read plus distinct bytes written: what memory must move at least."""
         return sum(self.distinct_bytes_read.values()) + sum(self.distinct_bytes_written.values())

@@ -33,7 +33,12 @@ struct Region {
   uint8_t* touched = nullptr;
 };
 constexpr uint8_t kTouchedRead = 1, kTouchedWritten = 2;
-inline void mark_touched(const Region* region, const char* address, size_t size, uint8_t how) {
+// Counts one device access of `size` bytes at `address`: requested bytes, and distinct ones.
+inline void count_device_access(const Region* region, const char* address, size_t size,
+                                bool wrote) {
+  (wrote ? region->written_bytes : region->read_bytes) += size;
+  if (!region->touched) return;
+  const uint8_t how = wrote ? kTouchedWritten : kTouchedRead;
   for (uint8_t *t = region->touched + (address - region->begin), *end = t + size; t < end; t++)
     *t |= how;
 }
@@ -208,8 +213,7 @@ struct ptr {
         if constexpr (sizeof(T) <= kTrackedBytes)
           if (detect_threadgroup_races) track_threadgroup(q, sizeof(T));
       } else {
-        region->read_bytes += sizeof(T);  // an input
-        if (region->touched) mark_touched(region, address, sizeof(T), kTouchedRead);
+        count_device_access(region, address, sizeof(T), false);  // an input
       }
     }
     return q;

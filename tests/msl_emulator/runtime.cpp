@@ -55,11 +55,11 @@ struct Launch {
 //   [kBarriers] barriers completed, summed over threadgroups; [kBarriersMax] the most in one
 //   threadgroup; [kThreadgroupBytes] the most threadgroup memory one threadgroup allocated;
 //   [kSites] threadgroup-memory access sites recorded, [kSitesDropped] sites past the table;
-//   [kProducts] 8 x 8 simdgroup matrix products, summed; [kProductsMax] the most in one threadgroup;
-//   then per buffer kBufferFields values (bytes read, bytes written, distinct bytes read, distinct
-//   bytes written: each byte once however often it is accessed); then per site kSiteFields values: offset of the
-//   access in this library, lane accesses, SIMD steps, steps with a bank conflict, extra
-//   wavefronts (sum of degree - 1), worst degree.
+//   [kProducts] 8 x 8 simdgroup matrix products, summed; [kProductsMax] the most in one
+//   threadgroup; then per buffer kBufferFields values (bytes read, bytes written, distinct bytes
+//   read, distinct bytes written: each byte once however often it is accessed); then per site
+//   kSiteFields values: offset of the access in this library, lane accesses, SIMD steps, steps
+//   with a bank conflict, extra wavefronts (sum of degree - 1), worst degree.
 enum Counters {
   kBarriers, kBarriersMax, kThreadgroupBytes, kSites, kSitesDropped, kProducts, kProductsMax,
   kHeader = 8
@@ -559,8 +559,7 @@ void settle_output(Fiber& f, const Access& a, bool wrote) {
     }
     if (wrote) c = {r.group_index + 1, me, a.site, r.device_epoch, simd_epoch};
   }
-  (wrote ? region->written_bytes : region->read_bytes) += a.size;
-  if (region->touched) mark_touched(region, a.address, a.size, wrote ? kTouchedWritten : kTouchedRead);
+  count_device_access(region, a.address, a.size, wrote);
 }
 
 template <class U>
